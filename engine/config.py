@@ -1,0 +1,136 @@
+"""Frozen, versioned request and settings dataclasses, validated on construction.
+
+Field names follow diffusers' argument names so that forms, TOML files and recipes all speak the same words.
+Every error message says how to fix the input (in the style of diffusers' `check_inputs`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+SCHEDULERS = ("dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "ddim", "unipc")
+SCHEDULER_LABELS = {
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "euler": "Euler",
+    "euler_a": "Euler ancestral",
+    "ddim": "DDIM",
+    "unipc": "UniPC",
+}
+MAX_PROMPT_CHARS = 2000
+
+
+class ConfigError(ValueError):
+    """A request or config file that cannot be used as it is; the message says how to fix it."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _coerce(obj) -> None:
+    """Gradio sliders send floats for integer fields; accept 20.0 as 20, refuse 20.5."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if f.type in ("int", int) and isinstance(v, float):
+            _check(v.is_integer(), f"`{f.name}` must be a whole number but is {v}")
+            object.__setattr__(obj, f.name, int(v))
+        if f.type in ("float", float) and isinstance(v, int) and not isinstance(v, bool):
+            object.__setattr__(obj, f.name, float(v))
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One press of Generate: `batch_count` batches of `batch_size` images; image k uses seed `seed + k`."""
+
+    prompt: str
+    negative_prompt: str = ""
+    num_inference_steps: int = 20
+    guidance_scale: float = 5.0
+    guidance_rescale: float = 0.0
+    width: int = 0  # 0: the model's native size
+    height: int = 0
+    seed: int = 0
+    batch_size: int = 1
+    batch_count: int = 1
+    scheduler: str = "dpmpp_2m"
+    schema_version: int = 1
+
+    def __post_init__(self) -> None:
+        _coerce(self)
+        _check(isinstance(self.prompt, str) and self.prompt.strip() != "",
+               "`prompt` is empty: describe the image you want, e.g. 'a red circle on a blue background'")
+        _check(len(self.prompt) <= MAX_PROMPT_CHARS and len(self.negative_prompt) <= MAX_PROMPT_CHARS,
+               f"prompts are limited to {MAX_PROMPT_CHARS} characters; shorten the prompt")
+        _check(1 <= self.num_inference_steps <= 150,
+               f"`num_inference_steps` must be between 1 and 150 but is {self.num_inference_steps}")
+        _check(0.0 <= self.guidance_scale <= 30.0,
+               f"`guidance_scale` must be between 0 and 30 but is {self.guidance_scale}")
+        _check(0.0 <= self.guidance_rescale <= 1.0,
+               f"`guidance_rescale` must be between 0 and 1 but is {self.guidance_rescale}")
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            _check(v == 0 or (8 <= v <= 2048 and v % 8 == 0),
+                   f"`{name}` must be divisible by 8 (between 8 and 2048) but is {v}; try {max(8, round(v / 8) * 8)}")
+        _check(0 <= self.seed < 2**32, f"`seed` must be between 0 and {2**32 - 1} but is {self.seed}")
+        _check(1 <= self.batch_size <= 64, f"`batch_size` must be between 1 and 64 but is {self.batch_size}")
+        _check(1 <= self.batch_count <= 100, f"`batch_count` must be between 1 and 100 but is {self.batch_count}")
+        _check(self.scheduler in SCHEDULERS,
+               f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        _check(self.schema_version == 1, f"unsupported schema_version {self.schema_version}; this app reads 1")
+
+    @property
+    def num_images(self) -> int:
+        return self.batch_size * self.batch_count
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the launcher passes to the Engine. `model` empty means the bundled demo model."""
+
+    model: str = ""
+    data_dir: str = ""
+    port: int = 7860
+    listen: bool = False
+    open_browser: bool = True
+    schema_version: int = 1
+
+    def __post_init__(self) -> None:
+        _coerce(self)
+        _check(1 <= self.port <= 65535, f"`port` must be between 1 and 65535 but is {self.port}")
+
+
+def from_dict(cls, data: dict[str, Any]):
+    """Build a dataclass from a mapping; unknown keys are an error that names them."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    _check(not unknown, f"unknown key(s) for {cls.__name__}: {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+    try:
+        return cls(**data)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{cls.__name__}: {e}") from None
+
+
+def to_dict(obj) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def save_toml(obj, path: str | Path) -> None:
+    """Write a dataclass as TOML, atomically."""
+    from .safety import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), tomli_w.dumps(to_dict(obj)).encode("utf-8"))
+
+
+def load_toml(cls, path: str | Path):
+    try:
+        data = tomllib.loads(Path(path).read_text("utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    return from_dict(cls, data)

@@ -1,0 +1,176 @@
+"""`Engine`: the one facade that the UI and the CLI call.
+
+It owns the loaded base model, one lock around all model work (one GPU, one queue), the stop signal that really
+stops a run within one denoising step, and the data directory. Methods take frozen request dataclasses and return
+typed results; progress is reported through typed events.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image
+
+from . import outputs
+from .config import GenerateRequest, Settings
+from .models import LoadedModel, load_base_model
+from .sampling import Cancelled, decode, sample, to_pil
+
+APP_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A step of a long job: `done`/`total` steps, an optional preview image and a line for humans."""
+
+    done: int
+    total: int
+    message: str
+    preview: Image.Image | None = None
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    image: Image.Image
+    recipe: dict
+    path: Path
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    images: list[GeneratedImage] = field(default_factory=list)
+    cancelled: bool = False
+    seconds: float = 0.0
+
+
+def default_data_dir() -> Path:
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("Stylebooth", appauthor=False))
+
+
+def pick_device() -> tuple[str, torch.dtype]:
+    """CUDA in fp16 when present, else CPU in fp32 (fp16 on CPU is slow and half-supported)."""
+    if torch.cuda.is_available():
+        return "cuda", torch.float16
+    return "cpu", torch.float32
+
+
+class Engine:
+    """Everything that touches models and files. Thread-safe: model work runs one job at a time."""
+
+    def __init__(self, settings: Settings | None = None, *, device: str | None = None,
+                 dtype: torch.dtype | None = None):
+        self.settings = settings or Settings()
+        self.data_dir = Path(self.settings.data_dir).expanduser() if self.settings.data_dir else default_data_dir()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        auto_device, auto_dtype = pick_device()
+        self.device, self.dtype = device or auto_device, dtype or auto_dtype
+        self._lock = threading.RLock()  # held by every piece of model work
+        self._stop = threading.Event()
+        self._model: LoadedModel | None = None
+
+    # ---- model ---------------------------------------------------------------------------------------------
+    @property
+    def model(self) -> LoadedModel:
+        """The loaded base model; loads the configured one (or the bundled demo model) on first use."""
+        with self._lock:
+            if self._model is None:
+                self._model = load_base_model(self.settings.model or None, device=self.device, dtype=self.dtype,
+                                              cache_dir=self.data_dir / "cache")
+            return self._model
+
+    def load_model(self, source: str | None) -> dict:
+        """Switch base model; the previous one stays if the new one fails to load."""
+        with self._lock:
+            new = load_base_model(source or None, device=self.device, dtype=self.dtype,
+                                  cache_dir=self.data_dir / "cache")
+            self._model = new
+            return new.describe()
+
+    # ---- stop ----------------------------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Ask the running job to stop; sampling checks this before every denoising step ends."""
+        self._stop.set()
+
+    def _check_stop(self) -> None:
+        if self._stop.is_set():
+            raise Cancelled()
+
+    # ---- generate ------------------------------------------------------------------------------------------
+    def generate(self, req: GenerateRequest, on_progress: Callable[[Progress], None] | None = None,
+                 *, user: str = "local") -> GenerateResult:
+        """Run a GenerateRequest; images are saved as PNGs with their recipe under outputs/<user>/<date>/."""
+        t0 = time.perf_counter()
+        with self._lock:
+            self._stop.clear()
+            m = self.model
+            c = m.components
+            width, height = req.width or c.default_size, req.height or c.default_size
+            total = req.num_inference_steps * req.batch_count
+            preview_every = max(1, req.num_inference_steps // 4)
+            out_dir = self.data_dir / "outputs" / user / dt.date.today().isoformat()
+            done: list[GeneratedImage] = []
+            try:
+                for b in range(req.batch_count):
+                    seeds = [req.seed + b * req.batch_size + i for i in range(req.batch_size)]
+
+                    def cb(i, n, latents, b=b):
+                        self._check_stop()
+                        if on_progress:
+                            preview = None
+                            if (i + 1) % preview_every == 0 and i + 1 < n:
+                                preview = to_pil(decode(c, latents[:1]))[0]
+                            on_progress(Progress(b * n + i + 1, total,
+                                                 f"batch {b + 1}/{req.batch_count}, step {i + 1}/{n}", preview))
+
+                    imgs = sample(c, [req.prompt] * req.batch_size, [req.negative_prompt] * req.batch_size, seeds,
+                                  num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
+                                  guidance_rescale=req.guidance_rescale, scheduler=req.scheduler, height=height,
+                                  width=width, callback=cb)
+                    for seed, img in zip(seeds, to_pil(imgs)):
+                        recipe = self._recipe(req, seed, width, height)
+                        path = out_dir / f"{int(time.time() * 1000)}-{seed}.png"
+                        done.append(GeneratedImage(img, recipe, outputs.save_png(img, recipe, path)))
+            except Cancelled:
+                return GenerateResult(done, cancelled=True, seconds=time.perf_counter() - t0)
+            finally:
+                self._stop.clear()
+            return GenerateResult(done, seconds=time.perf_counter() - t0)
+
+    def generate_iter(self, req: GenerateRequest, *, user: str = "local") -> Iterator[Progress | GenerateResult]:
+        """Run `generate` in a worker thread and yield its Progress events, then the GenerateResult.
+
+        For UIs that render while the job runs (a Gradio generator). Errors are re-raised here.
+        """
+        events: queue.Queue = queue.Queue()
+
+        def work():
+            try:
+                events.put(self.generate(req, events.put, user=user))
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+                events.put(e)
+
+        threading.Thread(target=work, daemon=True, name="stylebooth-generate").start()
+        while True:
+            ev = events.get()
+            if isinstance(ev, BaseException):
+                raise ev
+            yield ev
+            if isinstance(ev, GenerateResult):
+                return
+
+    def _recipe(self, req: GenerateRequest, seed: int, width: int, height: int) -> dict:
+        m = self._model
+        return {"prompt": req.prompt, "negative_prompt": req.negative_prompt,
+                "num_inference_steps": req.num_inference_steps, "guidance_scale": req.guidance_scale,
+                "guidance_rescale": req.guidance_rescale, "width": width, "height": height, "seed": seed,
+                "scheduler": req.scheduler, "model": m.name, "model_fingerprint": m.fingerprint,
+                "prediction_type": m.prediction_type, "styles": [], "app": f"Stylebooth {APP_VERSION}",
+                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}

@@ -1,0 +1,176 @@
+"""Loading a base model: a diffusers folder, a hub id, or a single-file `.safetensors` checkpoint.
+
+Pickle-based formats (.ckpt, .pt, .bin, or any file whose bytes are a pickle) are refused with a message that says
+to convert to safetensors (RELIABILITY MF-1, MF-2, MF-4, MF-6). Every weight load passes `use_safetensors=True`,
+so diffusers never falls back to a pickle file sitting next to a broken safetensors one (MF-3).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .safety import ModelFileError, check_model_file
+from .sampling import Components
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_MODEL = ROOT / "assets" / "demo-model"
+REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
+
+class ModelLoadError(ValueError):
+    """The base model cannot be loaded; the message says what is wrong and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    components: Components
+    source: str  # what the user gave: a folder, a hub id or a file
+    kind: str  # "folder" | "hub" | "single_file"
+    fingerprint: str  # sha256 over the weights' bytes: identifies the base model for priors and the library
+    name: str
+
+    @property
+    def prediction_type(self) -> str:
+        return self.components.scheduler.config.get("prediction_type", "epsilon")
+
+    def describe(self) -> dict:
+        c = self.components
+        return {"name": self.name, "source": self.source, "kind": self.kind, "fingerprint": self.fingerprint,
+                "prediction_type": self.prediction_type, "resolution": c.default_size,
+                "cross_attention_dim": c.unet.config.cross_attention_dim}
+
+
+def _is_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~")) and not Path(source).exists()
+
+
+def check_folder(path: Path) -> None:
+    """Raise ModelLoadError naming every missing part of a diffusers folder, and refuse pickle weights."""
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"{path} is not a diffusers model folder: model_index.json is missing. Pick the folder "
+                             "that contains model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/.")
+    missing = []
+    for part in REQUIRED_PARTS:
+        d = path / part
+        cfg = "scheduler_config.json" if part == "scheduler" else "tokenizer_config.json" if part == "tokenizer" \
+            else "config.json"
+        if not (d / cfg).is_file() and not (part == "tokenizer" and (d / "vocab.json").is_file()):
+            missing.append(f"{part}/{cfg}")
+        if part in WEIGHT_FILES:
+            st = [p for p in d.glob("*.safetensors")] if d.is_dir() else []
+            pickles = [p for p in d.iterdir() if p.suffix in (".bin", ".ckpt", ".pt", ".pth")] if d.is_dir() else []
+            if not st:
+                hint = (f" (found {pickles[0].name}: pickle weights are refused because they can run code; convert "
+                        "them to safetensors)") if pickles else ""
+                missing.append(f"{part}/{WEIGHT_FILES[part]}.safetensors{hint}")
+            for f in st:
+                check_model_file(f, check_values=False)  # reading 4 GB to look for NaN is too slow here
+    if missing:
+        raise ModelLoadError(f"{path} is incomplete; missing: {', '.join(missing)}")
+
+
+def fingerprint(files: list[Path], cache_file: Path | None = None) -> str:
+    """sha256 over the weight files' bytes, cached by (path, size, mtime) so a 4 GB model is hashed once."""
+    cache = {}
+    if cache_file and cache_file.is_file():
+        try:
+            cache = json.loads(cache_file.read_text("utf-8")).get("entries", {})
+        except (OSError, ValueError):
+            cache = {}
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda p: p.as_posix()):
+        st = f.stat()
+        key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in cache:
+            fh = hashlib.sha256()
+            with open(f, "rb") as fp:
+                for chunk in iter(lambda: fp.read(1 << 22), b""):
+                    fh.update(chunk)
+            cache[key] = fh.hexdigest()
+        h.update(cache[key].encode())
+    if cache_file:
+        from .safety import atomic_write_bytes
+
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(cache_file, json.dumps({"schema_version": 1, "entries": cache}).encode())
+    return h.hexdigest()
+
+
+def _components(pipe) -> Components:
+    return Components(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler)
+
+
+def _prepare(pipe, device: str, dtype: torch.dtype):
+    pipe.to(device=device, dtype=dtype)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.eval().requires_grad_(False)
+    if pipe.tokenizer.model_max_length > 1000:  # a folder without tokenizer_config: CLIP's length is 77
+        pipe.tokenizer.model_max_length = 77
+    return pipe
+
+
+def load_base_model(source: str | os.PathLike | None = None, *, device: str = "cpu",
+                    dtype: torch.dtype = torch.float32, cache_dir: Path | None = None) -> LoadedModel:
+    """Load a base model from a diffusers folder, a hub id or a single `.safetensors` file (None: the demo model)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers.utils import logging as tlog
+
+    tlog.set_verbosity_error()
+    src = str(source) if source else str(DEMO_MODEL)
+    fp_cache = cache_dir / "fingerprints.json" if cache_dir else None
+    path = Path(src).expanduser()
+    common = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False, use_safetensors=True)
+    if path.is_dir():
+        check_folder(path)
+        pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **common)
+        files = [p for part in WEIGHT_FILES for p in (path / part).glob("*.safetensors")]
+        kind, name = "folder", path.name
+    elif path.is_file():
+        check_model_file(path, check_values=False)  # refuses pickles whatever the extension, and lying names
+        from .single_file import load_single_file
+
+        pipe = load_single_file(path)
+        files, kind, name = [path], "single_file", path.stem
+    elif _is_hub_id(src):
+        lm = load_base_model(download_from_hub(src), device=device, dtype=dtype, cache_dir=cache_dir)
+        lm.source, lm.kind, lm.name = src, "hub", src
+        return lm
+    else:
+        raise ModelLoadError(f"model {src!r} not found: give a diffusers folder, a .safetensors file, or a hub id "
+                             "like 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
+    _prepare(pipe, device, dtype)
+    return LoadedModel(_components(pipe), src, kind, fingerprint(files, fp_cache), name)
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """The local snapshot of a hub model (from the cache, else downloaded with huggingface_hub's progress bar).
+
+    Only configs, tokenizer files and safetensors weights are fetched: never pickle `.bin`/`.ckpt` files.
+    """
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "*/*.json", "*/*.txt", "unet/*.safetensors", "vae/*.safetensors",
+                "text_encoder/*.safetensors"]
+    skip = ["*.fp16.safetensors", "*ema*", "*non_ema*"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=skip, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached yet: download below
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=skip))
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated repo...: one clear message
+        raise ModelLoadError(
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}). If this machine is "
+            "offline, download the model on a connected machine and pick its folder, or use a .safetensors file."
+        ) from None
+
+
+__all__ = ["LoadedModel", "ModelLoadError", "ModelFileError", "load_base_model", "check_folder", "fingerprint",
+           "DEMO_MODEL"]

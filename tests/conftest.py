@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random Stable Diffusion models built from configs (no hub, no network)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_MODEL = ROOT / "assets" / "demo-model"
+
+
+def _minimal_tokenizer(out: Path):
+    """A byte-level CLIP tokenizer with no merges (every word splits into characters): 514 tokens."""
+    from transformers import CLIPTokenizer
+
+    from scripts.build_tokenizer import bytes_to_unicode
+
+    base = list(bytes_to_unicode().values())
+    vocab = base + [v + "</w>" for v in base] + ["<|startoftext|>", "<|endoftext|>"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), "utf-8")
+    (out / "merges.txt").write_text("#version: 0.2\n", "utf-8")
+    (out / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}), "utf-8")
+    return CLIPTokenizer.from_pretrained(out)
+
+
+def build_tiny_sd(out: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """A random-weight SD 1.x-shaped pipeline folder, ~2 MB, 64x64 px (vae_scale_factor 8)."""
+    import torch
+    from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tok = _minimal_tokenizer(out / "_tok")
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+                        block_out_channels=(16, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=8)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                                      bos_token_id=512, eos_token_id=513, pad_token_id=513))
+    sched = DDPMScheduler.from_config(dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                           beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                                           steps_offset=1, prediction_type=prediction_type))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v(tmp_path_factory) -> Path:
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd_v") / "model", prediction_type="v_prediction", seed=1)

@@ -1,0 +1,89 @@
+"""Engine: generate with recipes, per-image seeds, cancel within a step, validation messages."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.config import ConfigError, GenerateRequest, Settings
+from engine.engine import Engine, GenerateResult, Progress
+from engine.outputs import a1111_parameters, parse_a1111, read_recipe
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_sd, tmp_path_factory):
+    return Engine(Settings(model=str(tiny_sd), data_dir=str(tmp_path_factory.mktemp("data"))))
+
+
+def test_generate_saves_pngs_with_recipe_and_no_exif(engine):
+    req = GenerateRequest(prompt="a red circle", negative_prompt="blurry", num_inference_steps=3, seed=7,
+                          batch_size=2, batch_count=2, scheduler="euler")
+    res = engine.generate(req)
+    assert not res.cancelled and len(res.images) == 4
+    assert [g.recipe["seed"] for g in res.images] == [7, 8, 9, 10]
+    for g in res.images:
+        assert g.path.is_file() and g.path.is_relative_to(engine.data_dir / "outputs")
+        with Image.open(g.path) as im:
+            assert not im.getexif() and "exif" not in im.info  # IM-9
+            recipe = read_recipe(im)
+            assert "Negative prompt: blurry" in im.text["parameters"]
+        assert recipe["seed"] == g.recipe["seed"] and recipe["prompt"] == "a red circle"
+        # the recipe refills a request exactly
+        fields = {k: recipe[k] for k in GenerateRequest.__dataclass_fields__ if k in recipe}
+        assert GenerateRequest(**fields).scheduler == "euler"
+
+
+def test_image_k_of_a_run_equals_a_single_run_with_seed_plus_k(engine):
+    run = engine.generate(GenerateRequest(prompt="a cat", num_inference_steps=3, seed=100, batch_size=3))
+    one = engine.generate(GenerateRequest(prompt="a cat", num_inference_steps=3, seed=102))
+    a, b = np.asarray(run.images[2].image, np.int16), np.asarray(one.images[0].image, np.int16)
+    assert np.abs(a - b).max() <= 1
+
+
+def test_cancel_during_50_step_run_stops_within_2_steps_and_engine_stays_usable(engine):
+    steps_seen = []
+
+    def on_progress(p: Progress):
+        steps_seen.append(p.done)
+        if p.done == 5:
+            threading.Thread(target=engine.cancel).start()
+
+    res = engine.generate(GenerateRequest(prompt="a dog", num_inference_steps=50), on_progress)
+    assert res.cancelled and res.images == []
+    assert max(steps_seen) <= 5 + 2
+    again = engine.generate(GenerateRequest(prompt="a dog", num_inference_steps=2))
+    assert not again.cancelled and len(again.images) == 1
+
+
+def test_generate_iter_yields_progress_then_result(engine):
+    events = list(engine.generate_iter(GenerateRequest(prompt="a tree", num_inference_steps=8)))
+    assert isinstance(events[-1], GenerateResult) and len(events[-1].images) == 1
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert [p.done for p in progress] == list(range(1, 9))
+    assert any(p.preview is not None for p in progress)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(prompt=""), "prompt"),
+    (dict(prompt="x", width=500), "divisible by 8"),
+    (dict(prompt="x", num_inference_steps=0), "num_inference_steps"),
+    (dict(prompt="x", scheduler="plms"), "unknown scheduler"),
+    (dict(prompt="x", num_inference_steps=20.5), "whole number"),
+])
+def test_requests_are_validated_with_messages_that_say_how_to_fix(kwargs, words):
+    with pytest.raises(ConfigError, match=words):
+        GenerateRequest(**kwargs)
+
+
+def test_a1111_parameters_round_trip():
+    r = dict(prompt="a red circle", negative_prompt="blurry, ugly", num_inference_steps=20, guidance_scale=5.5,
+             guidance_rescale=0.0, width=32, height=32, seed=42, scheduler="dpmpp_2m_karras", model="demo",
+             model_fingerprint="abcdef0123456789")
+    text = a1111_parameters(r)
+    assert "Sampler: DPM++ 2M, Schedule type: Karras" in text
+    back = parse_a1111(text)
+    for k in ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "width", "height",
+              "scheduler"):
+        assert back[k] == r[k], k
