@@ -13,6 +13,7 @@ Only torch, numpy, Pillow and safetensors; weights are never unpickled (no torch
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -108,12 +109,12 @@ class DemoChecker:
         if not path.exists():
             raise FileNotFoundError(f"{path} not found; train it with: python scripts/train_demo_checker.py")
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            config = json.loads((f.metadata() or {}).get("config", "{}"))
         # The class order is baked into the heads: refuse weights trained for a different world.
         for key, names in (("shapes", W.SHAPES), ("textures", W.TEXTURES)):
-            if key in meta and meta[key].split(",") != list(names):
-                raise ValueError(f"{path} was trained for {key} {meta[key]}, demo_world has {','.join(names)}")
-        net = CheckerNet(width=int(meta.get("width", 32)))
+            if key in config and config[key] != list(names):
+                raise ValueError(f"{path} was trained for {key} {config[key]}, demo_world has {list(names)}")
+        net = CheckerNet(width=int(config.get("width", 32)))
         net.load_state_dict(load_file(str(path)))
         return cls(net)
 

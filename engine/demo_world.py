@@ -172,13 +172,27 @@ def prompt_for(shape: str, fg: str, bg: str, texture: str = "solid") -> str:
 # ---- the checker: colours by pixel statistics --------------------------------------------------------------
 
 _NAMES = sorted(COLORS)
-_PALETTE = np.array([COLORS[n] for n in _NAMES], np.float32)
+
+
+def _palette():
+    """Each named colour as drawn: solid, the second tone of textured fills, and their mix (what blur makes)."""
+    names, rgbs = [], []
+    for i, n in enumerate(_NAMES):
+        base = np.array(COLORS[n], np.float32)
+        second = np.array(_second_tone(COLORS[n]), np.float32)
+        for rgb in (base, second, (base + second) / 2):
+            names.append(i)
+            rgbs.append(rgb)
+    return np.array(names), np.stack(rgbs)
+
+
+_PALETTE_NAME, _PALETTE = _palette()
 
 
 def _nearest(pixels: np.ndarray):
-    """Nearest named colour of each pixel, and its distance."""
+    """Nearest named colour of each pixel (by any of its drawn tones), and its distance."""
     d = np.linalg.norm(pixels[:, None, :].astype(np.float32) - _PALETTE[None], axis=-1)
-    return d.argmin(1), d.min(1)
+    return _PALETTE_NAME[d.argmin(1)], d.min(1)
 
 
 def background_color(img: np.ndarray) -> str:
@@ -194,7 +208,7 @@ def foreground_color(img: np.ndarray, bg: str | None = None) -> str | None:
     bg = bg or background_color(img)
     px = img.reshape(-1, 3)
     idx, dist = _nearest(px)
-    keep = (dist < 75) & (idx != _NAMES.index(bg))
+    keep = (dist < 55) & (idx != _NAMES.index(bg))
     if keep.sum() < 8:  # no foreground worth the name
         return None
     return _NAMES[np.bincount(idx[keep], minlength=len(_NAMES)).argmax()]

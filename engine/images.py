@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import mmap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,14 @@ def _sniff(head: bytes) -> str:
     if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<"):
         return "HTML/SVG/XML text"
     return "unknown"
+
+
+def _jpeg_has_end(path: str | Path) -> bool:
+    """True if an EOI marker follows the last start-of-scan. Pillow's own truncation check is switched off
+    process-wide by `ImageFile.LOAD_TRUNCATED_IMAGES` (some trainers set it), so we do not rely on it."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        sos = mm.rfind(b"\xff\xda")  # entropy-coded data never contains FF DA or FF D9 (FF is stuffed)
+        return sos >= 0 and mm.find(b"\xff\xd9", sos) >= 0
 
 
 def _to_l(arr: np.ndarray) -> Image.Image:
@@ -161,6 +170,8 @@ def load_image(
     too_big = f"Resize it to at most {max_side} px per side and {max_pixels / 1e6:g} megapixels, then upload it again"
 
     warns: list[str] = []
+    # catch_warnings is process-wide, so another thread could briefly lose this filter; the explicit
+    # max_pixels check below (stricter than Pillow's bomb limit) is what really guards, this is a backstop.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # IM-2: a bomb warning is a refusal
@@ -178,9 +189,11 @@ def load_image(
             if w * h > max_pixels or max(w, h) > max_side:
                 raise ImageRejected(name, f"is {w}x{h} pixels, too large", too_big)
             frames = getattr(im, "n_frames", 1)
-            if frames > 1:
+            # Phone photos are often MPO (a JPEG plus depth/preview images): not animation, frame 0 is the photo.
+            if frames > 1 and im.format != "MPO":
                 if animated == "reject":
-                    raise ImageRejected(name, f"is animated ({frames} frames)", "Export a single frame as PNG and upload that.")
+                    advice = "Export a single frame as PNG and upload that."
+                    raise ImageRejected(name, f"is animated ({frames} frames)", advice)
                 warns.append(f"{name} is animated ({frames} frames); only the first frame is used.")
             try:
                 im.verify()  # checks what the plugin can (PNG CRCs) without decoding
@@ -189,10 +202,13 @@ def load_image(
                 if im.size != (w, h):
                     raise ValueError("size changed between reads")
                 im.load()  # full decode now, so truncation shows up at upload and never in training
+                if fmt == "JPEG" and not _jpeg_has_end(path):
+                    raise OSError("image file is truncated (no end-of-image marker)")
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
                 raise ImageRejected(name, f"is too large to decode safely ({e})", too_big) from None
             except Exception as e:  # OSError "truncated", SyntaxError from verify, zlib errors, ...
-                raise ImageRejected(name, f"is corrupt or truncated ({type(e).__name__}: {str(e)[:120]})", _REEXPORT) from None
+                problem = f"is corrupt or truncated ({type(e).__name__}: {str(e)[:120]})"
+                raise ImageRejected(name, problem, _REEXPORT) from None
         try:
             im = ImageOps.exif_transpose(im)
         except Exception as e:  # bad EXIF should not cost the user the picture
@@ -201,8 +217,8 @@ def load_image(
             out = _normalize(im, name, background, warns)
         except Exception as e:
             raise ImageRejected(name, f"has an unsupported colour mode {im.mode} ({e})", _REEXPORT) from None
-    for w_ in caught:
-        warns.append(f"{name}: {w_.message}")
+    # Pillow reports oddities (e.g. "Truncated File Read" in a text chunk) as UserWarning: show them to the user.
+    warns += [f"{name}: {c.message}" for c in caught if issubclass(c.category, UserWarning)]
     out.info = {}  # strip EXIF/ICC/text so nothing leaks into the stored copy (IM-3, IM-9)
     return out, warns
 

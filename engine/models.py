@@ -117,8 +117,12 @@ def _prepare(pipe, device: str, dtype: torch.dtype):
 
 
 def load_base_model(source: str | os.PathLike | None = None, *, device: str = "cpu",
-                    dtype: torch.dtype = torch.float32, cache_dir: Path | None = None) -> LoadedModel:
-    """Load a base model from a diffusers folder, a hub id or a single `.safetensors` file (None: the demo model)."""
+                    dtype: torch.dtype = torch.float32, cache_dir: Path | None = None,
+                    prediction_type: str | None = None) -> LoadedModel:
+    """Load a base model from a diffusers folder, a hub id or a single `.safetensors` file (None: the demo model).
+
+    `prediction_type` only matters for single files, whose weights do not say it (SD 2.x 512-base: "epsilon").
+    """
     from diffusers import StableDiffusionPipeline
     from transformers.utils import logging as tlog
 
@@ -136,7 +140,7 @@ def load_base_model(source: str | os.PathLike | None = None, *, device: str = "c
         check_model_file(path, check_values=False)  # refuses pickles whatever the extension, and lying names
         from .single_file import load_single_file
 
-        pipe = load_single_file(path)
+        pipe = load_single_file(path, prediction_type=prediction_type)
         files, kind, name = [path], "single_file", path.stem
     elif _is_hub_id(src):
         lm = load_base_model(download_from_hub(src), device=device, dtype=dtype, cache_dir=cache_dir)

@@ -71,9 +71,7 @@ def _looks_like_legacy_pickle(head: bytes) -> bool:
     try:
         for opcode, _arg, _pos in pickletools.genops(head):
             count += 1
-            if opcode.name == "STOP":
-                return True
-            if count >= 8:
+            if opcode.name == "STOP" or count >= 8:
                 return True
     except Exception:  # genops raises ValueError/others on garbage or on the truncated 64 KiB head
         pass
@@ -106,7 +104,7 @@ def sniff_format(path: str | os.PathLike) -> str:
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return "pickle"
     # torch's pre-1.6 tar format keeps its object graph in a member named "pickle".
-    if head[257:262] == b"ustar" and b"pickle" in head[:_HEAD_BYTES]:
+    if head[257:262] == b"ustar" and b"pickle" in head:
         return "pickle"
     if _looks_like_legacy_pickle(head):
         return "pickle"
@@ -216,7 +214,9 @@ def validate_safetensors(
     if not isinstance(header, dict):
         raise fail("header is not a JSON object")
     metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) and _utf8(k) and _utf8(v) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(v, str) and _utf8(k) and _utf8(v) for k, v in metadata.items()
+    ):
         raise fail("__metadata__ must map strings to strings")
     if len(header) > max_tensors:
         raise fail(f"it declares {len(header)} tensors, over the limit of {max_tensors}")

@@ -207,20 +207,27 @@ def load_single_file(path: str | Path, *, prediction_type: str | None = None,
     # would switch it to guessing components from the checkpoint.
     sched_cfg = json.loads((config_dir / "scheduler" / "scheduler_config.json").read_text("utf-8"))
     scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg, prediction_type=pt)
+    level = diffusers.utils.logging.get_verbosity()
+    # The fp32 cast logs a misleading "set torch_dtype in from_pretrained()" line per model; nothing is kept in fp16.
+    diffusers.utils.logging.set_verbosity_error()
     try:
         pipe = StableDiffusionPipeline.from_single_file(
             str(path), config=str(config_dir), local_files_only=True, dtype=torch.float32, scheduler=scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     except (KeyError, IndexError, RuntimeError, ValueError, SingleFileComponentError) as e:
         # diffusers' converters fail with bare KeyErrors / shape errors on truncated or odd files: say which file.
+        if "meta tensor" in str(e):  # a tensor missing from the file was left empty, then cast to fp32
+            raise SingleFileError(f"{path.name} is incomplete: some UNet or VAE tensors are missing. The file may "
+                                  "be truncated or pruned.") from e
         raise SingleFileError(f"{path.name} looks like an SD {info.family[-1]}.x checkpoint but could not be "
                               f"loaded ({type(e).__name__}: {str(e)[:300]})") from e
+    finally:
+        diffusers.utils.logging.set_verbosity(level)
     _check_loaded(path, pipe)
     if info.family == "sd2" and pt == "epsilon" and not custom:
         # SD 2.x epsilon checkpoints are the 512-base family: default to 512 px (64 latents) rather than 768.
         pipe.unet.register_to_config(sample_size=64)
         pipe.vae.register_to_config(sample_size=512)
-    pipe.to(device="cpu", dtype=torch.float32)
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.eval().requires_grad_(False)
     return pipe

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import mmap
 import os
 import pickle
@@ -66,36 +67,26 @@ def test_malicious_pickle_refused_and_canary_never_appears(tmp_path, name, proto
     assert not canary.exists()
 
 
-@pytest.mark.parametrize("name", ["model.pt", "model.safetensors", "model.bin"])
-def test_torch_save_zip_refused(tmp_path, name):
+@pytest.mark.parametrize("name,zipped,fmt", [("model.pt", True, "torch-zip"), ("model.safetensors", True, "torch-zip"),
+                                             ("model.bin", True, "torch-zip"), ("old.ckpt", False, "pickle")])
+def test_real_torch_save_refused(tmp_path, name, zipped, fmt):
     canary = tmp_path / "canary"
     path = tmp_path / name
-    torch.save({"w": torch.zeros(2), "evil": Payload(canary)}, path)
+    torch.save({"w": torch.zeros(2), "evil": Payload(canary)}, path, _use_new_zipfile_serialization=zipped)
     assert not canary.exists()  # saving only pickles the reduce tuple
-    assert sniff_format(path) == "torch-zip"
-    with pytest.raises(UnsafeModelFile, match="torch.save zip archive"):
+    assert sniff_format(path) == fmt
+    with pytest.raises(UnsafeModelFile, match="torch.save zip archive" if zipped else "raw pickle"):
         check_model_file(path)
     assert not canary.exists()
 
 
-def test_legacy_torch_save_refused(tmp_path):
-    path = tmp_path / "old.ckpt"
-    torch.save({"w": torch.zeros(2)}, path, _use_new_zipfile_serialization=False)
-    assert sniff_format(path) == "pickle"
-    with pytest.raises(UnsafeModelFile):
-        check_model_file(path)
-
-
 def test_safetensors_named_ckpt_is_a_mismatch(tmp_path):
+    assert check_model_file(good_st(tmp_path / "x.safetensors")) == {"format": "pt"}
     path = good_st(tmp_path / "x.ckpt")
     assert sniff_format(path) == "safetensors"
     with pytest.raises(ModelFileError, match="does not match") as exc:
         check_model_file(path)
     assert type(exc.value) is ModelFileError and "x.ckpt" in str(exc.value)
-
-
-def test_good_safetensors_accepted_with_metadata(tmp_path):
-    assert check_model_file(good_st(tmp_path / "x.safetensors")) == {"format": "pt"}
 
 
 @pytest.mark.parametrize("content,problem", [(b"", "empty"), (b"hello world, not a model", "unknown format"),
@@ -119,14 +110,12 @@ def test_truncated_safetensors_refused(tmp_path):
 
 
 def test_gguf_sniffed_and_refused_where_safetensors_expected(tmp_path):
-    path = tmp_path / "m.safetensors"
-    path.write_bytes(b"GGUF" + b"\0" * 60)
-    assert sniff_format(path) == "gguf"
+    for name in ("m.safetensors", "m.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF" + b"\0" * 60)
+    assert sniff_format(tmp_path / "m.safetensors") == "gguf"
     with pytest.raises(ModelFileError, match="gguf data but a safetensors file was expected"):
-        check_model_file(path)
-    gg = tmp_path / "m.gguf"
-    gg.write_bytes(b"GGUF" + b"\0" * 60)
-    assert check_model_file(gg, expected="gguf") == {}
+        check_model_file(tmp_path / "m.safetensors")
+    assert check_model_file(tmp_path / "m.gguf", expected="gguf") == {}
 
 
 # ---------------------------------------------------------------- MF-7: validator, hand-made cases
@@ -138,7 +127,7 @@ def _t(dtype, shape, begin, end):
 @pytest.mark.parametrize("header,data,problem", [
     ({"a": _t("F99", [2], 0, 8)}, b"\0" * 8, "unknown dtype"),
     ({"a": _t("F32", [3], 0, 8)}, b"\0" * 8, "12 bytes.*span 8"),
-    ({"a": _t("F32", [2], 0, 8), "b": _t("F32", [2], 4, 12)}, b"\0" * 12, "overlaps|hole|needs|span"),
+    ({"a": _t("F32", [2], 0, 8), "b": _t("F32", [2], 4, 12)}, b"\0" * 12, "overlaps"),
     ({"a": _t("F32", [1], 0, 4), "b": _t("F32", [1], 8, 12)}, b"\0" * 12, "hole of 4 bytes"),
     ({"a": _t("F32", [2], 0, 8)}, b"\0" * 4, "past the end"),
     ({"a": _t("F32", [1], 0, 4)}, b"\0" * 8, "4 trailing bytes"),
@@ -154,18 +143,12 @@ def _t(dtype, shape, begin, end):
     (b'{"a": 1, "a": 2}', b"", "duplicate key"),
     (b"{" + b"[" * 100000, b"", "not valid JSON"),
     (b'{"a": "\xff"}', b"", "not valid JSON"),
-])
+], ids=lambda v: repr(v)[:40] if isinstance(v, (dict, bytes)) else None)
 def test_validator_rejects(tmp_path, header, data, problem):
     path = raw_st(tmp_path / "bad.safetensors", header, data)
     with pytest.raises(ModelFileError, match=problem) as exc:
         validate_safetensors(path)
     assert "bad.safetensors" in str(exc.value)
-
-
-def test_overlap_detected(tmp_path):
-    header = {"a": _t("F32", [2], 0, 8), "b": _t("F32", [1], 4, 8)}
-    with pytest.raises(ModelFileError, match="overlaps"):
-        validate_safetensors(raw_st(tmp_path / "o.safetensors", header, b"\0" * 8))
 
 
 def test_header_length_checks(tmp_path):
@@ -188,9 +171,9 @@ def test_tensor_count_and_allowed_keys(tmp_path):
     assert validate_safetensors(path, allowed_key=lambda k: k.startswith("t")) == {"format": "pt"}
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-# float8_e4m3fn has no Inf: +-inf cast to NaN, still exactly one bad value.
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("bad,dtype", [(b, d) for b in (float("nan"), float("inf"), float("-inf"))
+                                       for d in (torch.float32, torch.float16, torch.bfloat16)]
+                         + [(float("nan"), torch.float8_e4m3fn)])  # e4m3fn has no Inf (casts saturate)
 def test_nan_inf_rejected(tmp_path, bad, dtype):
     t = torch.tensor([1.0, bad, 2.0]).to(dtype)
     path = good_st(tmp_path / "lora.safetensors", ok=torch.zeros(2), **{"w.lora_up": t})
@@ -219,33 +202,30 @@ mutation_st = st.one_of(
 def _build(tensors, mutation) -> bytes:
     header, data = {}, b""
     for key, dtype, shape, zeros in tensors:
-        n = SIZES.get(dtype, 1)
-        for d in shape:
-            n *= d
-        chunk = bytes(n) if zeros else bytes((i * 37 + 11) % 256 for i in range(n))
+        n = SIZES.get(dtype, 1) * math.prod(shape)
         header[key] = _t(dtype, shape, len(data), len(data) + n)
-        data += chunk
-    if mutation and mutation[0] == "offset" and header:
-        entry = list(header.values())[mutation[1] % len(header)]
-        entry["data_offsets"][mutation[1] % 2] += mutation[2]
-    if mutation and mutation[0] == "metadata":
-        header["__metadata__"] = mutation[1]
+        data += bytes(n) if zeros else bytes((i * 37 + 11) % 256 for i in range(n))
+    kind, *args = mutation or ("none",)
+    if kind == "offset" and header:
+        list(header.values())[args[0] % len(header)]["data_offsets"][args[0] % 2] += args[1]
+    if kind == "metadata":
+        header["__metadata__"] = args[0]
     h = json.dumps(header).encode()
-    blob = struct.pack("<Q", len(h) + (mutation[1] if mutation and mutation[0] == "length" else 0)) + h + data
-    if mutation and mutation[0] == "truncate":
-        blob = blob[: max(0, len(blob) - mutation[1])]
-    if mutation and mutation[0] == "append":
-        blob += mutation[1]
-    if mutation and mutation[0] == "flip" and blob:
-        i = mutation[1] % len(blob)
-        blob = blob[:i] + bytes([blob[i] ^ mutation[2]]) + blob[i + 1:]
+    blob = struct.pack("<Q", max(0, len(h) + (args[0] if kind == "length" else 0))) + h + data
+    if kind == "truncate":
+        blob = blob[: max(0, len(blob) - args[0])]
+    if kind == "append":
+        blob += args[0]
+    if kind == "flip" and blob:
+        i = args[0] % len(blob)
+        blob = blob[:i] + bytes([blob[i] ^ args[1]]) + blob[i + 1:]
     return blob
 
 
-def _assert_clean_outcome(path: Path):
+def _assert_clean_outcome(path: Path, check=lambda p: validate_safetensors(p, max_tensors=6)):
     try:
-        meta = validate_safetensors(path, max_tensors=6)
-    except ModelFileError as e:
+        meta = check(path)
+    except (ModelFileError, UnsafeModelFile) as e:
         assert path.name in str(e)
         return
     # Accepted: safetensors itself must agree and every float must be finite.
@@ -254,8 +234,8 @@ def _assert_clean_outcome(path: Path):
         assert (f.metadata() or {}) == meta
         for key in f.keys():
             t = f.get_tensor(key)
-            if t.is_floating_point():
-                assert torch.isfinite(t.float()).all()
+            if t.is_floating_point():  # float8 has no isfinite kernel; widening anything else could overflow
+                assert torch.isfinite(t.float() if t.element_size() == 1 else t).all()
 
 
 @settings(max_examples=200, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -281,19 +261,7 @@ def test_property_sniff_and_check_never_crash(tmp_path, blob):
     path = tmp_path / "any.safetensors"
     path.write_bytes(blob)
     assert sniff_format(path) in {"safetensors", "pickle", "torch-zip", "gguf", "unknown"}
-    try:
-        check_model_file(path)
-    except (ModelFileError, UnsafeModelFile):
-        return
-    assert _is_valid(path)
-
-
-def _is_valid(path: Path) -> bool:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return all(torch.isfinite(f.get_tensor(k).float()).all() for k in f.keys())
-    except Exception:
-        return False
+    _assert_clean_outcome(path, check_model_file)
 
 
 # ---------------------------------------------------------------- MF-9: atomic writes
@@ -329,16 +297,16 @@ def test_atomic_path_failure_leaves_target_and_no_temp(tmp_path):
 
 # ---------------------------------------------------------------- MF-5: torch version
 
-@pytest.mark.parametrize("version", ["2.9.1", "1.13.0", "2.10.0a0+git123", "2.10.0rc1", "garbage"])
-def test_old_torch_refused(version):
-    with pytest.raises(RuntimeError, match="2.10"):
-        check_torch_version(version)
-
-
-@pytest.mark.parametrize("version", ["2.10.0", "2.13.0+cpu", "2.11.0.dev20260101", "3.0"])
-def test_new_torch_accepted(version, monkeypatch):
+@pytest.mark.parametrize("version,ok", [("2.9.1", False), ("1.13.0", False), ("2.10.0a0+git123", False),
+                                        ("2.10.0rc1", False), ("garbage", False), ("2.10.0", True),
+                                        ("2.13.0+cpu", True), ("2.11.0.dev20260101", True), ("3.0", True)])
+def test_torch_version_gate(version, ok, monkeypatch):
     monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
-    assert check_torch_version(version) == version
+    if ok:
+        assert check_torch_version(version) == version
+    else:
+        with pytest.raises(RuntimeError, match="2.10"):
+            check_torch_version(version)
 
 
 def test_installed_torch_ok_and_env_override_warns(monkeypatch):
@@ -355,6 +323,9 @@ BANNED = [
     (re.compile(r"\bdill\b"), "dill"),
     (re.compile(r"\bjoblib\.load\b"), "joblib.load"),
     (re.compile(r"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"), "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"),
+    # Aliases that would dodge the patterns above.
+    (re.compile(r"\bfrom\s+(pickle|joblib)\s+import\b|\bfrom\s+torch\s+import\b.*\bload\b|\bUnpickler\b"),
+     "aliased unpickling"),
 ]
 # The one line allowed to name the override: safety.py's own constant for the MF-5 warning.
 ALLOWED_LINE = ("engine/safety.py", '_UNSAFE_LOAD_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"')
@@ -365,7 +336,7 @@ def _code_without_comments(text: str) -> str:
     try:
         tokens = [t for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type != tokenize.COMMENT]
         return tokenize.untokenize(tokens)
-    except (tokenize.TokenError, SyntaxError, IndentationError):
+    except (tokenize.TokenError, SyntaxError, ValueError):
         return text
 
 
@@ -416,9 +387,12 @@ def test_mf2_scanner_catches_each_pattern(tmp_path):
         "c = pickle.loads(x)\nd = pickle.load(f)\nimport dill\nimport joblib\ne = joblib.load(p)\n"
         "os.environ['TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'] = '1'\n"
         "ok = torch.load(p, weights_only=True)  # torch.load(p) in a comment is fine\n"
+        "from pickle import loads\nfrom torch import nn, load\n"
     )
     found = _offenders([bad], root=tmp_path)
     assert len([f for f in found if "torch.load(" in f]) == 2
     for label in ("weights_only=False", "pickle.load(s)(", "dill", "joblib.load", "TORCH_FORCE"):
         assert any(label in f for f in found), label
-    assert not any(":12:" in f for f in found)
+    assert [f for f in found if "aliased" in f] == ["engine/bad.py:12: aliased unpickling",
+                                                    "engine/bad.py:13: aliased unpickling"]
+    assert not any(":11:" in f for f in found)  # the weights_only=True line and its comment

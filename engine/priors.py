@@ -1,0 +1,99 @@
+"""Class-prior images for prior preservation (Ruiz et al. 2023, sec. 3.3), generated once and cached on disk.
+
+The cache key is a hash of everything that changes the images: base-model fingerprint, class prompt, negative
+prompt, resolution, scheduler, steps, guidance and the seed policy. A different key is a different folder, so
+images are never reused for another model or prompt; the same key asked for more images is topped up.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from .safety import atomic_write_bytes
+from .sampling import Cancelled, Components, sample, to_pil
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PriorSpec:
+    """What the prior images are made from; its hash names the cache folder."""
+
+    model_fingerprint: str
+    class_prompt: str
+    negative_prompt: str = ""
+    resolution: int = 32
+    scheduler: str = "dpmpp_2m"
+    num_inference_steps: int = 20
+    guidance_scale: float = 5.0
+    seed_policy: str = "seed=index"  # image i uses seed i: the set grows without changing earlier images
+
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class PriorResult:
+    paths: list[Path]
+    generated: int  # how many had to be made this time (0 on a full cache hit)
+    folder: Path
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _read_manifest(folder: Path, spec: PriorSpec) -> dict[int, dict]:
+    """Valid cached entries by seed; an entry whose file is missing or altered is dropped (and regenerated)."""
+    try:
+        m = json.loads((folder / "manifest.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if m.get("schema_version") != SCHEMA_VERSION or m.get("spec") != asdict(spec):
+        return {}  # never reuse images made for another key, even if a folder name collided
+    good = {}
+    for e in m.get("images", []):
+        p = folder / e["file"]
+        if p.is_file() and _sha(p) == e["sha256"]:
+            good[int(e["seed"])] = e
+    return good
+
+
+def ensure_class_images(c: Components, spec: PriorSpec, priors_dir: Path, n: int, *, batch_size: int = 8,
+                        on_progress: Callable[[int, int], None] | None = None,
+                        should_stop: Callable[[], bool] | None = None) -> PriorResult:
+    """Return `n` class images for `spec`, generating only the missing ones through the shared sampler."""
+    folder = priors_dir / spec.key()
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = _read_manifest(folder, spec)
+    missing = [s for s in range(n) if s not in entries]
+    made = 0
+    for i in range(0, len(missing), batch_size):
+        if should_stop and should_stop():
+            raise Cancelled()
+        seeds = missing[i:i + batch_size]
+        imgs = sample(c, [spec.class_prompt] * len(seeds), [spec.negative_prompt] * len(seeds), seeds,
+                      num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
+                      scheduler=spec.scheduler, height=spec.resolution, width=spec.resolution)
+        for seed, img in zip(seeds, to_pil(imgs)):
+            p = folder / f"{seed:06d}.png"
+            img.save(p, format="PNG")
+            entries[seed] = {"file": p.name, "seed": seed, "sha256": _sha(p)}
+        made += len(seeds)
+        # the manifest is rewritten after each batch, so an interrupted run keeps what it made
+        _write_manifest(folder, spec, entries)
+        if on_progress:
+            on_progress(made, len(missing))
+    if not missing:
+        _write_manifest(folder, spec, entries)
+    return PriorResult([folder / entries[s]["file"] for s in range(n)], made, folder)
+
+
+def _write_manifest(folder: Path, spec: PriorSpec, entries: dict[int, dict]) -> None:
+    data = {"schema_version": SCHEMA_VERSION, "spec": asdict(spec),
+            "images": [entries[s] for s in sorted(entries)]}
+    atomic_write_bytes(folder / "manifest.json", json.dumps(data, indent=1).encode())

@@ -1,0 +1,235 @@
+"""`TrainConfig`: one frozen, versioned description of a DreamBooth + LoRA run, validated on construction.
+
+Every field is read by the trainer (engine/training.py, engine/checkpoints.py); a GUI setting that the trainer
+ignores is a bug, and tests/test_train_config.py checks it. Messages say how to fix the input.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, _check, _coerce, from_dict, load_toml, save_toml
+
+__all__ = ["ConfigError", "TrainConfig", "presets", "suggest_trigger_token", "config_hash", "load_train_config",
+           "save_train_config", "PRESETS", "LR_SCHEDULERS", "TRIGGER_CANDIDATES"]
+
+PRESETS = ("subject", "style")
+LR_SCHEDULERS = ("constant", "cosine", "linear")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+REPORT_TO = ("tensorboard", "wandb", "none")
+# Rare CLIP BPE tokens that are one token each and no English word (checked against CLIP's vocabulary: "olis" is
+# id 49397, near the end of the merge list, so the base model has almost no prior for it). "sks" is avoided: it
+# is a rifle model and drags guns into pictures.
+TRIGGER_CANDIDATES = ("olis", "ohwx", "phol", "zyk")  # "zwx", often suggested, is two CLIP tokens
+# Words a trigger must not be: they carry meaning the model already has, so the new concept would blur with it.
+_COMMON_WORDS = {"a", "an", "the", "of", "in", "on", "and", "photo", "style", "shape", "painting", "picture",
+                 "image", "art", "drawing", "dog", "cat", "person", "man", "woman"}
+# Fields that do not change the trained weights: changing them must not block a resume.
+_NON_TRAINING_FIELDS = {"validation_prompts", "validation_steps", "checkpointing_steps", "checkpoints_total_limit",
+                        "report_to", "output_name"}
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A DreamBooth + LoRA training run (Ruiz et al. 2023; LoRA, Hu et al. 2021). See `presets()` for defaults."""
+
+    instance_images: tuple[str, ...]  # the artist's images (already ingested, see engine.images.ingest_dataset)
+    instance_prompt: str  # must contain trigger_token, e.g. "a photo of olis shape"
+    trigger_token: str = "olis"
+    class_prompt: str = ""  # e.g. "a photo of shape"; needed for prior preservation
+    preset: str = "subject"
+    with_prior_preservation: bool = True
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 100
+    resolution: int = 0  # 0: the base model's native size
+    center_crop: bool = True
+    random_flip: bool = False
+    train_text_encoder: bool = True
+    text_encoder_lr: float = 5e-5
+    text_encoder_stop_fraction: float = 1.0  # stop training the text encoder after this fraction of the steps
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    max_train_steps: int = 400
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    lora_rank: int = 4
+    lora_alpha: int = 4
+    unet_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    snr_gamma: float = 0.0  # min-SNR weighting gamma (Hang et al. 2023); 0 = off, 5 is the paper's value
+    noise_offset: float = 0.0
+    max_nonfinite_steps: int = 3  # stop after this many consecutive NaN/Inf steps
+    seed: int = 0
+    checkpointing_steps: int = 100
+    checkpoints_total_limit: int = 2
+    validation_prompts: tuple[str, ...] = ()
+    validation_steps: int = 100  # 0: no previews during training
+    report_to: str = "tensorboard"
+    cache_latents: bool = False
+    base_model: str = ""  # "" = the bundled demo model
+    output_name: str = "lora"
+    schema_version: int = 1
+
+    def __post_init__(self) -> None:
+        _coerce(self)
+        for name in ("instance_images", "unet_target_modules", "text_encoder_target_modules", "validation_prompts"):
+            v = getattr(self, name)  # TOML and JSON give lists; keep the dataclass hashable and frozen
+            _check(isinstance(v, (list, tuple)), f"`{name}` must be a list but is {type(v).__name__}")
+            object.__setattr__(self, name, tuple(str(x) for x in v))
+        _check(self.schema_version == 1, f"unsupported schema_version {self.schema_version}; this app reads 1")
+        self._check_prompts()
+        self._check_numbers()
+        self._check_choices()
+
+    def _check_prompts(self) -> None:
+        _check(len(self.instance_images) > 0, "`instance_images` is empty: add at least one training image "
+                                              "(3-20 images work best)")
+        tok = self.trigger_token
+        _check(bool(re.fullmatch(r"[A-Za-z0-9]{2,16}", tok or "")),
+               f"`trigger_token` must be one short word of letters/digits (2-16 chars) but is {tok!r}; "
+               f"try {TRIGGER_CANDIDATES[0]!r}")
+        _check(tok.lower() not in _COMMON_WORDS,
+               f"`trigger_token` {tok!r} is a common word the model already knows; use a rare token such as "
+               f"{TRIGGER_CANDIDATES[0]!r} (see suggest_trigger_token)")
+        word = re.compile(rf"(?<![A-Za-z0-9]){re.escape(tok)}(?![A-Za-z0-9])")
+        _check(bool(word.search(self.instance_prompt)),
+               f"`instance_prompt` {self.instance_prompt!r} must contain the trigger token {tok!r} as a word, "
+               f"e.g. 'a photo of {tok} shape'")
+        _check(not word.search(self.class_prompt),
+               f"`class_prompt` must not contain the trigger token {tok!r}: it describes the general class, "
+               f"e.g. 'a photo of shape'")
+        _check(not self.with_prior_preservation or self.class_prompt.strip() != "",
+               "`class_prompt` is empty but `with_prior_preservation` is on: describe the class, e.g. "
+               "'a photo of shape', or turn prior preservation off")
+        for p in self.validation_prompts:
+            _check(p.strip() != "", "`validation_prompts` contains an empty prompt; remove it")
+
+    def _check_numbers(self) -> None:
+        def between(name, lo, hi):
+            v = getattr(self, name)
+            _check(lo <= v <= hi, f"`{name}` must be between {lo} and {hi} but is {v}")
+
+        between("max_train_steps", 1, 1_000_000)
+        between("train_batch_size", 1, 256)
+        between("gradient_accumulation_steps", 1, 1024)
+        between("num_class_images", 1, 100_000)
+        between("prior_loss_weight", 0.0, 100.0)
+        between("lora_rank", 1, 1024)
+        between("lora_alpha", 1, 4096)
+        between("text_encoder_stop_fraction", 0.0, 1.0)
+        between("snr_gamma", 0.0, 100.0)
+        between("noise_offset", 0.0, 1.0)
+        between("max_grad_norm", 0.0, 1e6)
+        between("max_nonfinite_steps", 1, 1000)
+        between("seed", 0, 2**32 - 1)
+        between("checkpointing_steps", 0, 1_000_000)
+        between("checkpoints_total_limit", 1, 1000)
+        between("validation_steps", 0, 1_000_000)
+        _check(0 <= self.lr_warmup_steps < self.max_train_steps,
+               f"`lr_warmup_steps` must be below `max_train_steps` ({self.max_train_steps}) but is "
+               f"{self.lr_warmup_steps}")
+        for name in ("learning_rate", "text_encoder_lr"):
+            v = getattr(self, name)
+            _check(0 < v <= 1e-2, f"`{name}` must be above 0 and at most 0.01 but is {v}; LoRA uses ~1e-4")
+        _check(self.resolution == 0 or (8 <= self.resolution <= 2048 and self.resolution % 8 == 0),
+               f"`resolution` must be 0 (the model's size) or divisible by 8 (8..2048) but is {self.resolution}; "
+               f"try {max(8, round(self.resolution / 8) * 8)}")
+
+    def _check_choices(self) -> None:
+        def one_of(name, options):
+            v = getattr(self, name)
+            _check(v in options, f"`{name}` must be one of {', '.join(options)} but is {v!r}")
+
+        one_of("preset", PRESETS)
+        one_of("lr_scheduler", LR_SCHEDULERS)
+        one_of("mixed_precision", MIXED_PRECISION)
+        one_of("report_to", REPORT_TO)
+        _check(self.report_to != "wandb" or importlib.util.find_spec("wandb") is not None,
+               "`report_to` is 'wandb' but wandb is not installed: pip install wandb, or use 'tensorboard'")
+        _check(len(self.unet_target_modules) > 0, "`unet_target_modules` is empty; use to_q, to_k, to_v, to_out.0")
+        _check(not self.train_text_encoder or len(self.text_encoder_target_modules) > 0,
+               "`text_encoder_target_modules` is empty; use q_proj, k_proj, v_proj, out_proj")
+        _check(bool(_SAFE_NAME.match(self.output_name)),
+               f"`output_name` must be a plain file name (letters, digits, . _ -) but is {self.output_name!r}")
+        # Random crops change the pixels every epoch, so a latent computed once would be wrong afterwards.
+        _check(not self.cache_latents or self.center_crop,
+               "`cache_latents` needs `center_crop` on (random crops change the image every epoch)")
+
+
+def presets(kind: str, *, token: str = TRIGGER_CANDIDATES[0], class_noun: str = "shape") -> dict[str, Any]:
+    """Good defaults for a *subject* or a *style*: every TrainConfig field except `instance_images`.
+
+    Subject: "a photo of {token} {class}" with class-prior preservation (Ruiz et al. 2023) so the class keeps its
+    variety. Style: "a {token} style {class}", no prior (a style spans many classes), flips allowed, a larger rank.
+    The demo world's class noun is "shape"; for paintings use e.g. class_noun="painting".
+    """
+    _check(kind in PRESETS, f"unknown preset {kind!r}; choose one of: {', '.join(PRESETS)}")
+    common = dict(trigger_token=token, preset=kind, resolution=0, center_crop=True, train_text_encoder=True,
+                  text_encoder_lr=5e-5, lr_scheduler="constant", lr_warmup_steps=0, train_batch_size=1,
+                  gradient_accumulation_steps=1, max_grad_norm=1.0, mixed_precision="no",
+                  gradient_checkpointing=False, use_8bit_adam=False, snr_gamma=5.0, max_nonfinite_steps=3, seed=0,
+                  checkpointing_steps=100, checkpoints_total_limit=2, validation_steps=100, report_to="tensorboard",
+                  cache_latents=False, base_model="", output_name="lora",
+                  unet_target_modules=("to_q", "to_k", "to_v", "to_out.0"),
+                  text_encoder_target_modules=("q_proj", "k_proj", "v_proj", "out_proj"))
+    if kind == "subject":
+        return dict(common, instance_prompt=f"a photo of {token} {class_noun}", class_prompt=f"a photo of {class_noun}",
+                    with_prior_preservation=True, prior_loss_weight=1.0, num_class_images=100, random_flip=False,
+                    text_encoder_stop_fraction=0.6, learning_rate=1e-4, max_train_steps=400, lora_rank=4,
+                    lora_alpha=4, noise_offset=0.0,
+                    validation_prompts=(f"a photo of {token} {class_noun}", f"a photo of a red {token} {class_noun}"))
+    return dict(common, instance_prompt=f"a {token} style {class_noun}", class_prompt=f"a {class_noun}",
+                with_prior_preservation=False, prior_loss_weight=1.0, num_class_images=100, random_flip=True,
+                text_encoder_stop_fraction=1.0, learning_rate=1e-4, max_train_steps=800, lora_rank=8, lora_alpha=8,
+                noise_offset=0.05,  # Guttenberg 2023: lets a style reach very dark/light images
+                validation_prompts=(f"a {token} style {class_noun}", f"a {token} style circle"))
+
+
+def suggest_trigger_token(tokenizer, avoid: tuple[str, ...] = ()) -> str:
+    """A rare, short trigger that the tokenizer keeps as ONE token and that is not an English word.
+
+    Tries TRIGGER_CANDIDATES in order; with a tokenizer that splits all of them (tiny test tokenizers), returns
+    the candidate with the fewest tokens.
+    """
+    def n_tokens(word: str) -> int:
+        return len(tokenizer(word, add_special_tokens=False).input_ids)
+
+    options = [w for w in TRIGGER_CANDIDATES if w not in avoid] or list(TRIGGER_CANDIDATES)
+    for w in options:
+        if n_tokens(w) == 1:
+            return w
+    return min(options, key=lambda w: (n_tokens(w), options.index(w)))
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """sha256 of the fields that change the trained weights; checkpoints refuse to resume under another hash."""
+    data = {k: v for k, v in asdict(cfg).items() if k not in _NON_TRAINING_FIELDS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """Read a run.toml; unknown keys are an error that names them; relative image paths are taken from its folder."""
+    cfg = load_toml(TrainConfig, path)
+    base = Path(path).resolve().parent
+    images = tuple(str(p if Path(p).is_absolute() else base / p) for p in cfg.instance_images)
+    return from_dict(TrainConfig, dict(asdict(cfg), instance_images=images))
+
+
+def save_train_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write a run.toml atomically."""
+    save_toml(cfg, path)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]

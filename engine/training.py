@@ -1,0 +1,726 @@
+"""DreamBooth + LoRA training on the UNet and the text encoder (VAE frozen), as numbered steps.
+
+Ruiz et al. 2023 ("DreamBooth") with LoRA adapters (Hu et al. 2021) through peft, following diffusers'
+`examples/dreambooth/train_dreambooth_lora.py` but cut into small functions: 1 load, 2 add LoRA, 3 priors,
+4 data, 5 loop, 6 save. Checkpoints resume bit-exactly (engine/checkpoints.py). Runs in-process for the UI,
+and under `accelerate launch` / `torchrun` through engine/train.py (only rank 0 writes files).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import hashlib
+import json
+import math
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoints as ck
+from .config import ConfigError
+from .images import load_image
+from .safety import atomic_path, atomic_write_bytes, validate_safetensors
+from .train_config import TrainConfig
+
+PREVIEW_STEPS = 20
+PREVIEW_GUIDANCE = 5.0
+PREVIEW_SEEDS = (0, 1)
+STYLE_SCHEMA_VERSION = 1
+
+
+# ---- typed events and result -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainProgress:
+    step: int
+    total: int
+    loss: float
+    lr: float
+    eta_s: float
+
+
+@dataclass(frozen=True)
+class TrainPreview:
+    step: int
+    images: list  # PIL images, one per validation prompt
+
+
+@dataclass(frozen=True)
+class TrainCheckpoint:
+    step: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class TrainLog:
+    message: str
+    level: str = "info"  # "info" | "warning" | "error"
+
+
+TrainEvent = TrainProgress | TrainPreview | TrainCheckpoint | TrainLog
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    lora_path: Path | None  # None when cancelled
+    style_json_path: Path | None
+    steps: int
+    losses: list[float]
+    cancelled: bool
+    resumed_from: int | None
+    skipped_steps: int = 0  # updates skipped for NaN/Inf
+    micro_batch_size: int = 0  # after any out-of-memory back-off
+    gradient_accumulation: int = 0
+
+
+class TrainingError(RuntimeError):
+    """Training stopped; the message says why and what to do. The last valid checkpoint is kept."""
+
+
+class TrainingDiverged(TrainingError):
+    pass
+
+
+class TrainingOOM(TrainingError):
+    pass
+
+
+# ---- math: small pure functions, each naming its source --------------------------------------------------------
+
+def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet must predict, as the scheduler's `prediction_type` says: ε (Ho et al. 2020, eq. 14) or
+    v = α_t ε − σ_t x0 (Salimans & Ho 2022, "Progressive Distillation", §4)."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, t)
+    raise ConfigError(f"base model predicts {kind!r}; only 'epsilon' and 'v_prediction' models can be trained")
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR+1) for v."""
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return torch.where(snr > 0, clipped / snr.clamp_min(1e-12), torch.ones_like(snr))  # SNR 0: zero-terminal-SNR
+
+
+def offset_noise(shape, generator: torch.Generator, offset: float) -> torch.Tensor:
+    """Gaussian noise plus a per-channel constant (Guttenberg 2023, "Diffusion with Offset Noise"), on the CPU
+    generator so that runs are identical on any device."""
+    noise = torch.randn(shape, generator=generator)
+    if offset > 0:
+        noise = noise + offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
+    return noise
+
+
+def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, with_prior: bool,
+                    prior_loss_weight: float) -> torch.Tensor:
+    """DreamBooth objective with class-prior preservation (Ruiz et al. 2023, eq. 2): instance MSE + λ · class MSE.
+
+    The batch is [instance half; class half]; `weights` are per-sample (min-SNR or ones) and apply to both halves,
+    since both are ordinary denoising losses."""
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+    per_sample = per_sample * weights
+    if not with_prior:
+        return per_sample.mean()
+    instance, prior = per_sample.chunk(2)
+    return instance.mean() + prior_loss_weight * prior.mean()
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
+# ---- data: a deterministic sampler with a position, and the DreamBooth examples --------------------------------
+
+class EpochSampler:
+    """Shuffled order, one permutation per epoch from its own generator; (epoch, pos, perm, generator) are saved in
+    checkpoints, so a resume continues mid-epoch exactly where it stopped (what skip_first_batches approximates)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.gen = n, torch.Generator().manual_seed(seed)
+        self.epoch, self.pos = 0, 0
+        self.perm = torch.randperm(n, generator=self.gen)
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self.perm = torch.randperm(self.n, generator=self.gen)
+            out.append(int(self.perm[self.pos]))
+            self.pos += 1
+        return out
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return {"gen": self.gen.get_state(), "perm": self.perm.clone()}, {"epoch": self.epoch, "pos": self.pos,
+                                                                          "n": self.n}
+
+    def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if meta["n"] != self.n:
+            raise ck.CheckpointError(f"the checkpoint was made with {meta['n']} examples but the dataset has "
+                                     f"{self.n}; resume with the same images, or start a new run")
+        self.gen.set_state(tensors["gen"])
+        self.perm, self.epoch, self.pos = tensors["perm"], meta["epoch"], meta["pos"]
+
+
+class DreamBoothData:
+    """Instance (and class) images resized once; crops and flips drawn from the training generator per example."""
+
+    def __init__(self, cfg: TrainConfig, class_images: list[Path], tokenizer, resolution: int):
+        from .sampling import tokenize
+
+        self.cfg, self.res = cfg, resolution
+        self.images = {"instance": [self._resize(p) for p in cfg.instance_images],
+                       "class": [self._resize(p) for p in class_images]}
+        self.n = len(self.images["instance"])
+        if cfg.with_prior_preservation:  # as diffusers: every class image is seen once per epoch
+            self.n = max(self.n, len(self.images["class"]))
+        self.ids = {"instance": tokenize(tokenizer, [cfg.instance_prompt]),
+                    "class": tokenize(tokenizer, [cfg.class_prompt or cfg.instance_prompt])}
+        self.latent_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _resize(self, path):
+        """Load an image and scale its shorter side to the resolution (once: crops are taken per example)."""
+        from PIL import Image
+
+        img, _ = load_image(path)  # untrusted input: format by content, size checked, fully decoded (IM-1..8)
+        scale = self.res / min(img.size)
+        size = (max(self.res, round(img.size[0] * scale)), max(self.res, round(img.size[1] * scale)))
+        return img.resize(size, Image.BICUBIC)
+
+    def place(self, img, gen: torch.Generator | None) -> tuple[int, int, bool]:
+        """(top, left, flip): centred or drawn from `gen` (crop first, then flip: the order is part of the run)."""
+        w, h = img.size
+        if self.cfg.center_crop or gen is None:
+            top, left = (h - self.res) // 2, (w - self.res) // 2
+        else:
+            top = int(torch.randint(0, h - self.res + 1, (1,), generator=gen))
+            left = int(torch.randint(0, w - self.res + 1, (1,), generator=gen))
+        flip = bool(self.cfg.random_flip and gen is not None and float(torch.rand(1, generator=gen)) < 0.5)
+        return top, left, flip
+
+    def pixels(self, kind: str, i: int, top: int, left: int, flip: bool) -> torch.Tensor:
+        """Image i of `kind` cropped to resolution, as [3, H, W] in [-1, 1]."""
+        img = self.images[kind][i]
+        crop = img.crop((left, top, left + self.res, top + self.res))
+        x = torch.tensor(bytearray(crop.tobytes()), dtype=torch.uint8).view(self.res, self.res, 3)
+        x = x.permute(2, 0, 1).float() / 127.5 - 1.0
+        return x.flip(-1) if flip else x
+
+    def example(self, kind: str, i: int, gen: torch.Generator) -> tuple[tuple, torch.Tensor | None]:
+        """(cache key, pixels or None when latents are cached) for image i % count of `kind`."""
+        i = i % len(self.images[kind])
+        top, left, flip = self.place(self.images[kind][i], gen)
+        key = (kind, i, flip)
+        return key, None if self.latent_cache is not None else self.pixels(kind, i, top, left, flip)
+
+    def batch(self, indices: list[int], gen: torch.Generator) -> dict:
+        """Instance examples, then (with prior preservation) the class examples of the same indices."""
+        kinds = ["instance"] + (["class"] if self.cfg.with_prior_preservation else [])
+        keys, pixels, ids = [], [], []
+        for kind in kinds:
+            for i in indices:
+                key, px = self.example(kind, i, gen)
+                keys.append(key)
+                pixels.append(px)
+                ids.append(self.ids[kind])
+        return {"keys": keys, "pixels": None if pixels[0] is None else torch.stack(pixels), "ids": torch.cat(ids)}
+
+
+# ---- the run: everything the steps share -------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    run_dir: Path
+    acc: object  # accelerate.Accelerator
+    emit: Callable[[TrainEvent], None]
+    stop_event: threading.Event | None
+    model: object = None  # engine.models.LoadedModel
+    noise_scheduler: object = None
+    unet: torch.nn.Module | None = None  # prepared (DDP-wrapped under several processes)
+    te: torch.nn.Module | None = None
+    data: DreamBoothData | None = None
+    sampler: EpochSampler | None = None
+    gen: torch.Generator | None = None  # noise, timesteps, latents, crops, flips: one stream, saved in checkpoints
+    optimizer: object = None
+    lr_scheduler: object = None
+    weight_dtype: torch.dtype = torch.float32
+    resolution: int = 0
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    skipped: int = 0
+    bad_in_a_row: int = 0
+    micro_batch: int = 1
+    last_ckpt: int | None = None
+    images: list[dict] = field(default_factory=list)  # name + sha256 of each training image
+    dataset_hash: str = ""
+
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def te_active(self, step: int) -> bool:
+        """Train the text encoder only for the first `text_encoder_stop_fraction` of the steps (it overfits fast)."""
+        return self.cfg.train_text_encoder and step < math.ceil(self.cfg.text_encoder_stop_fraction
+                                                                * self.cfg.max_train_steps)
+
+    def lora_params(self) -> dict[str, torch.nn.Parameter]:
+        """Every LoRA parameter by a stable name ("unet." / "text_encoder." + peft name)."""
+        out = {}
+        for prefix, m in (("unet", self.unet), ("text_encoder", self.te)):
+            for n, p in self.acc.unwrap_model(m).named_parameters():
+                if "lora_" in n:
+                    out[f"{prefix}.{n}"] = p
+        return out
+
+
+# ---- 0..4: accelerator, load, LoRA, priors, data -----------------------------------------------------------------
+
+def step0_accelerator(cfg: TrainConfig, run_dir: Path, emit):
+    """Accelerator with mixed precision and trackers writing under the run folder."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not several:
+        AcceleratorState._reset_state(True)  # in-process: each run may pick another precision
+    precision = cfg.mixed_precision
+    if precision == "fp16" and not torch.cuda.is_available():
+        emit(TrainLog("mixed_precision='fp16' needs a CUDA GPU; training in fp32 on this machine", "warning"))
+        precision = "no"
+    if cfg.use_8bit_adam and not torch.cuda.is_available():
+        raise ConfigError("`use_8bit_adam` needs a CUDA GPU (bitsandbytes); turn it off on this machine")
+    log_with = None if cfg.report_to == "none" else cfg.report_to
+    project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard"))
+    # torchrun on CPU: accelerate only builds a gloo process group when told cpu=True.
+    return Accelerator(cpu=several and not torch.cuda.is_available(), mixed_precision=precision, log_with=log_with,
+                       project_config=project)
+
+
+def step1_load(run: Run) -> None:
+    """Load the base model (demo model when `base_model` is empty) and freeze it; training scheduler = DDPM."""
+    from diffusers import DDPMScheduler
+
+    from .models import load_base_model
+
+    cfg, acc = run.cfg, run.acc
+    run.model = load_base_model(cfg.base_model or None, device=str(acc.device))
+    c = run.model.components
+    run.noise_scheduler = DDPMScheduler.from_config(c.scheduler.config)
+    run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+    for m in (c.vae, c.unet, c.text_encoder):
+        m.requires_grad_(False)
+        if run.weight_dtype != torch.float32:
+            m.to(dtype=run.weight_dtype)  # frozen weights in the compute dtype; LoRA stays fp32 (step 2)
+    run.resolution = cfg.resolution or c.default_size
+
+
+def step2_add_lora(run: Run) -> None:
+    """LoRA on the UNet attention projections and (optionally) the text-encoder ones; trainable params in fp32."""
+    from accelerate.utils import set_seed
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg, c = run.cfg, run.model.components
+    set_seed(cfg.seed)  # same LoRA init on every rank and every run with this seed
+    c.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                  target_modules=list(cfg.unet_target_modules)))
+    if cfg.train_text_encoder:  # peft directly: works on transformers 5.23 and 5.24 (LIBRARY-NOTES §0.1)
+        inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                           target_modules=list(cfg.text_encoder_target_modules)), c.text_encoder)
+    cast_training_params([c.unet, c.text_encoder], torch.float32)
+    if cfg.gradient_checkpointing:
+        c.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            c.text_encoder.gradient_checkpointing_enable()
+    c.unet.train()
+    c.text_encoder.train(cfg.train_text_encoder)
+    run.unet, run.te = c.unet, c.text_encoder  # replaced by the prepared (wrapped) models in make_optimizer
+
+
+def step3_priors(run: Run, class_images) -> list[Path]:
+    """The class-prior images to use (made by engine.priors); the first `num_class_images` of them."""
+    cfg = run.cfg
+    if not cfg.with_prior_preservation:
+        return []
+    paths = [Path(p) for p in class_images][: cfg.num_class_images]
+    if not paths:
+        raise ConfigError("`with_prior_preservation` is on but no class images were given: generate them first "
+                          "(engine.priors) or turn prior preservation off")
+    if len(paths) < cfg.num_class_images:
+        run.emit(TrainLog(f"only {len(paths)} of num_class_images={cfg.num_class_images} class images given; "
+                          "training with those", "warning"))
+    return paths
+
+
+def step4_data(run: Run, class_paths: list[Path]) -> None:
+    """Dataset, deterministic sampler, training generator and (optionally) cached VAE latents."""
+    cfg, c = run.cfg, run.model.components
+    run.data = DreamBoothData(cfg, class_paths, c.tokenizer, run.resolution)
+    run.images = ck.image_hashes(cfg)
+    run.dataset_hash = ck.dataset_hash(run.images)
+    run.sampler = EpochSampler(run.data.n, cfg.seed)
+    run.gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * run.acc.process_index)  # own noise per rank
+    run.micro_batch = cfg.train_batch_size
+    if cfg.cache_latents:  # the VAE is frozen and crops are centred, so each image's latent distribution is fixed
+        cache = {}
+        with torch.no_grad():
+            for kind, imgs in run.data.images.items():
+                for i, img in enumerate(imgs):
+                    top, left, _ = run.data.place(img, None)
+                    for flip in ((False, True) if cfg.random_flip else (False,)):
+                        px = run.data.pixels(kind, i, top, left, flip)[None].to(run.acc.device, run.weight_dtype)
+                        dist = c.vae.encode(px).latent_dist
+                        cache[(kind, i, flip)] = (dist.mean.float(), dist.std.float())
+        run.data.latent_cache = cache
+
+
+def make_optimizer(run: Run) -> None:
+    """AdamW over LoRA params only (UNet group, text-encoder group with its own LR), the LR schedule, prepare()."""
+    from diffusers.optimization import get_scheduler
+
+    cfg, acc, c = run.cfg, run.acc, run.model.components
+    groups = [{"params": [p for p in c.unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
+    if cfg.train_text_encoder:
+        groups.append({"params": [p for p in c.text_encoder.parameters() if p.requires_grad],
+                       "lr": cfg.text_encoder_lr})
+    opt_cls = torch.optim.AdamW
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("`use_8bit_adam` needs bitsandbytes: pip install bitsandbytes") from None
+        opt_cls = bnb.optim.AdamW8bit
+    optimizer = opt_cls(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps else cfg.lr_scheduler
+    # Not prepared: accelerate would step it once per process per step; we step it exactly once per step.
+    run.lr_scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                     num_training_steps=cfg.max_train_steps)
+    if cfg.train_text_encoder:
+        run.unet, run.te, run.optimizer = acc.prepare(c.unet, c.text_encoder, optimizer)
+    else:  # DDP refuses a module without trainable parameters
+        run.unet, run.optimizer = acc.prepare(c.unet, optimizer)
+        run.te = c.text_encoder
+
+
+# ---- 5: the loop -----------------------------------------------------------------------------------------------
+
+def encode_latents(run: Run, batch: dict) -> torch.Tensor:
+    """z = (μ + σ·n) · scaling_factor, from the VAE or the latent cache, noise drawn from the run's generator."""
+    vae = run.model.components.vae
+    if run.data.latent_cache is not None:
+        mean = torch.cat([run.data.latent_cache[k][0] for k in batch["keys"]])
+        std = torch.cat([run.data.latent_cache[k][1] for k in batch["keys"]])
+    else:
+        with torch.no_grad():
+            dist = vae.encode(batch["pixels"].to(run.acc.device, run.weight_dtype)).latent_dist
+        mean, std = dist.mean.float(), dist.std.float()
+    z = mean + std * torch.randn(mean.shape, generator=run.gen).to(mean.device)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (z - shift) * vae.config.scaling_factor
+
+
+def forward_loss(run: Run, batch: dict, te_on: bool) -> torch.Tensor:
+    """One micro-batch: noise the latents at random timesteps, predict, compare with the target."""
+    from diffusers.training_utils import compute_snr
+
+    cfg, ns, dev = run.cfg, run.noise_scheduler, run.acc.device
+    latents = encode_latents(run, batch)
+    noise = offset_noise(latents.shape, run.gen, cfg.noise_offset).to(dev)
+    t = torch.randint(0, ns.config.num_train_timesteps, (latents.shape[0],), generator=run.gen).to(dev)
+    noisy = ns.add_noise(latents, noise, t)
+    ids = batch["ids"].to(dev)
+    with run.acc.autocast():
+        if te_on:
+            enc = run.te(ids, return_dict=False)[0]
+        else:  # frozen (or stopped): skip the DDP wrapper, which would wait for gradients that never come
+            with torch.no_grad():
+                enc = run.acc.unwrap_model(run.te)(ids, return_dict=False)[0]
+        pred = run.unet(noisy, t, enc, return_dict=False)[0]
+    target = diffusion_target(ns, latents, noise, t)
+    weights = torch.ones(latents.shape[0], device=dev)
+    if cfg.snr_gamma > 0:
+        weights = min_snr_weights(compute_snr(ns, t), cfg.snr_gamma, ns.config.prediction_type)
+    return dreambooth_loss(pred, target, weights, cfg.with_prior_preservation, cfg.prior_loss_weight)
+
+
+def accumulate(run: Run, indices: list[int], te_on: bool) -> float:
+    """Backward over micro-batches of `run.micro_batch`; each loss is scaled so the sum is the batch mean."""
+    from contextlib import ExitStack
+
+    chunks = [indices[i:i + run.micro_batch] for i in range(0, len(indices), run.micro_batch)]
+    total = 0.0
+    for k, chunk in enumerate(chunks):
+        batch = run.data.batch(chunk, run.gen)
+        with ExitStack() as stack:
+            if k < len(chunks) - 1:  # all-reduce gradients only once per optimizer step
+                for m in (run.unet, run.te) if te_on else (run.unet,):
+                    stack.enter_context(run.acc.no_sync(m))
+            loss = forward_loss(run, batch, te_on) * (len(chunk) / len(indices))
+            run.acc.backward(loss)
+        total += float(loss.detach())
+    return total
+
+
+def optimizer_step(run: Run) -> float:
+    """One optimizer step with OOM back-off (TR-7) and the NaN/Inf guard (TR-6); returns the step's loss."""
+    cfg, acc = run.cfg, run.acc
+    te_on = run.te_active(run.step)
+    if cfg.train_text_encoder and not te_on:
+        for name, p in run.lora_params().items():
+            if name.startswith("text_encoder."):
+                p.requires_grad_(False)  # no grad → AdamW skips the param: no momentum or decay after the stop
+    n = cfg.train_batch_size * cfg.gradient_accumulation_steps  # the effective batch; OOM back-off keeps it
+    indices = run.sampler.take(n * acc.num_processes)[n * acc.process_index: n * (acc.process_index + 1)]
+    gen_state = run.gen.get_state()
+    while True:
+        try:
+            loss = accumulate(run, indices, te_on)
+            params = [p for p in run.lora_params().values() if p.grad is not None]
+            grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+            break
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
+            run.optimizer.zero_grad(set_to_none=True)  # back to the state before the step
+            del e
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            run.gen.set_state(gen_state)
+            if run.micro_batch == 1:
+                raise TrainingOOM(f"out of memory at step {run.step + 1} even with a micro-batch of 1 at "
+                                  f"{run.resolution}px: lower `resolution`, turn on `gradient_checkpointing`, "
+                                  "`cache_latents` or mixed precision, or close other programs using the GPU") from None
+            old = run.micro_batch
+            run.micro_batch = max(1, old // 2)
+            run.emit(TrainLog(f"out of memory at step {run.step + 1}: micro-batch {old} → {run.micro_batch}, "
+                              f"gradient accumulation {math.ceil(n / old)} → {math.ceil(n / run.micro_batch)} "
+                              f"(effective batch stays {n}); retrying the step", "warning"))
+    if acc.num_processes > 1:  # one loss for all ranks, so every rank takes the same skip/step decision
+        loss = float(acc.reduce(torch.tensor([loss], device=acc.device), "mean"))
+    finite = math.isfinite(loss) and (math.isfinite(grad_norm) or acc.scaler is not None)  # fp16: scaler skips
+    if finite:
+        run.optimizer.step()
+        run.bad_in_a_row = 0
+    else:
+        run.skipped += 1
+        run.bad_in_a_row += 1
+        run.emit(TrainLog(f"step {run.step + 1}: loss {loss} / grad norm {grad_norm} is not finite; update skipped "
+                          f"({run.bad_in_a_row} in a row)", "warning"))
+    run.optimizer.zero_grad(set_to_none=True)
+    run.lr_scheduler.step()  # skipped steps still count: the schedule follows the step number
+    if run.bad_in_a_row >= cfg.max_nonfinite_steps:
+        kept = f"checkpoint-{run.last_ckpt} is kept" if run.last_ckpt else "no checkpoint was saved"
+        raise TrainingDiverged(f"training diverged: {run.bad_in_a_row} steps in a row had a NaN/Inf loss or "
+                               f"gradient (step {run.step + 1}). Lower the learning rate or use bf16/fp32 "
+                               f"(mixed_precision 'bf16' or 'no'); {kept}, no LoRA was saved.")
+    return loss
+
+
+def preview(run: Run, prompts, seeds) -> list:
+    """Images from the model as it is now, through the one sampler (engine.sampling.sample)."""
+    from .sampling import Components, sample, to_pil
+
+    c = run.model.components
+    comps = Components(c.vae, run.acc.unwrap_model(run.te), c.tokenizer, run.acc.unwrap_model(run.unet), c.scheduler)
+    with torch.no_grad(), run.acc.autocast():
+        imgs = sample(comps, list(prompts), [""] * len(prompts), list(seeds), num_inference_steps=PREVIEW_STEPS,
+                      guidance_scale=PREVIEW_GUIDANCE, height=run.resolution, width=run.resolution)
+    return to_pil(imgs)
+
+
+def log_preview(run: Run) -> None:
+    import numpy as np
+
+    prompts = run.cfg.validation_prompts
+    images = preview(run, prompts, [run.cfg.seed] * len(prompts))
+    run.emit(TrainPreview(run.step, images))
+    for tracker in run.acc.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"preview": np.stack([np.asarray(i) for i in images])}, run.step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({"preview": images}, run.step)
+
+
+def save_state(run: Run) -> None:
+    """Checkpoint now (every rank takes part; rank 0 writes), then report it."""
+    path = ck.save_run(run, warn=lambda m: run.emit(TrainLog(m, "warning")))
+    run.last_ckpt = run.step
+    if run.main:
+        run.emit(TrainCheckpoint(run.step, path))
+        ck.write_job(run.run_dir, "checkpointed", step=run.step, checkpoint=path.name)
+
+
+def step5_loop(run: Run) -> bool:
+    """Optimizer steps until max_train_steps or a stop request; returns True when cancelled."""
+    cfg, acc = run.cfg, run.acc
+    t0, first = time.perf_counter(), run.step
+    while run.step < cfg.max_train_steps:
+        if run.stop_event is not None and run.stop_event.is_set():
+            if run.step > (run.last_ckpt or 0):
+                save_state(run)  # so that "resume" continues from here
+            return True
+        loss = optimizer_step(run)
+        run.step += 1
+        run.losses.append(loss)
+        lr = run.lr_scheduler.get_last_lr()[0]
+        eta = (time.perf_counter() - t0) / (run.step - first) * (cfg.max_train_steps - run.step)
+        run.emit(TrainProgress(run.step, cfg.max_train_steps, loss, lr, eta))
+        acc.log({"loss": loss, "lr": lr}, step=run.step)
+        if cfg.validation_steps and cfg.validation_prompts and run.step % cfg.validation_steps == 0 and run.main:
+            log_preview(run)
+        if (cfg.checkpointing_steps and run.step % cfg.checkpointing_steps == 0) or run.step == cfg.max_train_steps:
+            save_state(run)
+    return False
+
+
+def check_ranks_in_sync(run: Run) -> None:
+    """Compare a checksum of the LoRA weights across processes (accelerator.gather); DDP must keep them equal."""
+    digest = hashlib.sha256(b"".join(p.detach().float().cpu().numpy().tobytes()
+                                     for _, p in sorted(run.lora_params().items()))).digest()
+    rows = run.acc.gather(torch.tensor(list(digest[:8]), dtype=torch.int64, device=run.acc.device)[None])
+    if not bool((rows == rows[0]).all()):
+        raise TrainingError(f"the {run.acc.num_processes} processes ended with different LoRA weights; "
+                            "the result is not saved. Report this with the run folder.")
+    run.emit(TrainLog(f"ranks in sync: LoRA checksum {digest[:8].hex()} identical on {run.acc.num_processes} ranks"))
+
+
+# ---- 6: save the result ----------------------------------------------------------------------------------------
+
+def step6_save(run: Run) -> tuple[Path, Path]:
+    """LoRA in diffusers format with alpha metadata, a fixed-seed preview grid and style.json, each atomic."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.training_utils import _collate_lora_metadata
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    cfg = run.cfg
+    unet, te = run.acc.unwrap_model(run.unet), run.acc.unwrap_model(run.te)
+    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))}
+    if cfg.train_text_encoder:
+        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(te))
+    for sd in layers.values():
+        if not all(bool(torch.isfinite(t).all()) for t in sd.values()):
+            raise TrainingDiverged("the trained LoRA contains NaN/Inf values and was not saved; lower the learning "
+                                   "rate or use bf16/fp32 and resume from the last checkpoint")
+    # Without this metadata the loader assumes alpha == rank and reloads at the wrong scale (LIBRARY-NOTES §0.4).
+    meta = _collate_lora_metadata({"unet": unet, "text_encoder": te if cfg.train_text_encoder else None})
+    out = run.run_dir / "output"
+    out.mkdir(parents=True, exist_ok=True)
+    lora_path, tmp = out / f"{cfg.output_name}.safetensors", out / f".tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        ck.check_free_space(out, sum(ck.tensor_bytes(sd) for sd in layers.values()), "the trained LoRA")
+        StableDiffusionPipeline.save_lora_weights(tmp, weight_name=lora_path.name, **layers, **meta)
+        validate_safetensors(tmp / lora_path.name, check_values=True)  # every saved tensor finite (TR-6)
+        with atomic_path(lora_path) as dst:
+            os.replace(tmp / lora_path.name, dst)
+    except OSError as e:
+        raise ck.DiskFullError(f"could not save the LoRA ({e}); the checkpoints are kept, resume to retry") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    grid_path = write_preview_grid(run, out / "preview.png")
+    style = {"schema_version": STYLE_SCHEMA_VERSION, "trigger_token": cfg.trigger_token,
+             "instance_prompt": cfg.instance_prompt, "preset": cfg.preset, "base_model": cfg.base_model or "demo",
+             "base_model_fingerprint": run.model.fingerprint, "prediction_type": run.model.prediction_type,
+             "lora_file": lora_path.name, "recommended_strength": 1.0, "steps": run.step,
+             "training_config": {**asdict(cfg), "config_schema_version": cfg.schema_version},
+             "training_images": run.images,
+             "preview_grid": grid_path.name, "preview_seeds": list(PREVIEW_SEEDS),
+             "library_versions": ck.library_versions(),
+             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    style_path = out / "style.json"
+    atomic_write_bytes(style_path, json.dumps(style, indent=1).encode())
+    return lora_path, style_path
+
+
+def write_preview_grid(run: Run, path: Path) -> Path:
+    """Rows: validation prompts (or the instance prompt); columns: PREVIEW_SEEDS."""
+    from PIL import Image
+
+    prompts = list(run.cfg.validation_prompts or (run.cfg.instance_prompt,))
+    pairs = [(p, s) for p in prompts for s in PREVIEW_SEEDS]
+    images = preview(run, [p for p, _ in pairs], [s for _, s in pairs])
+    r = run.resolution
+    grid = Image.new("RGB", (r * len(PREVIEW_SEEDS), r * len(prompts)))
+    for k, img in enumerate(images):
+        grid.paste(img, ((k % len(PREVIEW_SEEDS)) * r, (k // len(PREVIEW_SEEDS)) * r))
+    with atomic_path(path) as tmp:
+        grid.save(tmp, "PNG")
+    return path
+
+
+# ---- the API -----------------------------------------------------------------------------------------------------
+
+def train(config: TrainConfig, run_dir: Path, *, class_images=(), on_event: Callable[[TrainEvent], None] | None = None,
+          stop_event: threading.Event | None = None, resume: bool = True) -> TrainResult:
+    """Train a DreamBooth LoRA into `run_dir` (checkpoints/, tensorboard/, output/, job.json); see module doc.
+
+    Resumes from the newest valid checkpoint unless `resume` is False. `stop_event` stops at the next step boundary
+    after a checkpoint (cancelled=True). Raises ConfigError, TrainingError, CheckpointError or DiskFullError with a
+    message for the user; job.json then says "failed".
+    """
+    run_dir = Path(run_dir)
+    main = int(os.environ.get("RANK", "0")) == 0  # only rank 0 reports and writes files
+    emit = (on_event or (lambda e: None)) if main else (lambda e: None)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ck.write_job(run_dir, "running", step=0, total=config.max_train_steps, message="")
+    run = None
+    try:
+        missing = [p for p in config.instance_images if not Path(p).is_file()]
+        if missing:  # before minutes of model loading
+            raise ConfigError(f"training image(s) not found: {', '.join(missing[:5])}; add them again or fix the paths")
+        run = Run(config, run_dir, step0_accelerator(config, run_dir, emit), emit, stop_event)
+        step1_load(run)
+        step2_add_lora(run)
+        if main:  # TR-8: room for limit+1 checkpoints (LoRA + 2 Adam moments) and the result
+            lora_bytes = ck.tensor_bytes(run.lora_params())
+            ck.check_free_space(run_dir, lora_bytes * (3 * (config.checkpoints_total_limit + 1) + 1), "training")
+        step4_data(run, step3_priors(run, class_images))
+        make_optimizer(run)
+        resumed_from = ck.restore_run(run, resume, warn=lambda m: emit(TrainLog(m, "warning")))
+        if resumed_from is not None:
+            emit(TrainLog(f"resumed from checkpoint-{resumed_from} (epoch {run.sampler.epoch})"))
+        run.acc.init_trackers("stylebooth", config={k: (", ".join(v) if isinstance(v, tuple) else v)
+                                                    for k, v in asdict(config).items()})
+        cancelled = step5_loop(run)
+        if run.acc.num_processes > 1:
+            check_ranks_in_sync(run)
+        lora_path = style_path = None
+        if not cancelled and main:
+            lora_path, style_path = step6_save(run)
+        run.acc.wait_for_everyone()
+        run.acc.end_training()
+    except BaseException as e:
+        if main:
+            interrupted = isinstance(e, KeyboardInterrupt)
+            ck.write_job(run_dir, "cancelled" if interrupted else "failed", step=run.step if run else 0,
+                         message="interrupted" if interrupted else str(e))
+            emit(TrainLog(str(e) or type(e).__name__, "error"))
+        for tracker in run.acc.trackers if run else ():
+            tracker.finish()  # flush what was logged; the folder stays readable
+        raise
+    if main:
+        ck.write_job(run_dir, "cancelled" if cancelled else "done", step=run.step,
+                     lora=str(lora_path) if lora_path else None)
+    accumulation = math.ceil(config.train_batch_size * config.gradient_accumulation_steps / run.micro_batch)
+    return TrainResult(lora_path, style_path, run.step, list(run.losses), cancelled, resumed_from, run.skipped,
+                       run.micro_batch, accumulation)

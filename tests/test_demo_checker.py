@@ -1,0 +1,87 @@
+"""The shipped demo checker (assets/demo-checker) scores fresh shapes-world images correctly.
+
+Seeds here differ from training's (0, 1) and the training script's evaluation seed (900001), so these are
+images the CNN has never seen.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from engine import demo_world as W
+from engine.demo_checker import DEFAULT_PATH, DemoChecker
+
+torch.set_num_threads(1)
+TEST_SEED = 31_337
+
+
+@pytest.fixture(scope="module")
+def checker():
+    return DemoChecker.load()
+
+
+def _scenes(n, seed, shapes=W.SHAPES, textures=W.TEXTURES):
+    rng = random.Random(seed)
+    return [W.random_scene(rng, shapes, textures) for _ in range(n)]
+
+
+def test_accuracy_on_fresh_images(checker):
+    scenes = _scenes(400, TEST_SEED)
+    scores = checker.score([W.draw(s) for s in scenes], scenes)
+    assert scores["shape"] >= 0.97, scores
+    assert scores["texture"] >= 0.97, scores
+    assert scores["fg"] >= 0.95, scores
+    assert scores["bg"] >= 0.95, scores
+
+
+def test_distinguishes_held_out_shapes_and_texture(checker):
+    # DreamBooth tests teach heart, star and checkered: the checker must tell them apart from everything else.
+    hearts = _scenes(60, TEST_SEED + 1, shapes=("heart",))
+    stars = _scenes(60, TEST_SEED + 2, shapes=("star",))
+    checks = _scenes(60, TEST_SEED + 3, textures=("checkered",))
+    others = _scenes(60, TEST_SEED + 4, shapes=W.TRAIN_SHAPES, textures=W.TRAIN_TEXTURES)
+    for group, attr, want in ((hearts, "shape", "heart"), (stars, "shape", "star"),
+                              (checks, "texture", "checkered")):
+        preds = checker.predict([W.draw(s) for s in group])
+        hits = sum(p[attr] == want for p in preds)
+        assert hits >= 0.95 * len(group), (want, hits, len(group))
+    preds = checker.predict([W.draw(s) for s in others])
+    false = sum(p["shape"] in W.HELD_OUT_SHAPES or p["texture"] == "checkered" for p in preds)
+    assert false <= 1, f"{false} train-world images called heart / star / checkered"
+
+
+def test_robust_to_mild_blur(checker):
+    # Small generative models output soft images; a checker that only works on crisp edges would be useless.
+    scenes = _scenes(200, TEST_SEED + 5)
+    imgs = [W.draw(s).filter(ImageFilter.GaussianBlur(0.8)) for s in scenes]
+    scores = checker.score(imgs, [{"shape": s.shape, "texture": s.texture} for s in scenes])
+    assert set(scores) == {"shape", "texture"}  # attributes missing from a dict truth are not scored
+    assert scores["shape"] >= 0.95 and scores["texture"] >= 0.95, scores
+
+
+def test_input_forms_agree_and_are_deterministic(checker):
+    scenes = _scenes(5, TEST_SEED + 6)
+    pil = [W.draw(s) for s in scenes]
+    arr = np.stack([np.asarray(im) for im in pil])
+    by_batch = checker.predict(arr)
+    assert by_batch == checker.predict(pil) == checker.predict(list(arr))
+    assert by_batch == checker.predict(arr)  # no dropout / BN updates between calls
+    assert checker.predict(pil[0]) == by_batch[:1] == checker.predict(arr[0])
+    assert checker.predict(arr.astype(np.float32) / 255.0) == by_batch  # diffusers-style float output
+    assert checker.predict(pil[0].resize((64, 64), Image.NEAREST)) == by_batch[:1]  # resized to 32x32
+    assert set(by_batch[0]) == {"shape", "texture", "fg", "bg"}
+    assert not checker.net.training
+    assert sum(p.numel() for p in checker.net.parameters()) < 300_000
+
+
+def test_loads_without_pickle(monkeypatch):
+    # Weights must come through safetensors only: torch.load would unpickle arbitrary code.
+    def no_torch_load(*a, **k):
+        raise AssertionError("torch.load called")
+
+    monkeypatch.setattr(torch, "load", no_torch_load)
+    assert DemoChecker.load(DEFAULT_PATH).predict(W.draw(_scenes(1, TEST_SEED)[0]))[0]["shape"] in W.SHAPES

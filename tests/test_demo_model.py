@@ -1,0 +1,88 @@
+"""The bundled demo model really follows prompts, does not know its held-out shapes, and loads everywhere."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from engine import demo_world as W
+from engine.demo_checker import DemoChecker
+from engine.models import DEMO_MODEL, load_base_model
+from engine.sampling import sample, to_pil
+
+pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(), reason="demo model not built")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_base_model(None)
+
+
+@pytest.fixture(scope="module")
+def checker():
+    return DemoChecker.load()
+
+
+def _generate(model, prompts, seed0=1000):
+    imgs = sample(model.components, prompts, [""] * len(prompts), [seed0 + i for i in range(len(prompts))],
+                  num_inference_steps=20, guidance_scale=5.0, scheduler="dpmpp_2m")
+    return [np.asarray(im) for im in to_pil(imgs)]
+
+
+def test_shipped_as_fp16_safetensors_under_40_mb():
+    files = [p for p in DEMO_MODEL.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 40 * 2**20
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    assert len(weights) == 3 and not [p for p in files if p.suffix in (".bin", ".ckpt", ".pt")]
+    for p in weights:
+        with safe_open(p, "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    assert (DEMO_MODEL / "README.md").is_file() and (DEMO_MODEL / "tokenizer" / "LICENSE-open_clip").is_file()
+
+
+def test_follows_prompts(demo, checker):
+    """32 random train-world prompts, fixed seeds: colours >= 90%, shape >= 80% (the model card has 64+)."""
+    rng = random.Random(123)
+    scenes = [W.random_scene(rng, W.TRAIN_SHAPES, ("solid",)) for _ in range(32)]
+    images = _generate(demo, [W.prompt_for(s.shape, s.fg, s.bg) for s in scenes])
+    acc = checker.score(images, scenes)
+    assert acc["fg"] >= 0.90 and acc["bg"] >= 0.90, acc
+    assert acc["shape"] >= 0.80, acc
+
+
+@pytest.mark.parametrize("shape", W.HELD_OUT_SHAPES)
+def test_does_not_know_held_out_shapes(demo, checker, shape):
+    rng = random.Random(7)
+    prompts = [W.prompt_for(shape, *rng.sample(sorted(W.COLORS), 2)) for _ in range(16)]
+    preds = checker.predict(_generate(demo, prompts))
+    assert sum(p["shape"] == shape for p in preds) / len(preds) <= 0.10
+
+
+def test_does_not_know_held_out_texture(demo, checker):
+    rng = random.Random(8)
+    prompts = [W.prompt_for(rng.choice(W.TRAIN_SHAPES), *rng.sample(sorted(W.COLORS), 2), texture="checkered")
+               for _ in range(16)]
+    preds = checker.predict(_generate(demo, prompts))
+    assert sum(p["texture"] == "checkered" for p in preds) / len(preds) <= 0.10
+
+
+def test_engine_and_diffusers_pipeline_agree(demo):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(DEMO_MODEL, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(["a red circle on a blue background"] * 2, num_inference_steps=20, guidance_scale=5.0,
+               output_type="pt", generator=[torch.Generator().manual_seed(s) for s in (3, 4)]).images
+    ours = sample(demo.components, ["a red circle on a blue background"] * 2, [""] * 2, [3, 4],
+                  num_inference_steps=20, guidance_scale=5.0, scheduler="dpmpp_2m")
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_examples_for_the_train_tab_exist():
+    root = Path(__file__).resolve().parents[1] / "assets" / "examples"
+    assert len(list((root / "heart").glob("*.png"))) >= 4
+    assert len(list((root / "checkered").glob("*.png"))) >= 4

@@ -1,0 +1,39 @@
+"""Prior-image cache: hits generate nothing, top-ups generate only what is missing, keys never mix."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from engine.models import load_base_model
+from engine.priors import PriorSpec, ensure_class_images
+
+
+@pytest.fixture(scope="module")
+def model(tiny_sd):
+    return load_base_model(tiny_sd)
+
+
+def test_cache_hit_top_up_and_new_keys(model, tmp_path):
+    spec = PriorSpec(model.fingerprint, "a shape", resolution=64, num_inference_steps=2)
+    first = ensure_class_images(model.components, spec, tmp_path, 3)
+    assert first.generated == 3 and len(first.paths) == 3
+    again = ensure_class_images(model.components, spec, tmp_path, 3)
+    assert again.generated == 0 and again.paths == first.paths
+    more = ensure_class_images(model.components, spec, tmp_path, 5)
+    assert more.generated == 2 and more.paths[:3] == first.paths
+    other_prompt = ensure_class_images(model.components, dataclasses.replace(spec, class_prompt="a dog"), tmp_path, 2)
+    other_model = ensure_class_images(model.components, dataclasses.replace(spec, model_fingerprint="f" * 64),
+                                      tmp_path, 2)
+    assert other_prompt.generated == 2 and other_model.generated == 2
+    assert len({first.folder, other_prompt.folder, other_model.folder}) == 3
+    assert (first.folder / "manifest.json").is_file()
+
+
+def test_altered_cached_image_is_regenerated(model, tmp_path):
+    spec = PriorSpec(model.fingerprint, "a shape", resolution=64, num_inference_steps=2)
+    res = ensure_class_images(model.components, spec, tmp_path, 2)
+    original = res.paths[1].read_bytes()
+    res.paths[1].write_bytes(b"garbage")
+    again = ensure_class_images(model.components, spec, tmp_path, 2)
+    assert again.generated == 1 and again.paths[1].read_bytes() == original  # same seed, same image

@@ -1,0 +1,125 @@
+"""TrainConfig: validation messages, presets, TOML round trip, trigger tokens; the trainer reads every field."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from engine.config import ConfigError
+from engine.train_config import (TRIGGER_CANDIDATES, TrainConfig, config_hash, field_names, load_train_config,
+                                 presets, save_train_config, suggest_trigger_token)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make(**over) -> TrainConfig:
+    return TrainConfig(**{**presets("subject"), "instance_images": ("a.png", "b.png"), **over})
+
+
+def test_presets_are_valid_and_follow_their_templates():
+    subject, style = make(), TrainConfig(**dict(presets("style"), instance_images=("a.png",)))
+    assert subject.instance_prompt == "a photo of olis shape" and subject.with_prior_preservation
+    assert subject.class_prompt == "a photo of shape"
+    assert style.instance_prompt == "a olis style shape" and not style.with_prior_preservation
+    assert style.random_flip and style.lora_rank >= subject.lora_rank
+    p = presets("style", token="zyk", class_noun="painting")
+    assert p["instance_prompt"] == "a zyk style painting" and "instance_images" not in p
+    assert set(p) | {"instance_images", "schema_version"} == set(field_names())
+    with pytest.raises(ConfigError, match="choose one of: subject, style"):
+        presets("portrait")
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(instance_images=()), "add at least one training image"),
+    (dict(instance_prompt="a photo of shape"), "must contain the trigger token 'olis'"),
+    (dict(trigger_token="photo", instance_prompt="a photo of photo"), "common word"),
+    (dict(trigger_token="two words"), "one short word"),
+    (dict(class_prompt="a photo of olis"), "must not contain the trigger token"),
+    (dict(class_prompt=""), "describe the class"),
+    (dict(lr_scheduler="polynomial"), "lr_scheduler` must be one of constant, cosine, linear"),
+    (dict(mixed_precision="fp8"), "mixed_precision"),
+    (dict(resolution=500), "divisible by 8 .* try 496"),
+    (dict(learning_rate=0.5), "at most 0.01"),
+    (dict(lr_warmup_steps=400), "below `max_train_steps`"),
+    (dict(text_encoder_stop_fraction=1.5), "between 0.0 and 1.0"),
+    (dict(cache_latents=True, center_crop=False), "cache_latents` needs `center_crop`"),
+    (dict(output_name="../x"), "plain file name"),
+    (dict(max_train_steps=2.5), "whole number"),
+    (dict(validation_prompts=("ok", " ")), "empty prompt"),
+    (dict(schema_version=2), "schema_version"),
+])
+def test_validation_messages_say_how_to_fix(over, message):
+    with pytest.raises(ConfigError, match=message):
+        make(**over)
+
+
+def test_wandb_only_when_importable():
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ConfigError, match="pip install wandb"):
+            make(report_to="wandb")
+    assert make(report_to="none").report_to == "none"
+
+
+def test_toml_round_trip_and_unknown_key_named(tmp_path):
+    cfg = make(validation_prompts=("a photo of olis shape",), prior_loss_weight=1, seed=7)
+    assert cfg.prior_loss_weight == 1.0 and isinstance(cfg.prior_loss_weight, float)  # TOML ints become floats
+    path = tmp_path / "run.toml"
+    save_train_config(cfg, path)
+    assert load_train_config(path) == dataclasses.replace(cfg, instance_images=tuple(
+        str(tmp_path / p) for p in cfg.instance_images))  # relative image paths are taken from the file's folder
+    path.write_text(path.read_text() + "learning_rat = 0.001\n")
+    with pytest.raises(ConfigError, match="unknown key.*learning_rat"):
+        load_train_config(path)
+
+
+def test_config_hash_ignores_fields_that_do_not_change_weights():
+    base = make()
+    assert config_hash(base) == config_hash(dataclasses.replace(base, validation_prompts=("x",), output_name="y"))
+    assert config_hash(base) != config_hash(dataclasses.replace(base, learning_rate=2e-4))
+
+
+class _VocabTokenizer:
+    """Greedy longest-match over a tiny vocabulary, like BPE for our purpose."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def __call__(self, text, add_special_tokens=False):
+        ids, i = [], 0
+        while i < len(text):
+            piece = next(text[i:j] for j in range(len(text), i, -1) if text[i:j] in self.vocab or j == i + 1)
+            ids.append(self.vocab.get(piece, 0))
+            i += len(piece)
+        return type("Enc", (), {"input_ids": ids})()
+
+
+def test_suggest_trigger_token_prefers_a_single_rare_token():
+    tok = _VocabTokenizer({"zyk": 1, "ol": 2, "is": 3})
+    assert suggest_trigger_token(tok) == "zyk"  # "olis" splits into two tokens here
+    assert suggest_trigger_token(_VocabTokenizer({"olis": 5, "zyk": 1})) == "olis"
+    char_level = _VocabTokenizer({})
+    assert suggest_trigger_token(char_level) == min(TRIGGER_CANDIDATES, key=len)  # fewest tokens wins
+    assert suggest_trigger_token(_VocabTokenizer({"olis": 5, "zyk": 1}), avoid=("olis",)) == "zyk"
+
+
+def test_suggest_trigger_token_on_clip_vocabulary():
+    tok_dir = ROOT / "assets" / "demo-model" / "tokenizer"
+    if not (tok_dir / "vocab.json").is_file():
+        pytest.skip("the demo model (with CLIP's real vocabulary) is not built")
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tok_dir)
+    word = suggest_trigger_token(tok)
+    assert word == "olis" and len(tok(word, add_special_tokens=False).input_ids) == 1
+
+
+def test_every_field_is_read_by_the_trainer():
+    """A GUI setting the trainer silently ignores is the anti-pattern this guards against."""
+    source = "".join((ROOT / "engine" / f).read_text() for f in ("training.py", "checkpoints.py"))
+    unread = [f for f in field_names() if f != "instance_images" and not re.search(rf"\bcfg\.{f}\b", source)]
+    assert unread == []
+    assert "cfg.instance_images" in source

@@ -1,0 +1,240 @@
+"""The Generate tab: a form wired to `GenerateRequest` by field name, a live preview, a gallery and downloads.
+
+The work lives in `GenerateHandlers`, plain methods that take and return dicts keyed by *names* (request field
+names for the form, "gallery"/"preview"/"files"/"status" for results), so tests drive them without a browser.
+`build_generate_tab` only lays out components and maps names to components.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import gradio as gr
+from gradio.utils import get_upload_folder
+from PIL import UnidentifiedImageError
+
+from engine.config import SCHEDULER_LABELS, SCHEDULERS, ConfigError, GenerateRequest
+from engine.demo_world import prompt_for
+from engine.outputs import read_recipe
+
+# Every GenerateRequest field the user sets; schema_version belongs to the file format, not to the form.
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GenerateRequest) if f.name != "schema_version")
+OUTPUT_NAMES = ("gallery", "preview", "files", "status")
+MAX_SEED = 2**32 - 1
+STATUS_EVERY_S = 0.25  # a websocket message per denoising step is wasteful; the progress bar shows every step
+
+EXAMPLES = [prompt_for("circle", "red", "blue"), prompt_for("square", "yellow", "purple"),
+            prompt_for("triangle", "white", "black", texture="striped"), prompt_for("ring", "green", "white")]
+
+
+def default_values() -> dict[str, Any]:
+    """The form's starting values: the dataclass defaults, and an empty prompt."""
+    out = {}
+    for f in dataclasses.fields(GenerateRequest):
+        if f.name in FIELD_NAMES:
+            out[f.name] = "" if f.default is dataclasses.MISSING else f.default
+    return out
+
+
+class GenerateHandlers:
+    """What the Generate tab's buttons do, as plain methods over one Engine."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def request(self, values: dict[str, Any]) -> GenerateRequest:
+        """Build the request by field name; a bad value becomes a gr.Error with the engine's message."""
+        unknown = sorted(set(values) - set(FIELD_NAMES))
+        if unknown:  # a wiring bug, not a user error: fail loudly
+            raise KeyError(f"not GenerateRequest fields: {unknown}")
+        clean = {k: v for k, v in values.items() if v is not None}  # an emptied Number box falls back to its default
+        try:
+            return GenerateRequest(**clean)
+        except ConfigError as e:
+            raise gr.Error(str(e)) from None
+
+    def generate(self, values: dict[str, Any], progress=None) -> Iterator[dict[str, Any]]:
+        """Yield partial updates {status, preview} while sampling, then {gallery, files, status, preview}."""
+        req = self.request(values)
+        finished = False
+        last = 0.0
+        try:
+            for ev in self.engine.generate_iter(req):
+                # ui/ may not import engine.engine (it imports torch), so the final GenerateResult is told apart
+                # from Progress events by its shape.
+                if hasattr(ev, "images"):
+                    finished = True
+                    yield self._result(ev, req)
+                    return
+                if progress is not None:
+                    progress((ev.done, ev.total), desc=ev.message, unit="steps")
+                now = time.monotonic()
+                if ev.preview is not None or now - last >= STATUS_EVERY_S:
+                    last = now
+                    update = {"status": ev.message}
+                    if ev.preview is not None:
+                        update["preview"] = ev.preview
+                    yield update
+        except ValueError as e:  # ConfigError, ModelLoadError and other checks carry user-facing messages
+            raise gr.Error(str(e)) from None
+        except MemoryError:
+            raise gr.Error("Out of memory: lower the batch size or the image size, then try again.") from None
+        finally:
+            if not finished:
+                # Gradio closed the generator (Cancel, or the browser went away): stop the worker too, or it keeps
+                # the GPU busy with images nobody will see (LIBRARY-NOTES §0.5).
+                self.engine.cancel()
+
+    def _result(self, result, req: GenerateRequest) -> dict[str, Any]:
+        paths = _copy_for_download([img.path for img in result.images])
+        gallery = [(str(p), f"seed {img.recipe.get('seed', '?')}") for p, img in zip(paths, result.images)]
+        n = len(result.images)
+        if result.cancelled:
+            status = f"Cancelled after {n} of {req.num_images} image(s) ({result.seconds:.1f} s)."
+        else:
+            status = f"Done: {n} image(s) in {result.seconds:.1f} s."
+        return {"gallery": gallery, "files": [str(p) for p in paths] or None, "status": status, "preview": None}
+
+    def cancel(self) -> dict[str, Any]:
+        """Really stop the running job within one denoising step (Gradio's own cancel only stops the UI)."""
+        self.engine.cancel()
+        return {"status": "Cancelled."}
+
+    @staticmethod
+    def random_seed() -> dict[str, Any]:
+        return {"seed": random.randint(0, MAX_SEED)}
+
+    @staticmethod
+    def load_recipe(path: str | Path | None) -> dict[str, Any]:
+        """Form values (by field name) from a dropped PNG's recipe, plus a status line."""
+        if not path:
+            return {}
+        try:
+            recipe = read_recipe(path)
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL raises SyntaxError on broken PNG chunks
+            raise gr.Error(f"Could not read that image ({type(e).__name__}); drop a PNG file.") from None
+        if not recipe:
+            return {"status": "That image carries no Stylebooth or A1111 recipe; the form is unchanged."}
+        out = {k: _as_field_type(k, v) for k, v in recipe.items() if k in FIELD_NAMES}
+        out = {k: v for k, v in out.items() if v is not None}
+        out["status"] = f"Recipe loaded: {len(out)} setting(s) from the image. Press Generate to reuse it."
+        return out
+
+
+def _as_field_type(name: str, value: Any) -> Any:
+    """Recipes come from files other tools wrote: keep only values of the field's type (None drops the value)."""
+    kind = {f.name: f.type for f in dataclasses.fields(GenerateRequest)}[name]
+    try:
+        if kind in ("int", int):
+            return int(value)
+        if kind in ("float", float):
+            return float(value)
+    except (TypeError, ValueError):
+        return None
+    if name == "scheduler" and value not in SCHEDULERS:
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _copy_for_download(paths: list[Path]) -> list[Path]:
+    """Copies of the PNGs (with their recipe) in Gradio's upload folder: the data dir is in blocked_paths."""
+    if not paths:
+        return []
+    folder = Path(get_upload_folder())
+    folder.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix="stylebooth-", dir=folder))
+    out = []
+    for p in paths:
+        dst = run_dir / Path(p).name
+        shutil.copyfile(p, dst)
+        out.append(dst)
+    return out
+
+
+@dataclass
+class GenerateTab:
+    """What `build_generate_tab` made, so the app and tests can reach components by name."""
+
+    fields: dict[str, gr.components.Component]
+    outputs: dict[str, gr.components.Component]
+    handlers: GenerateHandlers
+    generate_button: gr.Button
+    cancel_button: gr.Button
+    generate_event: Any
+
+
+def _form(d: dict[str, Any]) -> dict[str, gr.components.Component]:
+    """The components, one per GenerateRequest field, keyed by field name."""
+    sched = [(SCHEDULER_LABELS.get(k, k), k) for k in SCHEDULERS]
+    f: dict[str, gr.components.Component] = {}
+    f["prompt"] = gr.Textbox(label="Prompt", lines=2, value=d["prompt"], max_length=2000,
+                             placeholder=f"e.g. {EXAMPLES[0]}", elem_id="prompt")
+    f["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1, value=d["negative_prompt"], max_length=2000,
+                                      placeholder="what to avoid, e.g. blurry")
+    with gr.Row():
+        f["num_inference_steps"] = gr.Slider(1, 150, value=d["num_inference_steps"], step=1, label="Steps",
+                                             elem_id="steps")
+        f["guidance_scale"] = gr.Slider(0, 30, value=d["guidance_scale"], step=0.5, label="Guidance scale")
+    with gr.Row():
+        f["width"] = gr.Slider(0, 2048, value=d["width"], step=8, label="Width (0 = the model's size)")
+        f["height"] = gr.Slider(0, 2048, value=d["height"], step=8, label="Height (0 = the model's size)")
+    with gr.Row():
+        f["batch_size"] = gr.Slider(1, 8, value=d["batch_size"], step=1, label="Images per batch")
+        f["batch_count"] = gr.Slider(1, 16, value=d["batch_count"], step=1, label="Batches", elem_id="batches")
+    with gr.Row(equal_height=True):
+        f["seed"] = gr.Number(value=d["seed"], precision=0, minimum=0, maximum=MAX_SEED, label="Seed",
+                              info="image k uses seed + k", scale=3)
+        f["scheduler"] = gr.Dropdown(sched, value=d["scheduler"], label="Sampler", scale=3)
+    with gr.Accordion("Advanced", open=False):
+        f["guidance_rescale"] = gr.Slider(0, 1, value=d["guidance_rescale"], step=0.05, label="Guidance rescale",
+                                          info="0.7 helps v-prediction models that look washed out")
+    return f
+
+
+def build_generate_tab(engine) -> GenerateTab:
+    """Lay out the tab inside the current gr.Blocks and wire its events by name."""
+    h = GenerateHandlers(engine)
+    with gr.Row():
+        with gr.Column(scale=1):
+            fields = _form(default_values())
+            dice = gr.Button("Random seed", size="sm")
+            with gr.Row():
+                go = gr.Button("Generate", variant="primary", elem_id="generate")
+                stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
+            gr.Examples(examples=[[p] for p in EXAMPLES], inputs=[fields["prompt"]], label="Example prompts")
+            drop = gr.Image(label="Drop a Stylebooth/A1111 PNG to reuse its recipe", type="filepath",
+                            image_mode=None, sources=["upload", "clipboard"], height=160,
+                            elem_id="recipe-drop")
+        with gr.Column(scale=1):
+            outs = {"status": gr.Markdown("Ready.", elem_id="status"),
+                    "preview": gr.Image(label="Preview", type="pil", interactive=False, height=200),
+                    "gallery": gr.Gallery(label="Results", columns=4, height=360, format="png",
+                                          buttons=["download", "fullscreen"], elem_id="gallery"),
+                    "files": gr.File(label="Download PNGs (with recipe)", file_count="multiple",
+                                     interactive=False)}
+
+    def on_generate(progress=gr.Progress(), **values):
+        # `inputs_kwargs=fields` hands the values over by field name (the API uses the same names); order never
+        # matters. Gradio fills `progress` with a tracker for this request.
+        for update in h.generate(values, progress):
+            yield {outs[k]: v for k, v in update.items()}
+
+    def to_components(update: dict) -> dict:
+        return {(fields.get(k) or outs[k]): v for k, v in update.items()}
+
+    ev = go.click(on_generate, inputs_kwargs=fields, outputs=list(outs.values()), concurrency_id="gpu",
+                  concurrency_limit=1, show_progress_on=[outs["gallery"]], api_name="generate")
+    # Not queued behind the GPU job it has to stop; engine.cancel() stops the worker, cancels=[ev] the UI side.
+    stop.click(lambda: to_components(h.cancel()), None, [outs["status"]], cancels=[ev], queue=False,
+               api_visibility="private")
+    dice.click(lambda: to_components(h.random_seed()), None, [fields["seed"]], queue=False,
+               api_visibility="private")
+    drop.upload(lambda p: to_components(h.load_recipe(p)), [drop], [*fields.values(), outs["status"]],
+                api_visibility="private")
+    return GenerateTab(fields, outs, h, go, stop, ev)
