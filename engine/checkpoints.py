@@ -357,26 +357,32 @@ def restore_run(run, resume: bool, warn: Warn) -> int | None:
         if manifest.get(key) != have:
             raise CheckpointError(f"{path.name} was made with a different {key.split('_hash')[0]} "
                                   f"({key}); resume with the same settings, images and model, or use a new run folder")
-    state = json.loads((path / "state.json").read_text("utf-8"))
-    if state["world_size"] != acc.num_processes:
-        raise CheckpointError(f"{path.name} was made by {state['world_size']} processes but {acc.num_processes} "
-                              "are running; resume would not be exact. Launch with the same number of processes.")
-    params, saved = run.lora_params(), read_tensors(path / "lora.safetensors")
-    if set(saved) != set(params):
-        raise CheckpointError(f"{path.name} holds other LoRA layers than this config builds; start a new run")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(saved[k])
-    load_optimizer_state(run.optimizer, read_tensors(path / "optimizer.safetensors"), state["optimizer"])
-    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if (state["scaler"] is None) != (acc.scaler is None):
-        raise CheckpointError(f"{path.name} has a different mixed-precision setup; resume would not be exact")
-    if acc.scaler is not None:
-        acc.scaler.load_state_dict(state["scaler"])
-    run.sampler.load(read_tensors(path / "sampler.safetensors"), state["sampler"])
-    restore_rng(path / f"rng-rank{acc.process_index}.safetensors", {"train": run.gen})
-    run.step, run.losses, run.skipped = state["step"], list(state["losses"]), state["skipped"]
-    run.bad_in_a_row, run.micro_batch, run.last_ckpt = state["bad_in_a_row"], state["micro_batch"], state["step"]
+    try:
+        state = json.loads((path / "state.json").read_text("utf-8"))
+        if state["world_size"] != acc.num_processes:
+            raise CheckpointError(f"{path.name} was made by {state['world_size']} processes but {acc.num_processes} "
+                                  "are running; resume would not be exact. Launch with the same number of processes.")
+        params, saved = run.lora_params(), read_tensors(path / "lora.safetensors")
+        if set(saved) != set(params):
+            raise CheckpointError(f"{path.name} holds other LoRA layers than this config builds; start a new run")
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(saved[k])
+        load_optimizer_state(run.optimizer, read_tensors(path / "optimizer.safetensors"), state["optimizer"])
+        run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if (state["scaler"] is None) != (acc.scaler is None):
+            raise CheckpointError(f"{path.name} has a different mixed-precision setup; resume would not be exact")
+        if acc.scaler is not None:
+            acc.scaler.load_state_dict(state["scaler"])
+        run.sampler.load(read_tensors(path / "sampler.safetensors"), state["sampler"])
+        restore_rng(path / f"rng-rank{acc.process_index}.safetensors", {"train": run.gen})
+        run.step, run.losses, run.skipped = state["step"], list(state["losses"]), state["skipped"]
+        run.bad_in_a_row, run.micro_batch, run.last_ckpt = state["bad_in_a_row"], state["micro_batch"], state["step"]
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a state we cannot restore makes the resume inexact (TR-5)
+        raise CheckpointError(f"could not restore {path.name} ({type(e).__name__}: {e}); resume would not be exact. "
+                              "Start a new run, or resume with the same settings.") from None
     return run.step
 
 
@@ -430,6 +436,7 @@ class InterruptedRun:
     run_dir: Path
     step: int
     last_checkpoint: int | None
+    config: dict  # the TrainConfig as a dict: TrainConfig(**config) resumes it
 
 
 def find_interrupted_runs(runs_dir: Path) -> list[InterruptedRun]:
@@ -442,5 +449,5 @@ def find_interrupted_runs(runs_dir: Path) -> list[InterruptedRun]:
         if job.get("host") == socket.gethostname() and _alive(int(job.get("pid", -1))):
             continue  # still training
         found.append(InterruptedRun(job_file.parent, int(job.get("step", 0)),
-                                    latest_step(job_file.parent / "checkpoints")))
+                                    latest_step(job_file.parent / "checkpoints"), job.get("config", {})))
     return found

@@ -60,6 +60,8 @@ class GenerateRequest:
     batch_size: int = 1
     batch_count: int = 1
     scheduler: str = "dpmpp_2m"
+    style: str = ""  # a trained style's id ("" = none); its trigger token is added to the prompt if missing
+    style_strength: float = 1.0
     schema_version: int = 1
 
     def __post_init__(self) -> None:
@@ -83,6 +85,9 @@ class GenerateRequest:
         _check(1 <= self.batch_count <= 100, f"`batch_count` must be between 1 and 100 but is {self.batch_count}")
         _check(self.scheduler in SCHEDULERS,
                f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        _check(-2.0 <= self.style_strength <= 2.0,
+               f"`style_strength` must be between -2 and 2 but is {self.style_strength}")
+        _check(isinstance(self.style, str) and len(self.style) <= 200, "`style` must be a style id from the list")
         _check(self.schema_version == 1, f"unsupported schema_version {self.schema_version}; this app reads 1")
 
     @property

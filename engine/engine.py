@@ -21,6 +21,7 @@ from . import outputs
 from .config import GenerateRequest, Settings
 from .models import LoadedModel, load_base_model
 from .sampling import Cancelled, decode, sample, to_pil
+from .styles import AdapterCache, StyleInfo, apply_trigger, find_style, list_styles
 
 APP_VERSION = "0.1.0"
 
@@ -75,6 +76,7 @@ class Engine:
         self._lock = threading.RLock()  # held by every piece of model work
         self._stop = threading.Event()
         self._model: LoadedModel | None = None
+        self._adapters: AdapterCache | None = None
 
     # ---- model ---------------------------------------------------------------------------------------------
     @property
@@ -91,7 +93,7 @@ class Engine:
         with self._lock:
             new = load_base_model(source or None, device=self.device, dtype=self.dtype,
                                   cache_dir=self.data_dir / "cache")
-            self._model = new
+            self._model, self._adapters = new, None
             return new.describe()
 
     # ---- stop ----------------------------------------------------------------------------------------------
@@ -112,6 +114,8 @@ class Engine:
             self._stop.clear()
             m = self.model
             c = m.components
+            style = self._activate_style(req.style, req.style_strength)
+            prompt = apply_trigger(req.prompt, style) if style else req.prompt
             width, height = req.width or c.default_size, req.height or c.default_size
             total = req.num_inference_steps * req.batch_count
             preview_every = max(1, req.num_inference_steps // 4)
@@ -130,12 +134,12 @@ class Engine:
                             on_progress(Progress(b * n + i + 1, total,
                                                  f"batch {b + 1}/{req.batch_count}, step {i + 1}/{n}", preview))
 
-                    imgs = sample(c, [req.prompt] * req.batch_size, [req.negative_prompt] * req.batch_size, seeds,
+                    imgs = sample(c, [prompt] * req.batch_size, [req.negative_prompt] * req.batch_size, seeds,
                                   num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
                                   guidance_rescale=req.guidance_rescale, scheduler=req.scheduler, height=height,
                                   width=width, callback=cb)
                     for seed, img in zip(seeds, to_pil(imgs)):
-                        recipe = self._recipe(req, seed, width, height)
+                        recipe = self._recipe(req, seed, width, height, prompt, style)
                         path = out_dir / f"{int(time.time() * 1000)}-{seed}.png"
                         done.append(GeneratedImage(img, recipe, outputs.save_png(img, recipe, path)))
             except Cancelled:
@@ -149,28 +153,96 @@ class Engine:
 
         For UIs that render while the job runs (a Gradio generator). Errors are re-raised here.
         """
-        events: queue.Queue = queue.Queue()
+        return _iterate(lambda emit: self.generate(req, emit, user=user), GenerateResult)
 
-        def work():
+    # ---- train ---------------------------------------------------------------------------------------------
+    def train(self, cfg, name: str, on_event: Callable | None = None, *, run_dir: Path | None = None):
+        """Ingest images, make priors, train a LoRA and publish it as a style (engine/train_job.py).
+
+        Holds the model lock for the whole run: training and generation share one queue.
+        """
+        from .train_job import run_training
+
+        with self._lock:
+            self._stop.clear()
             try:
-                events.put(self.generate(req, events.put, user=user))
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
-                events.put(e)
+                return run_training(self.model, self.data_dir, cfg, name, run_dir=run_dir, on_event=on_event,
+                                    stop_event=self._stop)
+            finally:
+                self._stop.clear()
 
-        threading.Thread(target=work, daemon=True, name="stylebooth-generate").start()
-        while True:
-            ev = events.get()
-            if isinstance(ev, BaseException):
-                raise ev
-            yield ev
-            if isinstance(ev, GenerateResult):
-                return
+    def train_iter(self, cfg, name: str, *, run_dir: Path | None = None) -> Iterator:
+        """`train` in a worker thread: yields the trainer's events, then the TrainJobResult."""
+        from .events import TrainJobResult
 
-    def _recipe(self, req: GenerateRequest, seed: int, width: int, height: int) -> dict:
+        return _iterate(lambda emit: self.train(cfg, name, emit, run_dir=run_dir), TrainJobResult)
+
+    def interrupted_runs(self) -> list:
+        """Runs whose worker died mid-training (power cut, kill): offer "interrupted — resume?"."""
+        from .checkpoints import find_interrupted_runs
+
+        return find_interrupted_runs(self.data_dir / "runs")
+
+    def resume_iter(self, run_dir: Path) -> Iterator:
+        """Resume an interrupted run from its newest valid checkpoint, exactly."""
+        from .train_config import TrainConfig
+        from .train_job import read_run_name
+
+        run = next((r for r in self.interrupted_runs() if r.run_dir == Path(run_dir)), None)
+        if run is None:
+            from .config import ConfigError
+            raise ConfigError(f"no interrupted run at {run_dir}; pick one from the list")
+        cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in run.config.items()})
+        return self.train_iter(cfg, read_run_name(run.run_dir), run_dir=run.run_dir)
+
+    # ---- styles --------------------------------------------------------------------------------------------
+    def list_styles(self) -> list[StyleInfo]:
+        """Trained styles, newest first."""
+        return list_styles(self.data_dir)
+
+    def _activate_style(self, style_id: str, strength: float) -> StyleInfo | None:
+        """Load (once, then cached) and activate a style's LoRA, or switch LoRA off; call under the lock."""
+        style = find_style(self.data_dir, style_id) if style_id else None
+        if style and style.base_model_fingerprint and style.base_model_fingerprint != self.model.fingerprint:
+            from .config import ConfigError
+            raise ConfigError(f"style {style.name!r} was trained on another base model; load that model first "
+                              f"(fingerprint {style.base_model_fingerprint[:10]})")
+        if style is None and self._adapters is None:
+            return None
+        if self._adapters is None:
+            self._adapters = AdapterCache(self.model.components)
+        self._adapters.activate(style, strength)
+        return style
+
+    def _recipe(self, req: GenerateRequest, seed: int, width: int, height: int, prompt: str,
+                style: StyleInfo | None) -> dict:
         m = self._model
-        return {"prompt": req.prompt, "negative_prompt": req.negative_prompt,
+        styles = [{"id": style.id, "version": style.version, "name": style.name, "strength": req.style_strength,
+                   "trigger_token": style.trigger_token}] if style else []
+        return {"prompt": prompt, "negative_prompt": req.negative_prompt,
                 "num_inference_steps": req.num_inference_steps, "guidance_scale": req.guidance_scale,
                 "guidance_rescale": req.guidance_rescale, "width": width, "height": height, "seed": seed,
                 "scheduler": req.scheduler, "model": m.name, "model_fingerprint": m.fingerprint,
-                "prediction_type": m.prediction_type, "styles": [], "app": f"Stylebooth {APP_VERSION}",
+                "prediction_type": m.prediction_type, "styles": styles,
+                "style": req.style, "style_strength": req.style_strength, "app": f"Stylebooth {APP_VERSION}",
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _iterate(job: Callable[[Callable], object], result_type) -> Iterator:
+    """Run `job(emit)` in a worker thread; yield what it emits, then its return value; re-raise its error."""
+    events: queue.Queue = queue.Queue()
+
+    def work():
+        try:
+            events.put(job(events.put))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            events.put(e)
+
+    threading.Thread(target=work, daemon=True, name="stylebooth-job").start()
+    while True:
+        ev = events.get()
+        if isinstance(ev, BaseException):
+            raise ev
+        yield ev
+        if isinstance(ev, result_type):
+            return

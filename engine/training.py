@@ -28,6 +28,7 @@ from . import checkpoints as ck
 from .config import ConfigError
 from .images import load_image
 from .safety import atomic_path, atomic_write_bytes, validate_safetensors
+from .events import TrainCheckpoint, TrainEvent, TrainLog, TrainPreview, TrainProgress, TrainResult  # noqa: F401
 from .train_config import TrainConfig
 
 PREVIEW_STEPS = 20
@@ -36,50 +37,7 @@ PREVIEW_SEEDS = (0, 1)
 STYLE_SCHEMA_VERSION = 1
 
 
-# ---- typed events and result -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TrainProgress:
-    step: int
-    total: int
-    loss: float
-    lr: float
-    eta_s: float
-
-
-@dataclass(frozen=True)
-class TrainPreview:
-    step: int
-    images: list  # PIL images, one per validation prompt
-
-
-@dataclass(frozen=True)
-class TrainCheckpoint:
-    step: int
-    path: Path
-
-
-@dataclass(frozen=True)
-class TrainLog:
-    message: str
-    level: str = "info"  # "info" | "warning" | "error"
-
-
-TrainEvent = TrainProgress | TrainPreview | TrainCheckpoint | TrainLog
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    lora_path: Path | None  # None when cancelled
-    style_json_path: Path | None
-    steps: int
-    losses: list[float]
-    cancelled: bool
-    resumed_from: int | None
-    skipped_steps: int = 0  # updates skipped for NaN/Inf
-    micro_batch_size: int = 0  # after any out-of-memory back-off
-    gradient_accumulation: int = 0
-
+# ---- typed events and result: engine/events.py (no torch there, so the UI can match on them) --------------------
 
 class TrainingError(RuntimeError):
     """Training stopped; the message says why and what to do. The last valid checkpoint is kept."""
@@ -682,7 +640,7 @@ def train(config: TrainConfig, run_dir: Path, *, class_images=(), on_event: Call
     emit = (on_event or (lambda e: None)) if main else (lambda e: None)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        ck.write_job(run_dir, "running", step=0, total=config.max_train_steps, message="")
+        ck.write_job(run_dir, "running", step=0, total=config.max_train_steps, message="", config=asdict(config))
     run = None
     try:
         missing = [p for p in config.instance_images if not Path(p).is_file()]

@@ -227,7 +227,7 @@ def test_kill_9_during_a_checkpoint_write_resumes_from_the_previous(tiny_sd, tmp
     assert list((run_dir / "checkpoints").glob("checkpoint-4.tmp-*"))  # the half-written one is there
     interrupted = ck.find_interrupted_runs(tmp_path / "runs")
     assert [(r.run_dir, r.last_checkpoint) for r in interrupted] == [(run_dir, 2)]  # "interrupted — resume?"
-    result = T.train(cfg, run_dir)
+    result = T.train(TrainConfig(**interrupted[0].config), run_dir)  # everything needed to resume is on disk
     assert result.resumed_from == 2 and result.steps == 4
     assert not list((run_dir / "checkpoints").glob("*.tmp-*")) and ck.find_interrupted_runs(tmp_path / "runs") == []
 

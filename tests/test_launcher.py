@@ -125,6 +125,14 @@ def test_launcher_serves_the_app(tiny_sd, tmp_path):
         # enable_monitoring=None, /monitoring/summary would be served.
         assert _get(url + "/monitoring")[0] in (403, 404) and _get(url + "/monitoring/summary")[0] in (403, 404)
         assert _get(f"{url}/gradio_api/file={secret}")[0] == 403  # GR-3: the data dir is never served
+        # Results are served from GRADIO_TEMP_DIR inside the data dir, which blocked_paths must leave open.
+        from gradio_client import Client
+
+        client = Client(url, verbose=False, download_files=str(tmp_path / "dl"))
+        status, _preview, gallery, files = client.predict(prompt="a red circle on a blue background",
+                                                          num_inference_steps=2, seed=3, api_name="/generate")
+        assert status.startswith("Done: 1 image(s)") and gallery[0]["caption"] == "seed 3"
+        assert Path(files[0]).is_file() and Path(files[0]).read_bytes()[:4] == b"\x89PNG"
         assert (data / "gradio-tmp").is_dir()
         assert load_toml(Settings, tmp_path / "cfg" / "settings.toml").model == str(tiny_sd)
     finally:

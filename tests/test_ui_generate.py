@@ -90,6 +90,7 @@ def test_closing_the_generator_stops_the_engine(h):
     ({"prompt": "  "}, "`prompt` is empty"),
     ({"seed": -1}, "`seed` must be between"),
     ({"scheduler": "plms"}, "unknown scheduler 'plms'"),
+    ({"num_inference_steps": [3]}, "invalid value in the request"),  # only a direct API call can send this
 ])
 def test_bad_input_gives_gr_error_with_the_message(h, change, message):
     with pytest.raises(gr.Error) as e:
@@ -114,6 +115,15 @@ def test_recipe_drop_refills_the_form(h):
     assert out["seed"] == 77 and out["guidance_scale"] == 7.5 and out["negative_prompt"] == "blurry"
     assert out["scheduler"] == "euler_a" and set(out) <= set(FIELD_NAMES)
     h.request({**form(), **out})  # a refilled form is a valid request
+
+
+def test_recipe_with_an_unknown_style_selects_none(h, tmp_path):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("stylebooth", '{"prompt": "a red circle", "style": "gone-1234", "style_strength": 0.8}')
+    Image.new("RGB", (8, 8)).save(tmp_path / "s.png", pnginfo=info)
+    out = h.load_recipe(str(tmp_path / "s.png"))
+    assert out["style"] == "" and out["style_strength"] == 0.8 and "'gone-1234' is not in this library" in out["status"]
+    assert h.style_choices()[0] == ("No style", "")
 
 
 def test_a1111_png_refills_the_form(h, tmp_path):

@@ -13,6 +13,7 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from .generate_tab import build_generate_tab
+from .train_tab import build_train_tab
 
 # Layout of the data directory (DESIGN.md); blocked even before they exist, so a file created after launch is
 # covered too.
@@ -75,13 +76,28 @@ def build_app(engine) -> gr.Blocks:
                                          "are refused because they can run code.")
                 load = gr.Button("Load model", scale=1)
         with gr.Tabs():
-            with gr.Tab("Generate", id="generate"):
-                build_generate_tab(engine)
-            # Train and Library tabs go here: `with gr.Tab("Train"): build_train_tab(engine)`, one file each.
+            with gr.Tab("Generate", id="generate", elem_id="tab-generate") as gen_tab:
+                gen = build_generate_tab(engine)
+            with gr.Tab("Train", id="train", elem_id="tab-train") as train_tab:
+                train = build_train_tab(engine)
+            # Library tab goes here: `with gr.Tab("Library"): build_library_tab(engine)`, one file each.
         # Loading a model competes with generation for the GPU: same concurrency id as Generate.
         load.click(h.switch_model, [source], [header], concurrency_id="gpu", concurrency_limit=1,
                    api_visibility="private")
         demo.load(lambda: h.header, None, [header], queue=False, api_visibility="private")
+        # Styles trained since the app started (Train tab, CLI) show up on the next page load, when a training
+        # run ends, and whenever the Generate tab is opened.
+        style = dict(fn=gen.handlers.style_dropdown, inputs=None, outputs=[gen.fields["style"]], queue=False,
+                     api_visibility="private")
+        demo.load(**style)
+        gen_tab.select(**style)
+        train.train_event.then(**style)
+        train.resume_event.then(**style)
+        # Runs interrupted by a crash (or cancelled) while the page was closed show up in the Train tab.
+        runs = dict(fn=train.handlers.runs_dropdown, inputs=None, outputs=[train.runs], queue=False,
+                    api_visibility="private")
+        demo.load(**runs)
+        train_tab.select(**runs)
     demo.queue(default_concurrency_limit=1, max_size=16)
     return demo
 

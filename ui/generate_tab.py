@@ -6,6 +6,7 @@ names for the form, "gallery"/"preview"/"files"/"status" for results), so tests 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import shutil
@@ -25,8 +26,8 @@ from engine.outputs import read_recipe
 
 # Every GenerateRequest field the user sets; schema_version belongs to the file format, not to the form.
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GenerateRequest) if f.name != "schema_version")
-OUTPUT_NAMES = ("gallery", "preview", "files", "status")
 MAX_SEED = 2**32 - 1
+COPY_MAX_AGE_S = 3600
 STATUS_EVERY_S = 0.25  # a websocket message per denoising step is wasteful; the progress bar shows every step
 
 EXAMPLES = [prompt_for("circle", "red", "blue"), prompt_for("square", "yellow", "purple"),
@@ -58,6 +59,8 @@ class GenerateHandlers:
             return GenerateRequest(**clean)
         except ConfigError as e:
             raise gr.Error(str(e)) from None
+        except TypeError as e:  # a direct API call sent e.g. a list where a number belongs
+            raise gr.Error(f"invalid value in the request: {e}") from None
 
     def generate(self, values: dict[str, Any], progress=None) -> Iterator[dict[str, Any]]:
         """Yield partial updates {status, preview} while sampling, then {gallery, files, status, preview}."""
@@ -81,15 +84,16 @@ class GenerateHandlers:
                     if ev.preview is not None:
                         update["preview"] = ev.preview
                     yield update
+        except GeneratorExit:
+            if not finished:
+                # Gradio closed the generator (Cancel, or the browser went away) while the worker runs: stop it
+                # too, or it keeps the GPU busy with images nobody will see (LIBRARY-NOTES §0.5).
+                self.engine.cancel()
+            raise
         except ValueError as e:  # ConfigError, ModelLoadError and other checks carry user-facing messages
             raise gr.Error(str(e)) from None
         except MemoryError:
             raise gr.Error("Out of memory: lower the batch size or the image size, then try again.") from None
-        finally:
-            if not finished:
-                # Gradio closed the generator (Cancel, or the browser went away): stop the worker too, or it keeps
-                # the GPU busy with images nobody will see (LIBRARY-NOTES §0.5).
-                self.engine.cancel()
 
     def _result(self, result, req: GenerateRequest) -> dict[str, Any]:
         paths = _copy_for_download([img.path for img in result.images])
@@ -110,8 +114,16 @@ class GenerateHandlers:
     def random_seed() -> dict[str, Any]:
         return {"seed": random.randint(0, MAX_SEED)}
 
-    @staticmethod
-    def load_recipe(path: str | Path | None) -> dict[str, Any]:
+    def style_choices(self) -> list[tuple[str, str]]:
+        """(label, id) for the Style dropdown: "no style" first, then the library, newest first."""
+        styles = self.engine.list_styles() if self.engine is not None else []
+        return [("No style", "")] + [(s.label, s.id) for s in styles]
+
+    def style_dropdown(self) -> gr.Dropdown:
+        """The Style dropdown with fresh choices (styles trained since the page was built)."""
+        return gr.Dropdown(choices=self.style_choices())
+
+    def load_recipe(self, path: str | Path | None) -> dict[str, Any]:
         """Form values (by field name) from a dropped PNG's recipe, plus a status line."""
         if not path:
             return {}
@@ -123,9 +135,13 @@ class GenerateHandlers:
             return {"status": "That image carries no Stylebooth or A1111 recipe; the form is unchanged."}
         out = {k: _as_field_type(k, v) for k, v in recipe.items() if k in FIELD_NAMES}
         out = {k: v for k, v in out.items() if v is not None}
-        out["status"] = f"Recipe loaded: {len(out)} setting(s) from the image. Press Generate to reuse it."
+        note = ""
+        if out.get("style") and out["style"] not in {sid for _, sid in self.style_choices()}:
+            # The dropdown would refuse an unknown id at Generate time; say so now instead.
+            note = f" Its style {out.pop('style')!r} is not in this library, so no style is selected."
+            out["style"] = ""
+        out["status"] = f"Recipe loaded: {len(out)} setting(s) from the image.{note} Press Generate to reuse it."
         return out
-
 
 def _as_field_type(name: str, value: Any) -> Any:
     """Recipes come from files other tools wrote: keep only values of the field's type (None drops the value)."""
@@ -148,6 +164,12 @@ def _copy_for_download(paths: list[Path]) -> list[Path]:
         return []
     folder = Path(get_upload_folder())
     folder.mkdir(parents=True, exist_ok=True)
+    # Gradio copies results into its own cache (cleaned by delete_cache) but not ours: drop copies older than an
+    # hour, long after Gradio has taken its copy.
+    for old in folder.glob("stylebooth-*"):
+        with contextlib.suppress(OSError):  # another process may be tidying up the same folder
+            if time.time() - old.stat().st_mtime > COPY_MAX_AGE_S:
+                shutil.rmtree(old, ignore_errors=True)
     run_dir = Path(tempfile.mkdtemp(prefix="stylebooth-", dir=folder))
     out = []
     for p in paths:
@@ -169,7 +191,7 @@ class GenerateTab:
     generate_event: Any
 
 
-def _form(d: dict[str, Any]) -> dict[str, gr.components.Component]:
+def _form(d: dict[str, Any], styles: list[tuple[str, str]]) -> dict[str, gr.components.Component]:
     """The components, one per GenerateRequest field, keyed by field name."""
     sched = [(SCHEDULER_LABELS.get(k, k), k) for k in SCHEDULERS]
     f: dict[str, gr.components.Component] = {}
@@ -177,6 +199,11 @@ def _form(d: dict[str, Any]) -> dict[str, gr.components.Component]:
                              placeholder=f"e.g. {EXAMPLES[0]}", elem_id="prompt")
     f["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1, value=d["negative_prompt"], max_length=2000,
                                       placeholder="what to avoid, e.g. blurry")
+    with gr.Row(equal_height=True):
+        f["style"] = gr.Dropdown(styles, value=d["style"], label="Style", scale=4, elem_id="style",
+                                 info="a trained style; its trigger word is added to the prompt if missing")
+        f["style_strength"] = gr.Slider(-2, 2, value=d["style_strength"], step=0.05, label="Style strength",
+                                        scale=3)
     with gr.Row():
         f["num_inference_steps"] = gr.Slider(1, 150, value=d["num_inference_steps"], step=1, label="Steps",
                                              elem_id="steps")
@@ -202,7 +229,7 @@ def build_generate_tab(engine) -> GenerateTab:
     h = GenerateHandlers(engine)
     with gr.Row():
         with gr.Column(scale=1):
-            fields = _form(default_values())
+            fields = _form(default_values(), h.style_choices())
             dice = gr.Button("Random seed", size="sm")
             with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id="generate")

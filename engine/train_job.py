@@ -1,0 +1,86 @@
+"""A training job as the app runs it: ingest images, make or reuse prior images, train, publish the style.
+
+The Engine runs this under its one model lock, so training and generation share one queue. Events are the
+trainer's typed events (engine/training.py) plus `TrainLog` lines for the steps around it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from .config import ConfigError
+from .images import ingest_dataset
+from .priors import PriorSpec, ensure_class_images
+from .styles import publish
+from .train_config import TrainConfig
+from .events import TrainJobResult, TrainLog, TrainProgress
+from .training import train
+
+
+def new_run_dir(data_dir: Path, name: str) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return data_dir / "runs" / f"{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+def run_training(model, data_dir: Path, cfg: TrainConfig, name: str, *, run_dir: Path | None = None,
+                 on_event: Callable | None = None, stop_event=None) -> TrainJobResult:
+    """Run one training job on the loaded base `model` (an engine.models.LoadedModel)."""
+    emit = on_event or (lambda e: None)
+    name = name.strip()
+    if not name:
+        raise ConfigError("give the style a name, e.g. 'my heart shape'")
+    resuming = run_dir is not None
+    run_dir = run_dir or new_run_dir(data_dir, name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "style-name.json").write_text(json.dumps({"schema_version": 1, "name": name}), "utf-8")
+    resolution = cfg.resolution or model.components.default_size
+
+    # 1. images in: only decoded, re-encoded PNGs reach training (IM-3); every refusal names its file
+    if resuming:
+        kept, rejected, notices = [Path(p) for p in cfg.instance_images], [], []
+    else:
+        report = ingest_dataset(cfg.instance_images, run_dir / "dataset", resolution=resolution)
+        kept, rejected, notices = report.kept, report.rejected, report.notices
+        for fname, why in rejected:
+            emit(TrainLog(f"skipped {fname}: {why}", "warning"))
+        for n in notices:
+            emit(TrainLog(n, "warning"))
+    cfg = dataclasses.replace(cfg, instance_images=tuple(str(p) for p in kept), base_model=cfg.base_model or model.source)
+
+    # 2. class-prior images through the shared sampler, cached by key (topped up, never reused for another key)
+    class_images: list[Path] = []
+    if cfg.with_prior_preservation:
+        spec = PriorSpec(model.fingerprint, cfg.class_prompt, resolution=resolution)
+
+        def prior_progress(done, total):
+            emit(TrainProgress(0, cfg.max_train_steps, float("nan"), 0.0, 0.0))
+            emit(TrainLog(f"prior images: {done}/{total} generated"))
+
+        res = ensure_class_images(model.components, spec, data_dir / "priors", cfg.num_class_images,
+                                  on_progress=prior_progress,
+                                  should_stop=(stop_event.is_set if stop_event else None))
+        emit(TrainLog(f"prior images: {len(res.paths)} ready ({res.generated} new, "
+                      f"{len(res.paths) - res.generated} from the cache)"))
+        class_images = res.paths
+
+    # 3. train (resumes from the newest valid checkpoint in run_dir)
+    result = train(cfg, run_dir, class_images=class_images, on_event=emit, stop_event=stop_event, resume=True)
+    if result.cancelled or result.lora_path is None:
+        return TrainJobResult(run_dir, result, None, rejected, notices)
+
+    # 4. publish the style where the Generate tab (and later the library) finds it
+    preview = result.style_json_path.parent / "preview.png"
+    style = publish(data_dir, name, result.lora_path, result.style_json_path, preview)
+    emit(TrainLog(f"style '{style.name}' ready: use trigger '{style.trigger_token}' in the Generate tab"))
+    return TrainJobResult(run_dir, result, style, rejected, notices)
+
+
+def read_run_name(run_dir: Path) -> str:
+    try:
+        return json.loads((run_dir / "style-name.json").read_text("utf-8"))["name"]
+    except (OSError, ValueError, KeyError):
+        return run_dir.name

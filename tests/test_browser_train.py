@@ -1,0 +1,112 @@
+"""End to end in headless Chromium: upload images in the Train tab, train 4 steps, watch progress, loss and previews,
+then pick the new style in the Generate tab and generate with it.
+
+Runs the app in-process with the tiny random model (the pictures are noise; the wiring is what is tested) and
+saves a screenshot to tests/artifacts/train.png for a human to look at.
+"""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (apt install chromium)")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_sd, tmp_path_factory):
+    import torch
+
+    import engine.training as T
+    from engine.config import Settings
+    from engine.engine import Engine
+    from ui.app import build_app, launch_options
+
+    torch.set_num_threads(1)
+    data = tmp_path_factory.mktemp("browser-train-data")
+    demo = build_app(Engine(Settings(model=str(tiny_sd), data_dir=str(data))))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T, "PREVIEW_STEPS", 2)  # previews with 2 denoising steps: the wiring, not the pictures
+        demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True,
+                    **launch_options(data))
+        yield demo.local_url.rstrip("/")
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
+        pg = browser.new_page(viewport={"width": 1280, "height": 1400})
+        pg.set_default_timeout(60_000)
+        pg.goto(app_url)
+        yield pg
+        browser.close()
+
+
+def _images(folder: Path, n: int = 4) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        img = Image.new("RGB", (64, 64), "white")
+        ImageDraw.Draw(img).polygon([(32, 56), (8, 24), (20, 10), (32, 20), (44, 10), (56, 24)],
+                                    fill=("red", "magenta", "crimson", "purple")[i])
+        img.save(folder / f"heart{i}.png")
+        out.append(str(folder / f"heart{i}.png"))
+    return out
+
+
+def _set_number(page, selector: str, value) -> None:
+    box = page.locator(f"{selector} input[type=number]").first
+    box.fill(str(value))
+    box.press("Tab")  # Gradio commits a number box on blur
+
+
+def test_train_then_generate_with_the_new_style(page, tmp_path):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-images input[type=file]").set_input_files(_images(tmp_path))
+    expect(page.locator("#train-images")).to_contain_text("heart3.png")
+    page.locator("#style-name textarea, #style-name input").first.fill("browser heart")
+    _set_number(page, "#train-steps", 4)
+    page.locator("#train-advanced").get_by_text("Advanced").click()
+    _set_number(page, "#num-class-images", 2)
+    _set_number(page, "#validation-steps", 2)
+    page.locator("#train").click()
+
+    expect(page.locator("#train-status")).to_contain_text("step", timeout=120_000)  # progress, with loss and ETA
+    expect(page.locator("#train-previews img").first).to_be_visible(timeout=120_000)
+    expect(page.locator("#train-result")).to_contain_text("is ready", timeout=180_000)
+    expect(page.locator("#train-status textarea")).to_have_value(
+        "Done: style “browser heart” trained in 4 steps. Go to Generate to use it.")
+    assert page.locator("#train-previews img").count() == 2  # steps 2 and 4
+    expect(page.locator("#loss-plot canvas, #loss-plot svg").first).to_be_visible()
+    expect(page.locator("#train-result-image img")).to_be_visible()
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / ".gitignore").write_text("*\n!.gitignore\n")
+    page.screenshot(path=str(ARTIFACTS / "train.png"), full_page=True)
+
+    page.get_by_role("tab", name="Generate").click()
+    page.locator("#style input").first.click()
+    page.get_by_role("option", name="browser heart").first.click()
+    page.locator("#prompt textarea").fill("a photo of olis shape")
+    _set_number(page, "#steps", 2)
+    page.locator("#generate").click()
+    expect(page.locator("#status")).to_contain_text("Done: 1 image(s)", timeout=120_000)
+    expect(page.locator("#gallery img").first).to_be_visible()
+    page.screenshot(path=str(ARTIFACTS / "train-generate.png"), full_page=True)
