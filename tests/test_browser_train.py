@@ -6,6 +6,7 @@ saves a screenshot to tests/artifacts/train.png for a human to look at.
 """
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -81,20 +82,24 @@ def test_train_then_generate_with_the_new_style(page, tmp_path):
 
     page.get_by_role("tab", name="Train").click()
     page.locator("#train-images input[type=file]").set_input_files(_images(tmp_path))
-    expect(page.locator("#train-images")).to_contain_text("heart3.png")
+    expect(page.locator("#train-images")).to_contain_text("heart3")
     page.locator("#style-name textarea, #style-name input").first.fill("browser heart")
     _set_number(page, "#train-steps", 4)
     page.locator("#train-advanced").get_by_text("Advanced").click()
     _set_number(page, "#num-class-images", 2)
     _set_number(page, "#validation-steps", 2)
+    # 4 tiny steps take about a second: record what the status box and its progress bar show while training.
+    page.evaluate("""() => { window.seen = new Set(); window.rec = setInterval(() => {
+        const box = document.querySelector('#train-status');
+        window.seen.add(box.querySelector('textarea').value); window.seen.add(box.innerText); }, 10); }""")
     page.locator("#train").click()
-
-    expect(page.locator("#train-status")).to_contain_text("step", timeout=120_000)  # progress, with loss and ETA
     expect(page.locator("#train-previews img").first).to_be_visible(timeout=120_000)
     expect(page.locator("#train-result")).to_contain_text("is ready", timeout=180_000)
     expect(page.locator("#train-status textarea")).to_have_value(
         "Done: style “browser heart” trained in 4 steps. Go to Generate to use it.")
-    assert page.locator("#train-previews img").count() == 2  # steps 2 and 4
+    seen = page.evaluate("() => { clearInterval(window.rec); return [...window.seen]; }")
+    assert any(re.search(r"step [1-4]/4 · loss \d\.\d{4} · ETA \d+ s", t) for t in seen), seen
+    assert page.locator("#train-previews img").count() == 4  # the preset's 2 preview prompts at steps 2 and 4
     expect(page.locator("#loss-plot canvas, #loss-plot svg").first).to_be_visible()
     expect(page.locator("#train-result-image img")).to_be_visible()
     ARTIFACTS.mkdir(exist_ok=True)
@@ -110,3 +115,51 @@ def test_train_then_generate_with_the_new_style(page, tmp_path):
     expect(page.locator("#status")).to_contain_text("Done: 1 image(s)", timeout=120_000)
     expect(page.locator("#gallery img").first).to_be_visible()
     page.screenshot(path=str(ARTIFACTS / "train-generate.png"), full_page=True)
+
+
+def test_save_and_load_config_and_the_example_button(page, tmp_path):
+    """The TOML round trip through Gradio's real download and upload, then the one-click example."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Train").click()
+    _set_number(page, "#train-steps", 7)
+    page.get_by_role("button", name="Save config (TOML)").click()
+    link = page.locator("#config-file a")
+    expect(link.first).to_be_visible()
+    with page.expect_download() as dl:
+        link.first.click()
+    saved = tmp_path / "run.toml"
+    dl.value.save_as(saved)
+    assert "max_train_steps = 7" in saved.read_text()
+    _set_number(page, "#train-steps", 3)
+    with page.expect_file_chooser() as chooser:
+        page.locator("#load-config").click()
+    chooser.value.set_files(str(saved))
+    expect(page.locator("#train-status textarea")).to_have_value("Config loaded.")
+    expect(page.locator("#train-steps input[type=number]").first).to_have_value("7")
+    page.get_by_role("button", name="Try the checkered example (style)").click()
+    expect(page.locator("#train-images")).to_contain_text("checkered-4")
+    expect(page.locator("#instance-prompt textarea")).to_have_value("a olis style shape")
+    expect(page.locator("#preset input[value=style]")).to_be_checked()
+
+
+def test_cancel_then_resume_in_the_browser(page):
+    """Cancel stops the engine and lists the run under Interrupted runs; Resume finishes it from its checkpoint.
+
+    Runs after the example test: the checkered images and the style preset (no class images) are in the form.
+    """
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Train").click()
+    _set_number(page, "#train-steps", 400)
+    page.locator("#train").click()
+    expect(page.locator("#train-status")).to_contain_text("step", timeout=60_000)  # the progress bar's text
+    page.locator("#train-cancel").click()
+    # The cancel handler's line or the run's own cancelled card, whichever lands last: both say so.
+    expect(page.locator("#train-status textarea")).to_have_value(re.compile(r"^Cancelled"))
+    choice = page.locator("#runs input").first
+    expect(choice).to_have_value(re.compile(r"^checkered example · cancelled at step \d+/400$"))
+    page.locator("#resume").click()
+    expect(page.locator("#train-status textarea")).to_have_value(
+        "Done: style “checkered example” trained in 400 steps. Go to Generate to use it.", timeout=180_000)
+    expect(choice).to_have_value("")  # nothing left to resume

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -168,15 +171,19 @@ def test_training_through_the_handler_then_generating_with_the_new_style(h, engi
     assert done["status"].startswith("Done: 1 image(s)") and len(done["gallery"]) == 1
 
 
-def test_cancel_mid_run_then_resume_completes_it(h, engine):
+def cancel_mid_run(h, name: str) -> dict:
     """As Gradio does it: Cancel closes the generator (cancels=[ev]) and calls engine.cancel (h.cancel)."""
-    run = h.train(draw(3), "cancel test", form(max_train_steps=40, with_prior_preservation=False,
-                                               validation_steps=0, checkpointing_steps=100))
+    run = h.train(draw(3), name, form(max_train_steps=40, with_prior_preservation=False, validation_steps=0,
+                                      checkpointing_steps=100))
     for u in run:
         if "loss_plot" in u:  # training has begun
             break
     run.close()
-    out = h.cancel()  # waits until the abandoned run has saved its checkpoint
+    return h.cancel()  # waits until the abandoned run has saved its checkpoint
+
+
+def test_cancel_mid_run_then_resume_completes_it(h, engine):
+    out = cancel_mid_run(h, "cancel test")
     assert out["status"].startswith("Cancelled.")
     choices = out["runs"].choices
     assert len(choices) == 1 and choices[0][0].startswith("cancel test · cancelled at step")
@@ -190,6 +197,20 @@ def test_cancel_mid_run_then_resume_completes_it(h, engine):
     assert engine.list_styles()[0].name == "cancel test"
     with pytest.raises(gr.Error, match="no longer resumable"):
         list(h.resume(choices[0][1]))
+
+
+def test_a_run_whose_worker_died_is_resumed_through_the_engine(h, engine):
+    """engine.interrupted_runs(): a job.json left "checkpointed" by a process that is gone (a crash, a kill)."""
+    run_dir = Path(cancel_mid_run(h, "crash test")["runs"].value)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    job = json.loads((run_dir / "job.json").read_text())
+    (run_dir / "job.json").write_text(json.dumps({**job, "state": "checkpointed", "pid": int(dead.stdout)}))
+    assert [r.run_dir for r in engine.interrupted_runs()] == [run_dir]
+    label, value = next(c for c in h.resumable_runs() if c[1] == str(run_dir))
+    assert label.startswith("crash test · interrupted at step")
+    final = list(h.resume(value))[-1]
+    assert final["status"].startswith("Done: style “crash test” trained in 40 steps")
+    assert engine.interrupted_runs() == []
 
 
 def test_cancel_seen_by_the_handler_shows_a_card(h, engine):

@@ -59,20 +59,20 @@ def class_noun_of(class_prompt: str) -> str:
     return words[-1] if words else "shape"
 
 
+def _upload_dir() -> Path:
+    """A fresh folder in Gradio's upload folder: the only place every launch setting lets Gradio serve files from
+    (the data dir is blocked). Gradio's delete_cache does not cover it; the OS temp cleaner does."""
+    Path(get_upload_folder()).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="stylebooth-train-", dir=get_upload_folder()))
+
+
 def _upload_copy(paths: list[Path]) -> list[str]:
-    """Copies in Gradio's upload folder: the only place every launch setting lets Gradio serve files from."""
-    folder = Path(tempfile.mkdtemp(prefix="stylebooth-train-", dir=_mkdir(Path(get_upload_folder()))))
-    out = []
+    folder, out = _upload_dir(), []
     for i, p in enumerate(paths):
         dst = folder / (p.name if p.name not in {Path(o).name for o in out} else f"{i}-{p.name}")
         shutil.copyfile(p, dst)
         out.append(str(dst))
     return out
-
-
-def _mkdir(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
 
 
 def _eta(seconds: float) -> str:
@@ -85,8 +85,8 @@ class TrainHandlers:
 
     def __init__(self, engine):
         self.engine = engine
-        self._idle = threading.Event()  # set while no training of ours runs in the engine
-        self._idle.set()
+        self._runs = 0  # training runs of ours still in the engine, followed or draining (see cancel)
+        self._runs_changed = threading.Condition()
 
     # ---- form ----------------------------------------------------------------------------------------------
     def config(self, values: dict[str, Any], images: list[str] | None) -> TrainConfig:
@@ -139,7 +139,7 @@ class TrainHandlers:
     def save_config(self, values: dict[str, Any], images: list[str] | None) -> dict[str, Any]:
         """The form's TrainConfig as a downloadable run.toml (written with save_train_config)."""
         cfg = self.config(values, images)
-        path = Path(tempfile.mkdtemp(prefix="stylebooth-cfg-", dir=_mkdir(Path(get_upload_folder())))) / "run.toml"
+        path = _upload_dir() / "run.toml"
         save_train_config(cfg, path)
         return {"config_file": str(path), "status": "Config saved: download run.toml below."}
 
@@ -211,13 +211,13 @@ class TrainHandlers:
         losses: list[float] = []
         gallery: list[tuple[Image.Image, str]] = []
         last, done, draining = 0.0, False, False
-        self._idle.clear()
+        self._count(+1)
         try:
             events = start()
             for ev in events:
                 if isinstance(ev, TrainJobResult):
                     done = True
-                    self._idle.set()
+                    self._count(-1)  # before the last yield: a waiting cancel() must not wait for the browser
                     yield self._final(ev, cfg, log)
                     return
                 update: dict[str, Any] = {}
@@ -259,8 +259,13 @@ class TrainHandlers:
                 raise
             raise gr.Error(str(e)) from None
         finally:
-            if not draining:
-                self._idle.set()
+            if not (done or draining):
+                self._count(-1)
+
+    def _count(self, delta: int) -> None:
+        with self._runs_changed:
+            self._runs += delta
+            self._runs_changed.notify_all()
 
     def _drain(self, events) -> None:
         """Consume an abandoned run to its end, so `cancel()` can tell when its checkpoint is on disk."""
@@ -270,7 +275,7 @@ class TrainHandlers:
         except Exception:  # noqa: BLE001 - nobody listens any more; the engine logged it and job.json says so
             pass
         finally:
-            self._idle.set()
+            self._count(-1)
 
     def _final(self, res: TrainJobResult, cfg: TrainConfig, log: list[str]) -> dict[str, Any]:
         r = res.result
@@ -281,7 +286,7 @@ class TrainHandlers:
             msg = (f"Cancelled at step {r.steps} of {cfg.max_train_steps}. A checkpoint was saved: pick the run "
                    "under **Interrupted runs** and press **Resume** to finish it." if r.steps else
                    "Cancelled before the first training step; nothing to resume.")
-            return {**out, "status": msg, "result": f"### Training cancelled\n{msg}"}
+            return {**out, "status": msg.replace("**", ""), "result": f"### Training cancelled\n{msg}"}
         s = res.style
         if s.preview is not None:
             with Image.open(s.preview) as im:  # a copy in memory: the data dir is not served by Gradio
@@ -297,7 +302,8 @@ class TrainHandlers:
     def cancel(self, wait_s: float = 60.0) -> dict[str, Any]:
         """Stop the run at the next step; wait for its checkpoint so the Interrupted runs list can show it."""
         self.engine.cancel()
-        stopped = self._idle.wait(wait_s)
+        with self._runs_changed:
+            stopped = self._runs_changed.wait_for(lambda: self._runs == 0, timeout=wait_s)
         msg = "Cancelled." if stopped else "Stopping after the current step…"
         return {"status": msg + " Resume it under Interrupted runs.", "runs": self.runs_dropdown()}
 
@@ -418,6 +424,11 @@ def _form(d: dict[str, Any]) -> dict[str, gr.components.Component]:
         f["max_train_steps"] = gr.Number(value=d["max_train_steps"], precision=0, minimum=1, label="Steps",
                                          elem_id="train-steps")
         f["learning_rate"] = gr.Number(value=d["learning_rate"], minimum=0, label="Learning rate (UNet)")
+    return f
+
+
+def _advanced(d: dict[str, Any]) -> dict[str, gr.components.Component]:
+    f: dict[str, gr.components.Component] = {}
     with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
         for row in ADVANCED:
             with gr.Row():
@@ -447,10 +458,11 @@ def build_train_tab(engine) -> TrainTab:
             with gr.Row():
                 go = gr.Button("Train", variant="primary", elem_id="train")
                 stop = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
+            fields.update(_advanced(d))
             with gr.Row():
                 save = gr.Button("Save config (TOML)", size="sm")
                 load = gr.UploadButton("Load config (TOML)", file_types=[".toml"], size="sm", elem_id="load-config")
-            config_file = gr.File(label="run.toml", interactive=False, height=60)
+            config_file = gr.File(label="run.toml", interactive=False, visible=False, elem_id="config-file")
             with gr.Accordion("Interrupted runs", open=True):
                 runs = gr.Dropdown(h.resumable_runs(), label="Runs that can be resumed", elem_id="runs")
                 with gr.Row():
@@ -485,7 +497,7 @@ def build_train_tab(engine) -> TrainTab:
                   outputs=results, api_name="train", **gpu)
     rev = resume.click(on_resume, inputs_kwargs={"run_dir": runs}, outputs=results, api_visibility="private", **gpu)
     # Not queued behind the job it stops: engine.cancel() stops the worker, cancels=[...] the UI side.
-    stop.click(lambda: to_components(h.cancel()), None, [outs["status"], runs], cancels=[ev, rev],
+    stop.click(lambda: to_components(h.cancel()), None, [outs["status"], runs], cancels=[ev, rev], queue=False,
                api_visibility="private")
     form = [*fields.values(), ins["images"], ins["style_name"], ins["class_noun"], outs["status"]]
     key = [fields["preset"], trigger, ins["class_noun"]]
@@ -499,8 +511,12 @@ def build_train_tab(engine) -> TrainTab:
                   ins["class_noun"]], [trigger, *prompt_outs], queue=False, api_visibility="private")
     for name, button in ex.items():
         button.click(lambda name=name: to_components(h.example(name)), None, form, api_visibility="private")
-    save.click(lambda images=None, **v: to_components(h.save_config(v, images)),
-               inputs_kwargs={**fields, "images": ins["images"]}, outputs=[config_file, outs["status"]],
+
+    def on_save(images=None, **values):
+        out = h.save_config(values, images)
+        return {config_file: gr.File(out["config_file"], visible=True), outs["status"]: out["status"]}
+
+    save.click(on_save, inputs_kwargs={**fields, "images": ins["images"]}, outputs=[config_file, outs["status"]],
                api_visibility="private")
     load.upload(lambda p: to_components(h.load_config(p)), [load], form, api_visibility="private")
     refresh.click(h.runs_dropdown, None, [runs], queue=False, api_visibility="private")
