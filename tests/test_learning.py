@@ -1,0 +1,171 @@
+"""Learning is shown, not assumed: DreamBooth on the bundled demo model, judged by the demo checker.
+
+Each trained LoRA is a session fixture shared by the tests that need it. The base model has never seen hearts or
+checkered fills (tests/test_demo_model.py shows it), so what they learn here comes from four example images.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine import demo_world as W
+from engine.demo_checker import DemoChecker
+from engine.models import DEMO_MODEL, load_base_model
+from engine.priors import PriorSpec, ensure_class_images
+from engine.sampling import sample, to_pil
+from engine.styles import AdapterCache, publish
+from engine.train_config import TrainConfig, presets
+from engine.training import train
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(), reason="demo model not built")]
+EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
+TOKEN = "olis"
+SUBJECT_STEPS, STYLE_STEPS, LR = 300, 300, 5e-4
+
+
+@pytest.fixture(scope="session")
+def base():
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return load_base_model(None)
+
+
+@pytest.fixture(scope="session")
+def checker():
+    return DemoChecker.load()
+
+
+def _train(tmp_path_factory, base, kind: str, prior: bool) -> Path:
+    p = presets(kind, token=TOKEN, class_noun="shape")
+    folder = "heart" if kind == "subject" else "checkered"
+    p.update(with_prior_preservation=prior, max_train_steps=SUBJECT_STEPS if kind == "subject" else STYLE_STEPS,
+             learning_rate=LR, text_encoder_lr=LR / 2, validation_steps=0, report_to="none",
+             checkpointing_steps=10_000, num_class_images=50, cache_latents=True, seed=0)
+    if kind == "subject":
+        p.update(instance_prompt=f"a photo of {TOKEN} shape", class_prompt="a photo of a shape")
+    cfg = TrainConfig(instance_images=tuple(str(f) for f in sorted((EXAMPLES / folder).glob("*.png"))), **p)
+    classes = []
+    root = tmp_path_factory.mktemp(f"{kind}-{prior}")
+    if prior:
+        spec = PriorSpec(base.fingerprint, cfg.class_prompt, resolution=base.components.default_size)
+        classes = ensure_class_images(base.components, spec, root / "priors", cfg.num_class_images).paths
+    result = train(cfg, root / "run", class_images=classes, resume=False)
+    assert result.lora_path and result.lora_path.is_file()
+    return result.lora_path
+
+
+@pytest.fixture(scope="session")
+def subject_prior(tmp_path_factory, base):
+    return _train(tmp_path_factory, base, "subject", prior=True)
+
+
+@pytest.fixture(scope="session")
+def subject_no_prior(tmp_path_factory, base):
+    return _train(tmp_path_factory, base, "subject", prior=False)
+
+
+@pytest.fixture(scope="session")
+def style_lora(tmp_path_factory, base):
+    return _train(tmp_path_factory, base, "style", prior=False)
+
+
+class Probe:
+    """Generate with the base model or with one LoRA, and ask the checker."""
+
+    def __init__(self, base, checker):
+        self.base, self.checker = base, checker
+        self.cache = AdapterCache(base.components)
+        self.names = {}
+
+    def use(self, lora: Path | None):
+        if lora is None:
+            self.cache.pipe.disable_lora() if self.names else None
+            return
+        if lora not in self.names:
+            self.names[lora] = f"a{len(self.names)}"
+            self.cache.pipe.load_lora_weights(str(lora), adapter_name=self.names[lora], use_safetensors=True)
+        self.cache.pipe.enable_lora()
+        self.cache.pipe.set_adapters([self.names[lora]], adapter_weights=[1.0])
+
+    def predict(self, prompts, seed0=0):
+        imgs = sample(self.base.components, prompts, [""] * len(prompts), [seed0 + i for i in range(len(prompts))],
+                      num_inference_steps=20, guidance_scale=5.0, scheduler="dpmpp_2m")
+        return self.checker.predict([np.asarray(im) for im in to_pil(imgs)])
+
+
+@pytest.fixture(scope="session")
+def probe(base, checker):
+    return Probe(base, checker)
+
+
+def _colour_prompts(template: str, n: int = 16, seed: int = 5):
+    rng = random.Random(seed)
+    pairs = [tuple(rng.sample(sorted(W.COLORS), 2)) for _ in range(n)]
+    return [template.format(fg=fg, bg=bg) for fg, bg in pairs], pairs
+
+
+def _shape_accuracy(probe) -> float:
+    rng = random.Random(6)
+    scenes = [W.random_scene(rng, W.TRAIN_SHAPES, ("solid",)) for _ in range(24)]
+    preds = probe.predict([W.prompt_for(s.shape, s.fg, s.bg) for s in scenes], seed0=100)
+    return float(np.mean([p["shape"] == s.shape for p, s in zip(preds, scenes)]))
+
+
+def test_learns_a_subject(probe, subject_prior):
+    prompts, pairs = _colour_prompts(f"a photo of {TOKEN} shape in {{fg}} on a {{bg}} background")
+    probe.use(None)
+    before = probe.predict(prompts)
+    probe.use(subject_prior)
+    after = probe.predict(prompts)
+    rate = lambda preds: float(np.mean([p["shape"] == "heart" for p in preds]))  # noqa: E731
+    colours = float(np.mean([p["fg"] == fg and p["bg"] == bg for p, (fg, bg) in zip(after, pairs)]))
+    print(f"subject: heart before {rate(before):.2f}, after {rate(after):.2f}; colours obeyed {colours:.2f}")
+    assert rate(before) <= 0.10
+    assert rate(after) >= 0.80
+    assert colours >= 0.80
+
+
+def test_prior_preservation_protects_the_class(probe, subject_prior, subject_no_prior):
+    prompts, _ = _colour_prompts("a photo of a shape in {fg} on a {bg} background", seed=9)
+    probe.use(None)
+    base_acc = _shape_accuracy(probe)
+    drift, acc = {}, {}
+    for name, lora in (("prior", subject_prior), ("no prior", subject_no_prior)):
+        probe.use(lora)
+        drift[name] = float(np.mean([p["shape"] == "heart" for p in probe.predict(prompts)]))
+        acc[name] = _shape_accuracy(probe)
+    print(f"class prompts -> heart: {drift}; shape accuracy on non-token prompts: base {base_acc:.2f}, {acc}")
+    assert drift["prior"] < drift["no prior"]
+    assert acc["prior"] >= 0.9 * base_acc
+
+
+def test_learns_a_style(probe, style_lora):
+    rng = random.Random(11)
+    scenes = [W.random_scene(rng, W.TRAIN_SHAPES, ("solid",)) for _ in range(16)]
+    prompts = [f"a {TOKEN} style {s.shape} in {s.fg} on a {s.bg} background" for s in scenes]
+    probe.use(None)
+    before = float(np.mean([p["texture"] == "checkered" for p in probe.predict(prompts, seed0=50)]))
+    probe.use(style_lora)
+    preds = probe.predict(prompts, seed0=50)
+    after = float(np.mean([p["texture"] == "checkered" for p in preds]))
+    print(f"style: checkered before {before:.2f}, after {after:.2f}")
+    assert before <= 0.10 and after >= 0.70
+
+
+def test_trained_style_is_used_by_the_engine(tmp_path, subject_prior):
+    """The published style drives the Generate path: trigger inserted, LoRA applied, recipe records it."""
+    from engine.config import GenerateRequest, Settings
+    from engine.engine import Engine
+
+    eng = Engine(Settings(data_dir=str(tmp_path)))
+    style_json = subject_prior.parent / "style.json"
+    style = publish(eng.data_dir, "heart", subject_prior, style_json, subject_prior.parent / "preview.png")
+    res = eng.generate(GenerateRequest(prompt="a red shape on a blue background", style=style.id, seed=3))
+    assert res.images[0].recipe["prompt"] == f"a red {TOKEN} shape on a blue background"
+    assert res.images[0].recipe["styles"][0]["id"] == style.id
+    plain = eng.generate(GenerateRequest(prompt="a red shape on a blue background", seed=3))
+    assert np.abs(np.asarray(plain.images[0].image, np.int16) - np.asarray(res.images[0].image, np.int16)).max() > 10
