@@ -130,7 +130,8 @@ def ema_update(ema, model, decay: float) -> None:
             e.lerp_(p, 1 - decay)
 
 
-def train_diffusion(work: Path, tok, data, steps: int, batch: int, lr: float, seed: int):
+def train_diffusion(work: Path, tok, data, steps: int, batch: int, lr: float, seed: int, extra_steps: int = 0,
+                    extra_lr: float = 1e-4):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -143,8 +144,10 @@ def train_diffusion(work: Path, tok, data, steps: int, batch: int, lr: float, se
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, betas=(0.9, 0.99))
     warm = 200
+    # warm-up + cosine over `steps`, then `extra_steps` at a constant `extra_lr` (shape binding keeps improving there)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.03 + 0.97 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+        opt, lambda s: extra_lr / lr if s >= steps else
+        min(1.0, (s + 1) / warm) * (0.03 + 0.97 * 0.5 * (1 + math.cos(math.pi * s / steps))))
     noise_sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     acp = noise_sched.alphas_cumprod
     start, ck = 0, load_ckpt(work / "diffusion.pt")
@@ -155,7 +158,8 @@ def train_diffusion(work: Path, tok, data, steps: int, batch: int, lr: float, se
     scenes = [W.Scene(**s) for s in data["scenes"]]
     mean, std, scaling = data["mean"], data["std"], data["scaling"]
     t0, losses = time.time(), []
-    for step in range(start, steps):
+    total = steps + extra_steps
+    for step in range(start, total):
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)  # per-step RNG: resume is exact
         rng = random.Random(seed * 7919 + step)
         idx = torch.randint(0, len(scenes), (batch,), generator=g)
@@ -178,11 +182,11 @@ def train_diffusion(work: Path, tok, data, steps: int, batch: int, lr: float, se
         ema_update(ema_unet, unet, min(0.999, (1 + step) / (10 + step)))
         ema_update(ema_te, te, min(0.999, (1 + step) / (10 + step)))
         losses.append(loss.item())
-        if (step + 1) % 50 == 0 or step + 1 == steps:
+        if (step + 1) % 50 == 0 or step + 1 == total:
             el = time.time() - t0
-            print(f"diffusion step {step+1}/{steps} loss {np.mean(losses[-50:]):.4f} lr {sched.get_last_lr()[0]:.2e} "
+            print(f"diffusion step {step+1}/{total} loss {np.mean(losses[-50:]):.4f} lr {sched.get_last_lr()[0]:.2e} "
                   f"{el:.0f}s ({el/(step+1-start):.2f}s/step)", flush=True)
-        if (step + 1) % 250 == 0 or step + 1 == steps:
+        if (step + 1) % 250 == 0 or step + 1 == total:
             save_ckpt(work / "diffusion.pt", dict(unet=unet.state_dict(), te=te.state_dict(),
                                                   ema_unet=ema_unet.state_dict(), ema_te=ema_te.state_dict(),
                                                   opt=opt.state_dict(), sched=sched.state_dict(), step=step + 1))
@@ -217,6 +221,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--extra-steps", type=int, default=600, help="after the cosine: steps at --extra-lr")
+    ap.add_argument("--extra-lr", type=float, default=1e-4)
     ap.add_argument("--dataset", type=int, default=40000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -233,7 +239,7 @@ def main() -> None:
     tok = CLIPTokenizer.from_pretrained(tok_dir)
     vae = train_vae(a.work, a.vae_steps, a.seed, max(a.vae_steps, a.vae_schedule_steps))
     data = encode_dataset(a.work, vae, a.dataset, a.seed)
-    unet, te = train_diffusion(a.work, tok, data, a.steps, a.batch, a.lr, a.seed)
+    unet, te = train_diffusion(a.work, tok, data, a.steps, a.batch, a.lr, a.seed, a.extra_steps, a.extra_lr)
     export(a.out, tok_dir, vae, unet, te, data["scaling"])
     (a.work / "timing.json").write_text(json.dumps({"seconds_this_run": time.time() - t0, **vars(a)}, default=str))
     print(f"done in {time.time()-t0:.0f}s -> {a.out}")
