@@ -5,22 +5,12 @@ saves a screenshot to tests/artifacts/generate.png for a human to look at.
 """
 from __future__ import annotations
 
-import socket
-from pathlib import Path
 
 import pytest
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+from tests.browser_support import MARKS, browser_page, free_port, screenshot
 
-pytestmark = [pytest.mark.browser,
-              pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (apt install chromium)")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = MARKS
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +21,7 @@ def app_url(tiny_sd, tmp_path_factory):
 
     data = tmp_path_factory.mktemp("browser-data")
     demo = build_app(Engine(Settings(model=str(tiny_sd), data_dir=str(data))))
-    demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True,
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
                 **launch_options(data))
     yield demo.local_url.rstrip("/")
     demo.close()
@@ -39,15 +29,8 @@ def app_url(tiny_sd, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(app_url):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
-        pg = browser.new_page(viewport={"width": 1280, "height": 1000})
-        pg.set_default_timeout(60_000)
-        pg.goto(app_url)
+    with browser_page(app_url, 1000) as pg:
         yield pg
-        browser.close()
 
 
 def _set_number(page, selector: str, value) -> None:
@@ -67,9 +50,7 @@ def test_generate_in_the_browser(page):
     expect(images.first).to_be_visible(timeout=120_000)
     expect(page.locator("#status")).to_contain_text("Done: 1 image(s)")
     assert images.count() >= 1
-    ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / ".gitignore").write_text("*\n!.gitignore\n")
-    page.screenshot(path=str(ARTIFACTS / "generate.png"), full_page=True)
+    screenshot(page, "generate.png")
 
 
 def test_cancel_in_the_browser_really_stops_the_run(page):

@@ -7,23 +7,14 @@ saves a screenshot to tests/artifacts/train.png for a human to look at.
 from __future__ import annotations
 
 import re
-import socket
 from pathlib import Path
 
 import pytest
+
+from tests.browser_support import MARKS, browser_page, free_port, screenshot
 from PIL import Image, ImageDraw
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-
-pytestmark = [pytest.mark.browser,
-              pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (apt install chromium)")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = MARKS
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +31,7 @@ def app_url(tiny_sd, tmp_path_factory):
     demo = build_app(Engine(Settings(model=str(tiny_sd), data_dir=str(data))))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(T, "PREVIEW_STEPS", 2)  # previews with 2 denoising steps: the wiring, not the pictures
-        demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True,
+        demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
                     **launch_options(data))
         yield demo.local_url.rstrip("/")
         demo.close()
@@ -48,15 +39,8 @@ def app_url(tiny_sd, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(app_url):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
-        pg = browser.new_page(viewport={"width": 1280, "height": 1400})
-        pg.set_default_timeout(60_000)
-        pg.goto(app_url)
+    with browser_page(app_url, 1400) as pg:
         yield pg
-        browser.close()
 
 
 def _images(folder: Path, n: int = 4) -> list[str]:
@@ -102,9 +86,7 @@ def test_train_then_generate_with_the_new_style(page, tmp_path):
     assert page.locator("#train-previews img").count() == 4  # the preset's 2 preview prompts at steps 2 and 4
     expect(page.locator("#loss-plot canvas, #loss-plot svg").first).to_be_visible()
     expect(page.locator("#train-result-image img")).to_be_visible()
-    ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / ".gitignore").write_text("*\n!.gitignore\n")
-    page.screenshot(path=str(ARTIFACTS / "train.png"), full_page=True)
+    screenshot(page, "train.png")
 
     page.get_by_role("tab", name="Generate").click()
     page.locator("#style input").first.click()
@@ -114,7 +96,7 @@ def test_train_then_generate_with_the_new_style(page, tmp_path):
     page.locator("#generate").click()
     expect(page.locator("#status")).to_contain_text("Done: 1 image(s)", timeout=120_000)
     expect(page.locator("#gallery img").first).to_be_visible()
-    page.screenshot(path=str(ARTIFACTS / "train-generate.png"), full_page=True)
+    screenshot(page, "train-generate.png")
 
 
 def test_save_and_load_config_and_the_example_button(page, tmp_path):

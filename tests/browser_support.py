@@ -1,0 +1,42 @@
+"""Shared pieces of the end-to-end tests in headless Chromium (Debian's chromium, driven by Playwright)."""
+from __future__ import annotations
+
+import contextlib
+import socket
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+MARKS = [pytest.mark.browser,
+         pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (apt install chromium)")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def browser_page(url: str, height: int):
+    """A Chromium page on `url`, with a generous default timeout for a loaded 2-core machine."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
+        pg = browser.new_page(viewport={"width": 1280, "height": height})
+        pg.set_default_timeout(60_000)
+        pg.goto(url)
+        try:
+            yield pg
+        finally:
+            browser.close()
+
+
+def screenshot(page, name: str) -> None:
+    """Save a full-page screenshot to tests/artifacts/ (kept out of git) for a human to look at."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / ".gitignore").write_text("*\n!.gitignore\n")
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
