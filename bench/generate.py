@@ -42,6 +42,21 @@ class PeakMemory:
             self.thread.start()
         return self
 
+    def reset(self):
+        """Forget the peak so far (e.g. a model load's transient copies); the level at entry stays the zero."""
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.max_rss = self.proc.memory_info().rss
+
+    def current_peak(self) -> float:
+        """The peak so far, in MiB above the level at entry (while still inside the block)."""
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        return (max(self.max_rss, self.proc.memory_info().rss) - self.base) / 2**20
+
     def _poll(self):
         while self.run:
             self.max_rss = max(self.max_rss, self.proc.memory_info().rss)
