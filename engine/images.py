@@ -10,7 +10,7 @@ import hashlib
 import io
 import mmap
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -54,6 +54,7 @@ class IngestReport:
     kept: list[Path]
     rejected: list[tuple[str, str]]
     notices: list[str]
+    sources: list[int] = field(default_factory=list)  # for each kept file, its index in the input (for captions)
 
 
 def _sniff(head: bytes) -> str:
@@ -244,11 +245,12 @@ def ingest_dataset(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kept: list[Path] = []
+    sources: list[int] = []
     rejected: list[tuple[str, str]] = []
     notices: list[str] = []
     seen: dict[str, str] = {}  # pixel hash -> first file name with those pixels
     total = 0
-    for raw in paths:
+    for index, raw in enumerate(paths):
         src = Path(raw)
         name = src.name
         if len(kept) >= max_images:
@@ -286,8 +288,9 @@ def ingest_dataset(
         dest = out / f"{hashlib.sha256(data).hexdigest()}.png"
         atomic_write_bytes(dest, data)
         kept.append(dest)
+        sources.append(index)
     if not kept:
         names = ", ".join(n for n, _ in rejected[:5]) or "dataset"
         details = "; ".join(f"{n}: {r}" for n, r in rejected[:5]) or "no files were given"
         raise ImageRejected(names, f"no usable images ({details})", "Add PNG, JPEG or WEBP images and try again.")
-    return IngestReport(kept=kept, rejected=rejected, notices=notices)
+    return IngestReport(kept=kept, rejected=rejected, notices=notices, sources=sources)

@@ -41,6 +41,10 @@ class TrainConfig:
 
     instance_images: tuple[str, ...]  # the artist's images (already ingested, see engine.images.ingest_dataset)
     instance_prompt: str  # must contain trigger_token, e.g. "a photo of olis shape"
+    # One caption per instance image, in the same order (kohya-style .txt sidecars, see engine.images.read_captions);
+    # empty: every image is trained on `instance_prompt`. Captions that name what varies between the images (colours,
+    # background, pose) leave the trigger token to mean only what they share, so prompts can recombine it.
+    instance_captions: tuple[str, ...] = ()
     trigger_token: str = "olis"
     class_prompt: str = ""  # e.g. "a photo of shape"; needed for prior preservation
     preset: str = "subject"
@@ -83,7 +87,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _coerce(self)
-        for name in ("instance_images", "unet_target_modules", "text_encoder_target_modules", "validation_prompts"):
+        for name in ("instance_images", "instance_captions", "unet_target_modules", "text_encoder_target_modules", "validation_prompts"):
             v = getattr(self, name)  # TOML and JSON give lists; keep the dataclass hashable and frozen
             _check(isinstance(v, (list, tuple)), f"`{name}` must be a list but is {type(v).__name__}")
             object.__setattr__(self, name, tuple(str(x) for x in v))
@@ -106,6 +110,14 @@ class TrainConfig:
         _check(bool(word.search(self.instance_prompt)),
                f"`instance_prompt` {self.instance_prompt!r} must contain the trigger token {tok!r} as a word, "
                f"e.g. 'a photo of {tok} shape'")
+        caps = self.instance_captions
+        _check(not caps or len(caps) == len(self.instance_images),
+               f"`instance_captions` has {len(caps)} captions for {len(self.instance_images)} images: give one per "
+               "image (in the same order), or none to use `instance_prompt` for all")
+        for i, cap in enumerate(caps):
+            _check(bool(word.search(cap)),
+                   f"caption {i + 1} ({Path(self.instance_images[i]).name}: {cap!r}) must contain the trigger token "
+                   f"{tok!r} as a word, e.g. 'a photo of {tok} shape in red on a blue background'")
         _check(not word.search(self.class_prompt),
                f"`class_prompt` must not contain the trigger token {tok!r}: it describes the general class, "
                f"e.g. 'a photo of shape'")

@@ -54,8 +54,9 @@ class DreamBoothData:
         self.n = len(self.images["instance"])
         if cfg.with_prior_preservation:  # as diffusers: every class image is seen once per epoch
             self.n = max(self.n, len(self.images["class"]))
-        self.ids = {"instance": tokenize(tokenizer, [cfg.instance_prompt]),
-                    "class": tokenize(tokenizer, [cfg.class_prompt or cfg.instance_prompt])}
+        captions = cfg.instance_captions or (cfg.instance_prompt,) * len(cfg.instance_images)
+        self.ids = {"instance": [tokenize(tokenizer, [c]) for c in captions],
+                    "class": [tokenize(tokenizer, [cfg.class_prompt or cfg.instance_prompt])]}
         self.latent_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _resize(self, path):
@@ -102,5 +103,5 @@ class DreamBoothData:
                 key, px = self.example(kind, i, gen)
                 keys.append(key)
                 pixels.append(px)
-                ids.append(self.ids[kind])
+                ids.append(self.ids[kind][key[1] % len(self.ids[kind])])  # instance: that image's own caption
         return {"keys": keys, "pixels": None if pixels[0] is None else torch.stack(pixels), "ids": torch.cat(ids)}

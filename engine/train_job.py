@@ -40,16 +40,19 @@ def run_training(model, data_dir: Path, cfg: TrainConfig, name: str, *, run_dir:
     resolution = cfg.resolution or model.components.default_size
 
     # 1. images in: only decoded, re-encoded PNGs reach training (IM-3); every refusal names its file
+    captions = cfg.instance_captions
     if resuming:
         kept, rejected, notices = [Path(p) for p in cfg.instance_images], [], []
     else:
         report = ingest_dataset(cfg.instance_images, run_dir / "dataset", resolution=resolution)
         kept, rejected, notices = report.kept, report.rejected, report.notices
+        captions = tuple(captions[i] for i in report.sources) if captions else ()  # follow refusals/duplicates
         for fname, why in rejected:
             emit(TrainLog(f"skipped {fname}: {why}", "warning"))
         for n in notices:
             emit(TrainLog(n, "warning"))
-    cfg = dataclasses.replace(cfg, instance_images=tuple(str(p) for p in kept), base_model=cfg.base_model or model.source)
+    cfg = dataclasses.replace(cfg, instance_images=tuple(str(p) for p in kept), instance_captions=captions,
+                              base_model=cfg.base_model or model.source)
 
     # 2. class-prior images through the shared sampler, cached by key (topped up, never reused for another key)
     class_images: list[Path] = []

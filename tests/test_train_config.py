@@ -26,7 +26,7 @@ def test_presets_are_valid_and_follow_their_templates():
     assert style.random_flip and style.lora_rank >= subject.lora_rank
     p = presets("style", token="zyk", class_noun="painting")
     assert p["instance_prompt"] == "a zyk style painting" and "instance_images" not in p
-    assert set(p) | {"instance_images", "schema_version"} == set(field_names())
+    assert set(p) | {"instance_images", "instance_captions", "schema_version"} == set(field_names())
     with pytest.raises(ConfigError, match="choose one of: subject, style"):
         presets("portrait")
 
@@ -49,6 +49,8 @@ def test_presets_are_valid_and_follow_their_templates():
     (dict(max_train_steps=2.5), "whole number"),
     (dict(validation_prompts=("ok", " ")), "empty prompt"),
     (dict(schema_version=2), "schema_version"),
+    (dict(instance_captions=("a olis shape",)), "1 captions for 2 images"),
+    (dict(instance_captions=("a olis shape", "a red shape")), r"caption 2 \(b.png: 'a red shape'\) must contain"),
 ])
 def test_validation_messages_say_how_to_fix(over, message):
     with pytest.raises(ConfigError, match=message):

@@ -97,9 +97,14 @@ def test_presets_fill_the_form_and_prompts_follow_the_trigger(engine):
 
 def test_example_fills_the_upload_and_the_preset(h):
     out = h.example("checkered")
-    assert out["preset"] == "style" and out["class_noun"] == "shape" and len(out["images"]) == 4
+    assert out["preset"] == "style" and out["class_noun"] == "shape" and len(out["images"]) == 8  # 4 + captions
     assert all(Path(p).is_relative_to(get_upload_folder()) for p in out["images"])  # servable under any launch
-    h.config({k: v for k, v in out.items() if k in FIELD_NAMES}, out["images"])  # a valid config as it is
+    cfg = h.config({k: v for k, v in out.items() if k in FIELD_NAMES}, out["images"])  # valid as it is
+    assert len(cfg.instance_images) == 4 and all(p.endswith(".png") for p in cfg.instance_images)
+    assert cfg.instance_captions[0] == "a olis style circle in blue on a yellow background"  # {token} filled in
+    changed = h.config({**{k: v for k, v in out.items() if k in FIELD_NAMES}, "trigger_token": "zyk",
+                        "instance_prompt": "a zyk style shape"}, out["images"])
+    assert changed.instance_captions[0] == "a zyk style circle in blue on a yellow background"
 
 
 def test_toml_saved_by_the_ui_loads_back_to_the_same_config(h):
@@ -114,6 +119,16 @@ def test_toml_saved_by_the_ui_loads_back_to_the_same_config(h):
     again = h.config(loaded, loaded.pop("images"))
     assert again == cfg  # every field, images included: the run it starts is the same run
     assert again.unet_target_modules == ("to_q", "to_v") and len(again.validation_prompts) == 2
+
+
+def test_captions_survive_a_toml_round_trip(h):
+    out = h.example("heart")
+    values = {k: v for k, v in out.items() if k in FIELD_NAMES}
+    cfg = h.config(values, out["images"])
+    assert cfg.instance_captions[1] == "a photo of olis shape in yellow on a purple background"
+    loaded = h.load_config(h.save_config(values, out["images"])["config_file"])
+    loaded.pop("status"), loaded.pop("class_noun")
+    assert h.config(loaded, loaded.pop("images")) == cfg  # captions came back as sidecar files
 
 
 def test_loaded_images_outside_gradio_are_copied_and_missing_ones_named(h, tmp_path):

@@ -22,6 +22,7 @@ import pandas as pd
 from gradio.utils import get_upload_folder
 from PIL import Image
 
+from engine.captions import read_captions
 from engine.config import ConfigError, from_dict
 from engine.events import TrainCheckpoint, TrainJobResult, TrainLog, TrainPreview, TrainProgress
 from engine.train_config import (LR_SCHEDULERS, MIXED_PRECISION, REPORT_TO, TRIGGER_CANDIDATES, TrainConfig,
@@ -29,6 +30,7 @@ from engine.train_config import (LR_SCHEDULERS, MIXED_PRECISION, REPORT_TO, TRIG
 
 # TrainConfig fields with no component, and where their value comes from instead.
 DERIVED = {"instance_images": "the uploaded images", "schema_version": "the file format",
+           "instance_captions": "the uploaded .txt caption files (one per image, same name)",
            # The engine trains the model it has loaded (priors and fingerprint come from it): "" means that one.
            "base_model": "the model loaded under Model"}
 FIELD_NAMES = tuple(n for n in field_names() if n not in DERIVED)
@@ -75,6 +77,13 @@ def _upload_copy(paths: list[Path]) -> list[str]:
     return out
 
 
+def split_uploads(files: list[str] | None) -> tuple[list[str], list[str]]:
+    """(images, caption .txt files) from the upload box, which takes both."""
+    files = [str(f) for f in files or ()]
+    texts = [f for f in files if Path(f).suffix.lower() == ".txt"]
+    return [f for f in files if f not in texts], texts
+
+
 def _eta(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
@@ -98,8 +107,13 @@ class TrainHandlers:
         for k, sep in LIST_FIELDS.items():
             if isinstance(clean.get(k), str):
                 clean[k] = tuple(s.strip() for s in clean[k].split(sep) if s.strip())
+        images, texts = split_uploads(images)
         try:
-            return TrainConfig(instance_images=tuple(str(p) for p in images or ()), **clean)
+            token = clean.get("trigger_token") or TRIGGER_CANDIDATES[0]
+            captions, notices = read_captions(images, token, clean.get("instance_prompt", ""), texts)
+            for n in notices:
+                gr.Warning(n)
+            return TrainConfig(instance_images=tuple(images), instance_captions=captions, **clean)
         except ConfigError as e:
             raise gr.Error(str(e)) from None
         except TypeError as e:  # a direct API call sent e.g. a list where a number belongs
@@ -131,10 +145,12 @@ class TrainHandlers:
     def example(self, which: str) -> dict[str, Any]:
         """One-click example: its images in the upload box, the right preset, a name."""
         kind, noun = EXAMPLES[which]
-        images = _upload_copy(sorted((EXAMPLES_DIR / which).glob("*.png")))
-        return {**default_values(kind, noun=noun), "images": images, "style_name": f"{which} example",
-                "class_noun": noun, "status": f"Example loaded: {len(images)} {which} images, {kind} preset. "
-                                              "Lower the steps for a quick try, then press Train."}
+        files = _upload_copy(sorted((EXAMPLES_DIR / which).glob("*.png")) + sorted((EXAMPLES_DIR / which).glob("*.txt")))
+        images, texts = split_uploads(files)
+        return {**default_values(kind, noun=noun), "images": files, "style_name": f"{which} example",
+                "class_noun": noun, "status": f"Example loaded: {len(images)} {which} images with {len(texts)} "
+                                              f"captions, {kind} preset. Lower the steps for a quick try, then "
+                                              "press Train."}
 
     def save_config(self, values: dict[str, Any], images: list[str] | None) -> dict[str, Any]:
         """The form's TrainConfig as a downloadable run.toml (written with save_train_config)."""
@@ -159,6 +175,12 @@ class TrainHandlers:
         # Images already in Gradio's upload folder are served as they are; others are copied there first.
         images = [str(p) for p in found] if all(p.resolve().is_relative_to(upload) for p in found) \
             else _upload_copy(found)
+        captions = dict(zip(cfg.instance_images, cfg.instance_captions))
+        for img, src in zip(list(images), found):  # captions travel as sidecar files next to the images
+            if str(src) in captions:
+                side = Path(img).with_suffix(".txt")
+                side.write_text(captions[str(src)], "utf-8")
+                images.append(str(side))
         notes = [f"{len(missing)} image(s) not found ({', '.join(missing[:3])}): upload them again"] if missing else []
         if cfg.base_model:
             notes.append(f"it was made for base model {cfg.base_model!r}; training uses the model loaded "
@@ -171,7 +193,7 @@ class TrainHandlers:
     def train(self, images: list[str] | None, name: str, values: dict[str, Any],
               progress=None) -> Iterator[dict[str, Any]]:
         """Yield partial updates while training, then the result card (see module doc for the keys)."""
-        n = len(images or ())
+        n = len(split_uploads(images)[0])
         if not MIN_IMAGES <= n <= MAX_IMAGES:
             raise gr.Error(f"upload {MIN_IMAGES} to {MAX_IMAGES} images of your subject or style; you gave {n}")
         if not (name or "").strip():
@@ -443,8 +465,8 @@ def build_train_tab(engine) -> TrainTab:
     d = default_values()
     with gr.Row():
         with gr.Column(scale=1):
-            ins = {"images": gr.File(label=f"Training images ({MIN_IMAGES}–{MAX_IMAGES})", file_count="multiple",
-                                     file_types=["image"], elem_id="train-images", height=140)}
+            ins = {"images": gr.File(label=f"Training images ({MIN_IMAGES}–{MAX_IMAGES}), with optional .txt captions", file_count="multiple",
+                                     file_types=["image", ".txt"], elem_id="train-images", height=140)}
             with gr.Row():
                 ex = {k: gr.Button(f"Try the {k} example ({EXAMPLES[k][0]})", size="sm") for k in EXAMPLES}
             ins["style_name"] = gr.Textbox(label="Style name", placeholder="e.g. my heart shape", elem_id="style-name")

@@ -1,0 +1,58 @@
+"""Per-image captions for training: kohya-style `.txt` sidecar files (`heart-1.png` + `heart-1.txt`).
+
+A caption says what differs between the training images (colours, background, pose), so that the trigger token
+is left to mean only what they share (DreamBooth's subject, or a style). Without captions every image is trained
+on the one instance prompt and the token soaks up everything in the pictures, colours included.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterable
+
+from .config import ConfigError
+
+__all__ = ["read_captions", "TOKEN_PLACEHOLDER", "MAX_CAPTION_CHARS"]
+
+TOKEN_PLACEHOLDER = "{token}"  # written in a sidecar where the trigger goes, so one set of files fits any token
+MAX_CAPTION_CHARS = 1000
+
+
+def _read(path: Path, token: str) -> str:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path.name}: the caption is not UTF-8 text; save it as UTF-8 and upload it again") from None
+    except OSError as e:
+        raise ConfigError(f"{path.name}: the caption cannot be read ({e.strerror or e}); upload it again") from None
+    text = " ".join(text.replace(TOKEN_PLACEHOLDER, token).split())  # one line: newlines and runs of spaces → " "
+    if len(text) > MAX_CAPTION_CHARS:
+        raise ConfigError(f"{path.name}: the caption has {len(text)} characters; keep it under {MAX_CAPTION_CHARS} "
+                          "(the text encoder reads only the first 77 tokens anyway)")
+    if not re.search(rf"(?<![A-Za-z0-9]){re.escape(token)}(?![A-Za-z0-9])", text):
+        raise ConfigError(f"{path.name}: the caption {text!r} does not name the trigger token {token!r}; write the "
+                          f"token (or {TOKEN_PLACEHOLDER}) where the subject or style is, e.g. "
+                          f"'a photo of {TOKEN_PLACEHOLDER} shape in red on a blue background'")
+    return text
+
+
+def read_captions(images: Iterable[str | Path], token: str, default: str,
+                  text_files: Iterable[str | Path] = ()) -> tuple[tuple[str, ...], list[str]]:
+    """(one caption per image, notices). An image's caption is the `.txt` of the same stem among `text_files`
+    (uploads) or next to the image on disk; an image without one gets `default` (the instance prompt).
+    Returns () when no image has a caption, so that configs without captions stay as they were."""
+    images = [Path(p) for p in images]
+    by_stem = {Path(t).stem: Path(t) for t in text_files if Path(t).suffix.lower() == ".txt"}
+    found = []
+    for img in images:
+        side = by_stem.get(img.stem) or img.with_suffix(".txt")
+        found.append(_read(side, token) if side.is_file() else None)
+    if all(c is None for c in found):
+        return (), []
+    notices = [f"{img.name} has no caption file ({img.stem}.txt); it is trained on the instance prompt {default!r}"
+               for img, c in zip(images, found) if c is None]
+    unused = sorted(set(by_stem) - {img.stem for img in images})
+    if unused:
+        notices.append(f"caption files without an image of the same name were ignored: "
+                       f"{', '.join(s + '.txt' for s in unused)}")
+    return tuple(c if c is not None else default for c in found), notices
