@@ -62,6 +62,9 @@ class GenerateRequest:
     scheduler: str = "dpmpp_2m"
     style: str = ""  # a trained style's id ("" = none); its trigger token is added to the prompt if missing
     style_strength: float = 1.0
+    # Each non-empty line of `prompt` is its own prompt, all in one batch (batch_size images per line): a list of
+    # prompts costs one sampling loop instead of one per prompt.
+    prompt_per_line: bool = False
     schema_version: int = 1
 
     def __post_init__(self) -> None:
@@ -89,10 +92,25 @@ class GenerateRequest:
                f"`style_strength` must be between -2 and 2 but is {self.style_strength}")
         _check(isinstance(self.style, str) and len(self.style) <= 200, "`style` must be a style id from the list")
         _check(self.schema_version == 1, f"unsupported schema_version {self.schema_version}; this app reads 1")
+        _check(len(self.prompts) <= 64, f"one batch holds at most 64 images but {len(self.lines)} prompt lines x "
+                                        f"{self.batch_size} images per line make {len(self.prompts)}; use fewer "
+                                        "lines or fewer images per batch")
+
+    @property
+    def lines(self) -> list[str]:
+        """The prompts of this request: every non-empty line with `prompt_per_line`, else the whole prompt."""
+        if not self.prompt_per_line:
+            return [self.prompt]
+        return [ln.strip() for ln in self.prompt.splitlines() if ln.strip()]
+
+    @property
+    def prompts(self) -> list[str]:
+        """One batch's prompts, image by image: each line `batch_size` times."""
+        return [ln for ln in self.lines for _ in range(self.batch_size)]
 
     @property
     def num_images(self) -> int:
-        return self.batch_size * self.batch_count
+        return len(self.prompts) * self.batch_count
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,8 @@ class Engine:
             m = self.model
             c = m.components
             style = self._activate_style(req.style, req.style_strength)
-            prompt = apply_trigger(req.prompt, style) if style else req.prompt
+            prompts = [apply_trigger(p, style) if style else p for p in req.prompts]
+            n = len(prompts)
             width, height = req.width or c.default_size, req.height or c.default_size
             total = req.num_inference_steps * req.batch_count
             preview_every = max(1, req.num_inference_steps // 4)
@@ -123,7 +124,7 @@ class Engine:
             done: list[GeneratedImage] = []
             try:
                 for b in range(req.batch_count):
-                    seeds = [req.seed + b * req.batch_size + i for i in range(req.batch_size)]
+                    seeds = [req.seed + b * n + i for i in range(n)]
 
                     def cb(i, n, latents, b=b):
                         self._check_stop()
@@ -134,11 +135,11 @@ class Engine:
                             on_progress(Progress(b * n + i + 1, total,
                                                  f"batch {b + 1}/{req.batch_count}, step {i + 1}/{n}", preview))
 
-                    imgs = sample(c, [prompt] * req.batch_size, [req.negative_prompt] * req.batch_size, seeds,
+                    imgs = sample(c, prompts, [req.negative_prompt] * n, seeds,
                                   num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
                                   guidance_rescale=req.guidance_rescale, scheduler=req.scheduler, height=height,
                                   width=width, callback=cb)
-                    for seed, img in zip(seeds, to_pil(imgs)):
+                    for seed, prompt, img in zip(seeds, prompts, to_pil(imgs)):
                         recipe = self._recipe(req, seed, width, height, prompt, style)
                         path = out_dir / f"{int(time.time() * 1000)}-{seed}.png"
                         done.append(GeneratedImage(img, recipe, outputs.save_png(img, recipe, path)))

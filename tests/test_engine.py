@@ -42,6 +42,30 @@ def test_image_k_of_a_run_equals_a_single_run_with_seed_plus_k(engine):
     assert np.abs(a - b).max() <= 1
 
 
+def test_one_prompt_per_line_runs_every_line_in_one_batch(engine, monkeypatch):
+    import engine.engine as E
+
+    calls = []
+    real = E.sample
+    monkeypatch.setattr(E, "sample", lambda c, prompts, *a, **k: calls.append(list(prompts)) or real(c, prompts, *a, **k))
+    req = GenerateRequest(prompt="a red circle\n\n  a blue square  \na cat", prompt_per_line=True, batch_size=2,
+                          batch_count=2, num_inference_steps=3, seed=5)
+    assert req.num_images == 12
+    res = engine.generate(req)
+    lines = ["a red circle", "a blue square", "a cat"]
+    assert calls == [[ln for ln in lines for _ in range(2)]] * 2  # one sampling loop per batch, all lines in it
+    assert [g.recipe["prompt"] for g in res.images] == [ln for ln in lines for _ in range(2)] * 2
+    assert [g.recipe["seed"] for g in res.images] == list(range(5, 17))
+    # each image's recipe alone reproduces it (per-image generators: batching changes nothing)
+    g = res.images[9]
+    fields = {k: g.recipe[k] for k in GenerateRequest.__dataclass_fields__ if k in g.recipe}
+    alone = engine.generate(GenerateRequest(**fields))
+    assert np.abs(np.asarray(alone.images[0].image, np.int16) - np.asarray(g.image, np.int16)).max() <= 1
+    with pytest.raises(ConfigError, match="at most 64 images"):
+        GenerateRequest(prompt="\n".join(["x"] * 9), prompt_per_line=True, batch_size=8)
+    assert GenerateRequest(prompt="a\nb").prompts == ["a\nb"]  # off: the prompt is one prompt, newlines and all
+
+
 def test_cancel_during_50_step_run_stops_within_2_steps_and_engine_stays_usable(engine):
     steps_seen = []
 

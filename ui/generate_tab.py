@@ -197,6 +197,9 @@ def _form(d: dict[str, Any], styles: list[tuple[str, str]]) -> dict[str, gr.comp
     f: dict[str, gr.components.Component] = {}
     f["prompt"] = gr.Textbox(label="Prompt", lines=2, value=d["prompt"], max_length=2000,
                              placeholder=f"e.g. {EXAMPLES[0]}", elem_id="prompt")
+    f["prompt_per_line"] = gr.Checkbox(value=d["prompt_per_line"], label="One prompt per line",
+                                       info="every line is its own prompt; all lines run together in one batch",
+                                       elem_id="prompt-per-line")
     f["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1, value=d["negative_prompt"], max_length=2000,
                                       placeholder="what to avoid, e.g. blurry")
     with gr.Row(equal_height=True):
