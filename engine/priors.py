@@ -6,6 +6,8 @@ images are never reused for another model or prompt; the same key asked for more
 """
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -72,6 +74,33 @@ def ensure_class_images(c: Components, spec: PriorSpec, priors_dir: Path, n: int
     entries = _read_manifest(folder, spec)
     missing = [s for s in range(n) if s not in entries]
     made = 0
+    with _base_weights_only(c):
+        made = _generate(c, spec, folder, entries, missing, batch_size, on_progress, should_stop)
+    if not missing:
+        _write_manifest(folder, spec, entries)
+    return PriorResult([folder / entries[s]["file"] for s in range(n)], made, folder)
+
+
+@contextlib.contextmanager
+def _base_weights_only(c: Components):
+    """Switch off every LoRA layer in the UNet and text encoder for the duration: a style that Generate left
+    active must not leak into class images, which are cached under the *base* model's fingerprint."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for model in (c.unet, c.text_encoder) for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    was_on = [not m.disable_adapters for m in layers]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m, on in zip(layers, was_on):
+            if on:
+                m.enable_adapters(True)
+
+
+def _generate(c, spec, folder, entries, missing, batch_size, on_progress, should_stop) -> int:
+    made = 0
     for i in range(0, len(missing), batch_size):
         if should_stop and should_stop():
             raise Cancelled()
@@ -88,9 +117,7 @@ def ensure_class_images(c: Components, spec: PriorSpec, priors_dir: Path, n: int
         _write_manifest(folder, spec, entries)
         if on_progress:
             on_progress(made, len(missing))
-    if not missing:
-        _write_manifest(folder, spec, entries)
-    return PriorResult([folder / entries[s]["file"] for s in range(n)], made, folder)
+    return made
 
 
 def _write_manifest(folder: Path, spec: PriorSpec, entries: dict[int, dict]) -> None:

@@ -425,14 +425,15 @@ def step6_save(run: Run) -> tuple[Path, Path]:
     """LoRA in diffusers format with alpha metadata, a fixed-seed preview grid and style.json, each atomic."""
     from diffusers import StableDiffusionPipeline
     from diffusers.training_utils import _collate_lora_metadata
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     cfg = run.cfg
     unet, te = run.acc.unwrap_model(run.unet), run.acc.unwrap_model(run.te)
-    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))}
+    # PEFT key format ("...to_q.lora_A.weight"), which diffusers loads as it is. Its older "lora_linear_layer"
+    # conversion drops the attention layers when convolution LoRA is in the same file (measured: half missing).
+    layers = {"unet_lora_layers": get_peft_model_state_dict(unet)}
     if cfg.train_text_encoder:
-        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(te))
+        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(te)
     for sd in layers.values():
         if not all(bool(torch.isfinite(t).all()) for t in sd.values()):
             raise TrainingDiverged("the trained LoRA contains NaN/Inf values and was not saved; lower the learning "

