@@ -18,29 +18,30 @@ TOKEN_PLACEHOLDER = "{token}"  # written in a sidecar where the trigger goes, so
 MAX_CAPTION_CHARS = 1000
 
 
-def _read(path: Path, token: str) -> str:
+def _read(path: Path, token: str | None) -> str:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ConfigError(f"{path.name}: the caption is not UTF-8 text; save it as UTF-8 and upload it again") from None
     except OSError as e:
         raise ConfigError(f"{path.name}: the caption cannot be read ({e.strerror or e}); upload it again") from None
-    text = " ".join(text.replace(TOKEN_PLACEHOLDER, token).split())  # one line: newlines and runs of spaces → " "
+    text = " ".join((text.replace(TOKEN_PLACEHOLDER, token) if token else text).split())  # one line: newlines and runs of spaces → " "
     if len(text) > MAX_CAPTION_CHARS:
         raise ConfigError(f"{path.name}: the caption has {len(text)} characters; keep it under {MAX_CAPTION_CHARS} "
                           "(the text encoder reads only the first 77 tokens anyway)")
-    if not re.search(rf"(?<![A-Za-z0-9]){re.escape(token)}(?![A-Za-z0-9])", text):
+    if token is not None and not re.search(rf"(?<![A-Za-z0-9]){re.escape(token)}(?![A-Za-z0-9])", text):
         raise ConfigError(f"{path.name}: the caption {text!r} does not name the trigger token {token!r}; write the "
                           f"token (or {TOKEN_PLACEHOLDER}) where the subject or style is, e.g. "
                           f"'a photo of {TOKEN_PLACEHOLDER} shape in red on a blue background'")
     return text
 
 
-def read_captions(images: Iterable[str | Path], token: str, default: str,
+def read_captions(images: Iterable[str | Path], token: str | None, default: str,
                   text_files: Iterable[str | Path] = ()) -> tuple[tuple[str, ...], list[str]]:
     """(one caption per image, notices). An image's caption is the `.txt` of the same stem among `text_files`
     (uploads) or next to the image on disk; an image without one gets `default` (the instance prompt).
-    Returns () when no image has a caption, so that configs without captions stay as they were."""
+    Returns () when no image has a caption, so that configs without captions stay as they were. `token` None:
+    class images, whose captions must not need the trigger."""
     images = [Path(p) for p in images]
     by_stem = {Path(t).stem: Path(t) for t in text_files if Path(t).suffix.lower() == ".txt"}
     found = []

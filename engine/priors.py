@@ -7,6 +7,7 @@ images are never reused for another model or prompt; the same key asked for more
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import hashlib
 import json
@@ -118,6 +119,26 @@ def _generate(c, spec, folder, entries, missing, batch_size, on_progress, should
         if on_progress:
             on_progress(made, len(missing))
     return made
+
+
+def ensure_prior_set(c: Components, spec: PriorSpec, prompts: list[str], priors_dir: Path, n: int, *,
+                     on_progress: Callable[[int, int], None] | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> tuple[list[Path], list[str], int]:
+    """`n` class images spread over several class prompts, each cached under its own key (see `spec`, whose
+    class_prompt is replaced by each prompt in turn). Returns (paths, the prompt of each, how many were new),
+    interleaved prompt by prompt so that any first k images cover every prompt."""
+    per = -(-n // len(prompts))  # ceil
+    specs = [dataclasses.replace(spec, class_prompt=p) for p in prompts]
+    cached = [_read_manifest(priors_dir / s.key(), s) for s in specs]
+    missing = sum(1 for entries in cached for seed in range(per) if seed not in entries)
+    results, made = [], 0
+    for s in specs:
+        res = ensure_class_images(c, s, priors_dir, per, should_stop=should_stop,
+                                  on_progress=(lambda k, _t: on_progress(made + k, missing)) if on_progress else None)
+        made += res.generated
+        results.append(res)
+    order = [(r.paths[k], p) for k in range(per) for r, p in zip(results, prompts)][:n]
+    return [o[0] for o in order], [o[1] for o in order], made
 
 
 def _write_manifest(folder: Path, spec: PriorSpec, entries: dict[int, dict]) -> None:

@@ -55,7 +55,7 @@ def _slug(name: str) -> str:
 
 
 def _class_noun(style: dict) -> str:
-    prompt = style.get("training_config", {}).get("class_prompt", "")
+    prompt = (style.get("training_config", {}).get("class_prompt", "").strip().splitlines() or [""])[0]
     words = re.findall(r"[a-z]+", prompt.lower())
     return words[-1] if words else ""
 

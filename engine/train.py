@@ -44,6 +44,7 @@ def _print_event(e) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one training job from a TOML config; errors print one clear line on stderr."""
     args = _parser().parse_args(argv)
+    from .captions import read_captions
     from .checkpoints import CheckpointError, DiskFullError
     from .config import ConfigError
     from .train_config import load_train_config
@@ -57,11 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.run_dir or args.config.resolve().parent
     class_images = sorted(p for p in args.class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
         if args.class_dir else []
+    try:  # captions next to class images (kohya-style .txt), e.g. for several class prompts
+        class_captions, _ = read_captions(class_images, None, (cfg.class_prompts or [""])[0])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     # SIGTERM (a scheduler or the app stopping us) ends at the next step with a checkpoint, not mid-write.
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        result = train(cfg, run_dir, class_images=class_images, on_event=_print_event, stop_event=stop,
+        result = train(cfg, run_dir, class_images=class_images, class_captions=class_captions, on_event=_print_event, stop_event=stop,
                        resume=args.resume)
     except (ValueError, TrainingError, CheckpointError, DiskFullError) as e:  # ConfigError, ImageRejected
         print(f"error: {e}", file=sys.stderr)

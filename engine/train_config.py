@@ -46,7 +46,9 @@ class TrainConfig:
     # background, pose) leave the trigger token to mean only what they share, so prompts can recombine it.
     instance_captions: tuple[str, ...] = ()
     trigger_token: str = "olis"
-    class_prompt: str = ""  # e.g. "a photo of shape"; needed for prior preservation
+    # e.g. "a photo of shape"; needed for prior preservation. Several prompts, one per line ("a photo of a dog",
+    # "a photo of a puppy", ...), spread the class images over the class's variety; see `class_prompts`.
+    class_prompt: str = ""
     preset: str = "subject"
     with_prior_preservation: bool = True
     prior_loss_weight: float = 1.0
@@ -126,6 +128,11 @@ class TrainConfig:
                "'a photo of shape', or turn prior preservation off")
         for p in self.validation_prompts:
             _check(p.strip() != "", "`validation_prompts` contains an empty prompt; remove it")
+
+    @property
+    def class_prompts(self) -> list[str]:
+        """The class prompt's non-empty lines (class images are made from each in turn)."""
+        return [ln.strip() for ln in self.class_prompt.splitlines() if ln.strip()]
 
     def _check_numbers(self) -> None:
         def between(name, lo, hi):

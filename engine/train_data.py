@@ -45,7 +45,8 @@ class EpochSampler:
 class DreamBoothData:
     """Instance (and class) images resized once; crops and flips drawn from the training generator per example."""
 
-    def __init__(self, cfg: TrainConfig, class_images: list[Path], tokenizer, resolution: int):
+    def __init__(self, cfg: TrainConfig, class_images: list[Path], tokenizer, resolution: int,
+                 class_captions: list[str] = ()):
         from .sampling import tokenize
 
         self.cfg, self.res = cfg, resolution
@@ -56,7 +57,7 @@ class DreamBoothData:
             self.n = max(self.n, len(self.images["class"]))
         captions = cfg.instance_captions or (cfg.instance_prompt,) * len(cfg.instance_images)
         self.ids = {"instance": [tokenize(tokenizer, [c]) for c in captions],
-                    "class": [tokenize(tokenizer, [cfg.class_prompt or cfg.instance_prompt])]}
+                    "class": [tokenize(tokenizer, [c]) for c in class_captions or [cfg.class_prompt.strip()]]}
         self.latent_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _resize(self, path):

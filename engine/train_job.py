@@ -14,7 +14,7 @@ from typing import Callable
 
 from .config import ConfigError
 from .images import ingest_dataset
-from .priors import PriorSpec, ensure_class_images
+from .priors import PriorSpec, ensure_prior_set
 from .styles import publish
 from .train_config import TrainConfig
 from .events import TrainJobResult, TrainLog, TrainProgress
@@ -56,22 +56,23 @@ def run_training(model, data_dir: Path, cfg: TrainConfig, name: str, *, run_dir:
 
     # 2. class-prior images through the shared sampler, cached by key (topped up, never reused for another key)
     class_images: list[Path] = []
+    class_captions: list[str] = []
     if cfg.with_prior_preservation:
-        spec = PriorSpec(model.fingerprint, cfg.class_prompt, resolution=resolution)
+        spec = PriorSpec(model.fingerprint, cfg.class_prompts[0], resolution=resolution)
 
         def prior_progress(done, total):
             emit(TrainProgress(0, cfg.max_train_steps, float("nan"), 0.0, 0.0))
             emit(TrainLog(f"prior images: {done}/{total} generated"))
 
-        res = ensure_class_images(model.components, spec, data_dir / "priors", cfg.num_class_images,
-                                  on_progress=prior_progress,
-                                  should_stop=(stop_event.is_set if stop_event else None))
-        emit(TrainLog(f"prior images: {len(res.paths)} ready ({res.generated} new, "
-                      f"{len(res.paths) - res.generated} from the cache)"))
-        class_images = res.paths
+        class_images, class_captions, made = ensure_prior_set(
+            model.components, spec, cfg.class_prompts, data_dir / "priors", cfg.num_class_images,
+            on_progress=prior_progress, should_stop=(stop_event.is_set if stop_event else None))
+        emit(TrainLog(f"prior images: {len(class_images)} ready ({made} new, {len(class_images) - made} from the "
+                      f"cache)"))
 
     # 3. train (resumes from the newest valid checkpoint in run_dir)
-    result = train(cfg, run_dir, class_images=class_images, on_event=emit, stop_event=stop_event, resume=True)
+    result = train(cfg, run_dir, class_images=class_images, class_captions=class_captions, on_event=emit,
+                   stop_event=stop_event, resume=True)
     if result.cancelled or result.lora_path is None:
         return TrainJobResult(run_dir, result, None, rejected, notices)
 

@@ -171,11 +171,12 @@ def step2_add_lora(run: Run) -> None:
     run.unet, run.te = c.unet, c.text_encoder  # replaced by the prepared (wrapped) models in make_optimizer
 
 
-def step3_priors(run: Run, class_images) -> list[Path]:
-    """The class-prior images to use (made by engine.priors); the first `num_class_images` of them."""
+def step3_priors(run: Run, class_images, class_captions=()) -> tuple[list[Path], list[str]]:
+    """The class-prior images to use (made by engine.priors) and the prompt of each; the first `num_class_images`.
+    Without captions every class image is trained on the class prompt, which must then be a single one."""
     cfg = run.cfg
     if not cfg.with_prior_preservation:
-        return []
+        return [], []
     paths = [Path(p) for p in class_images][: cfg.num_class_images]
     if not paths:
         raise ConfigError("`with_prior_preservation` is on but no class images were given: generate them first "
@@ -183,13 +184,21 @@ def step3_priors(run: Run, class_images) -> list[Path]:
     if len(paths) < cfg.num_class_images:
         run.emit(TrainLog(f"only {len(paths)} of num_class_images={cfg.num_class_images} class images given; "
                           "training with those", "warning"))
-    return paths
+    captions = list(class_captions)[: len(paths)]
+    if captions and len(captions) != len(paths):
+        raise ConfigError(f"{len(paths)} class images but {len(captions)} class captions; give one per image")
+    if not captions:
+        if len(cfg.class_prompts) > 1:
+            raise ConfigError("several class prompts need class images made by the app (engine.priors."
+                              "ensure_prior_set) or one caption per class image; or use a single class prompt")
+        captions = [cfg.class_prompt.strip()] * len(paths)
+    return paths, captions
 
 
-def step4_data(run: Run, class_paths: list[Path]) -> None:
+def step4_data(run: Run, class_paths: list[Path], class_captions: list[str]) -> None:
     """Dataset, deterministic sampler, training generator and (optionally) cached VAE latents."""
     cfg, c = run.cfg, run.model.components
-    run.data = DreamBoothData(cfg, class_paths, c.tokenizer, run.resolution)
+    run.data = DreamBoothData(cfg, class_paths, c.tokenizer, run.resolution, class_captions)
     run.images = ck.image_hashes(cfg)
     run.dataset_hash = ck.dataset_hash(run.images)
     run.sampler = EpochSampler(run.data.n, cfg.seed)
@@ -486,7 +495,7 @@ def write_preview_grid(run: Run, path: Path) -> Path:
 
 # ---- the API -----------------------------------------------------------------------------------------------------
 
-def train(config: TrainConfig, run_dir: Path, *, class_images=(), on_event: Callable[[TrainEvent], None] | None = None,
+def train(config: TrainConfig, run_dir: Path, *, class_images=(), class_captions=(), on_event: Callable[[TrainEvent], None] | None = None,
           stop_event: threading.Event | None = None, resume: bool = True) -> TrainResult:
     """Train a DreamBooth LoRA into `run_dir` (checkpoints/, tensorboard/, output/, job.json); see module doc.
 
@@ -511,7 +520,7 @@ def train(config: TrainConfig, run_dir: Path, *, class_images=(), on_event: Call
         if main:  # TR-8: room for limit+1 checkpoints (LoRA + 2 Adam moments) and the result
             lora_bytes = ck.tensor_bytes(run.lora_params())
             ck.check_free_space(run_dir, lora_bytes * (3 * (config.checkpoints_total_limit + 1) + 1), "training")
-        step4_data(run, step3_priors(run, class_images))
+        step4_data(run, *step3_priors(run, class_images, class_captions))
         make_optimizer(run)
         resumed_from = ck.restore_run(run, resume, warn=lambda m: emit(TrainLog(m, "warning")))
         if resumed_from is not None:

@@ -81,3 +81,31 @@ def test_each_training_example_gets_its_own_caption(tiny_sd, tmp_path):
     batch = data.batch([2, 0], torch.Generator().manual_seed(0))
     assert [k[1] for k in batch["keys"]] == [2, 0]
     assert torch.equal(batch["ids"], torch.cat([tokenize(tok, ["olis blue"]), tokenize(tok, ["olis red"])]))
+
+
+def test_class_images_get_their_own_captions_and_several_prompts_need_them(tiny_sd, tmp_path):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from engine import training as T
+    from engine.sampling import tokenize
+    from engine.train_data import DreamBoothData
+
+    tok = StableDiffusionPipeline.from_pretrained(tiny_sd).tokenizer
+    imgs = [str(_png(tmp_path / f"{i}.png", 40 * i)) for i in range(2)]
+    cls = [_png(tmp_path / "c" / f"{i}.png", 90 + i) for i in range(2)]
+    cfg = TrainConfig(**{**presets("subject"), "instance_images": tuple(imgs), "with_prior_preservation": True,
+                         "class_prompt": "a photo of a shape\n a photo of a circle \n", "num_class_images": 2})
+    assert cfg.class_prompts == ["a photo of a shape", "a photo of a circle"]
+    data = DreamBoothData(cfg, cls, tok, 32, ["a photo of a shape", "a photo of a circle"])
+    batch = data.batch([1], torch.Generator().manual_seed(0))
+    assert torch.equal(batch["ids"][1:], tokenize(tok, ["a photo of a circle"]))  # class half: image 1's prompt
+
+    class FakeRun:
+        def __init__(self, cfg):
+            self.cfg, self.emit = cfg, lambda e: None
+    with pytest.raises(ConfigError, match="several class prompts need"):
+        T.step3_priors(FakeRun(cfg), cls)
+    one = TrainConfig(**{**presets("subject"), "instance_images": tuple(imgs), "with_prior_preservation": True,
+                         "num_class_images": 2})
+    assert T.step3_priors(FakeRun(one), cls) == (cls, ["a photo of shape"] * 2)

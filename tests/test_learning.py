@@ -16,7 +16,7 @@ from engine import demo_world as W
 from engine.captions import read_captions
 from engine.demo_checker import DemoChecker
 from engine.models import DEMO_MODEL, load_base_model
-from engine.priors import PriorSpec, ensure_class_images
+from engine.priors import PriorSpec, ensure_prior_set
 from engine.sampling import sample, to_pil
 from engine.styles import AdapterCache, publish
 from engine.train_config import TrainConfig, demo_settings, presets
@@ -49,17 +49,19 @@ def _train(tmp_path_factory, base, kind: str, prior: bool) -> Path:
     folder = "heart" if kind == "subject" else "checkered"
     p.update(with_prior_preservation=prior, validation_steps=0, report_to="none", checkpointing_steps=10_000,
              num_class_images=48, seed=0)
-    if kind == "subject":
-        p.update(class_prompt=CLASS_PROMPT)
+    if kind == "subject":  # the class "shape" and its kinds, so that the priors cover the class's variety
+        p.update(class_prompt="\n".join([CLASS_PROMPT] + [f"a photo of a {s}" for s in W.TRAIN_SHAPES]))
     images = sorted((EXAMPLES / folder).glob("*.png"))
     captions, _ = read_captions(images, TOKEN, p["instance_prompt"])  # the examples' .txt sidecars
     cfg = TrainConfig(instance_images=tuple(str(f) for f in images), instance_captions=captions, **p)
     classes = []
     root = tmp_path_factory.mktemp(f"{kind}-{prior}")
+    captions = []
     if prior:
-        spec = PriorSpec(base.fingerprint, cfg.class_prompt, resolution=base.components.default_size)
-        classes = ensure_class_images(base.components, spec, root / "priors", cfg.num_class_images).paths
-    result = train(cfg, root / "run", class_images=classes, resume=False)
+        spec = PriorSpec(base.fingerprint, CLASS_PROMPT, resolution=base.components.default_size)
+        classes, captions, _ = ensure_prior_set(base.components, spec, cfg.class_prompts, root / "priors",
+                                                cfg.num_class_images)
+    result = train(cfg, root / "run", class_images=classes, class_captions=captions, resume=False)
     assert result.lora_path and result.lora_path.is_file()
     return result.lora_path
 

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from engine.models import load_base_model
-from engine.priors import PriorSpec, ensure_class_images
+from engine.priors import PriorSpec, ensure_class_images, ensure_prior_set
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +60,16 @@ def test_a_style_left_active_does_not_leak_into_class_images(tiny_sd, tmp_path):
     from engine.sampling import sample, to_pil
     with_lora = to_pil(sample(m.components, ["a shape"], [""], [0], num_inference_steps=2, height=64, width=64))[0]
     assert not np.array_equal(np.asarray(with_lora), np.asarray(Image.open(clean[0])))  # the LoRA is visible
+
+
+def test_several_class_prompts_share_the_images_each_under_its_own_key(model, tmp_path):
+    spec = PriorSpec(model.fingerprint, "a shape", resolution=64, num_inference_steps=2)
+    seen = []
+    paths, prompts, made = ensure_prior_set(model.components, spec, ["a shape", "a circle", "a square"], tmp_path,
+                                            5, on_progress=lambda k, n: seen.append((k, n)))
+    assert prompts == ["a shape", "a circle", "a square", "a shape", "a circle"]  # interleaved: any prefix covers all
+    assert made == 6 and len(paths) == 5 and seen[-1] == (6, 6)  # ceil(5/3) = 2 per prompt
+    alone = ensure_class_images(model.components, dataclasses.replace(spec, class_prompt="a circle"), tmp_path, 2)
+    assert alone.generated == 0 and [paths[1], paths[4]] == alone.paths  # the same cache entries
+    again = ensure_prior_set(model.components, spec, ["a shape", "a circle", "a square"], tmp_path, 5)
+    assert again == (paths, prompts, 0)

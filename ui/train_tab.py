@@ -57,7 +57,7 @@ def default_values(kind: str = "subject", token: str = TRIGGER_CANDIDATES[0], no
 
 
 def class_noun_of(class_prompt: str) -> str:
-    words = re.findall(r"[A-Za-z]+", class_prompt)
+    words = re.findall(r"[A-Za-z]+", (class_prompt.strip().splitlines() or [""])[0])
     return words[-1] if words else "shape"
 
 
@@ -438,8 +438,9 @@ def _form(d: dict[str, Any]) -> dict[str, gr.components.Component]:
                            elem_id="preset")
     f["instance_prompt"] = gr.Textbox(label="Instance prompt", value=d["instance_prompt"], elem_id="instance-prompt",
                                       info="describes your images; must contain the trigger word")
-    f["class_prompt"] = gr.Textbox(label="Class prompt", value=d["class_prompt"],
-                                   info="the general class, without the trigger (for prior preservation)")
+    f["class_prompt"] = gr.Textbox(label="Class prompt", value=d["class_prompt"], lines=1, max_lines=8,
+                                   info="the general class, without the trigger (for prior preservation); "
+                                        "several, one per line, spread the class images over its variety")
     f["with_prior_preservation"] = gr.Checkbox(value=d["with_prior_preservation"], label="Prior preservation",
                                                info="keeps the class word itself from turning into your subject, at some "
                                                     "cost to likeness; generates class images first")
