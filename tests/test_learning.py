@@ -23,13 +23,20 @@ from engine.train_config import TrainConfig, demo_settings, presets
 from engine.training import train
 
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(), reason="demo model not built")
-# The threshold tests below do not pass yet (see the closing note of the session that wrote them: the subject and
-# the style are learned for the instance prompt itself, but not for new colour/shape combinations). They are
-# deselected from the default run by the `learning` marker and run with `python -m pytest -m learning`.
+# The threshold tests carry the `learning` marker: `python -m pytest -m learning` runs just them (~6 min on 2 cores).
 learning = pytest.mark.learning
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
 TOKEN = "olis"
 CLASS_PROMPT = "a photo of a shape"
+# Class prompts that mirror the instance captions with the trigger replaced by real members of the class, so the
+# priors cover the contexts the captions train ("a photo of a circle in red on a ..."). Measured (non-token shape
+# accuracy with the LoRA on; base model 0.92, needed 0.83): "a photo of a shape" alone 0.38; plus "a photo of a
+# <shape>" for each shape 0.46; 24 prompts like these and 200 images 0.67; the world's own phrasing ("a red circle
+# on a blue background") 0.54; these 13 prompts with prior_loss_weight 2: 0.79; as below: 0.83 (20 of 24, a
+# one-image margin).
+_rng = random.Random(1234)
+CLASS_PROMPTS = [CLASS_PROMPT] + [f"a photo of a {s.shape} in {s.fg} on a {s.bg} background"
+                                  for s in (W.random_scene(_rng, W.TRAIN_SHAPES, ("solid",)) for _ in range(12))]
 
 
 @pytest.fixture(scope="session")
@@ -48,9 +55,9 @@ def _train(tmp_path_factory, base, kind: str, prior: bool) -> Path:
     p = {**presets(kind, token=TOKEN, class_noun="shape"), **demo_settings(kind)}
     folder = "heart" if kind == "subject" else "checkered"
     p.update(with_prior_preservation=prior, validation_steps=0, report_to="none", checkpointing_steps=10_000,
-             num_class_images=48, seed=0)
-    if kind == "subject":  # the class "shape" and its kinds, so that the priors cover the class's variety
-        p.update(class_prompt="\n".join([CLASS_PROMPT] + [f"a photo of a {s}" for s in W.TRAIN_SHAPES]))
+             seed=0)
+    if kind == "subject":
+        p.update(class_prompt="\n".join(CLASS_PROMPTS), num_class_images=8 * len(CLASS_PROMPTS))
     images = sorted((EXAMPLES / folder).glob("*.png"))
     captions, _ = read_captions(images, TOKEN, p["instance_prompt"])  # the examples' .txt sidecars
     cfg = TrainConfig(instance_images=tuple(str(f) for f in images), instance_captions=captions, **p)
