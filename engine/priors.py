@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -74,7 +73,6 @@ def ensure_class_images(c: Components, spec: PriorSpec, priors_dir: Path, n: int
     folder.mkdir(parents=True, exist_ok=True)
     entries = _read_manifest(folder, spec)
     missing = [s for s in range(n) if s not in entries]
-    made = 0
     with _base_weights_only(c):
         made = _generate(c, spec, folder, entries, missing, batch_size, on_progress, should_stop)
     if not missing:
@@ -101,6 +99,7 @@ def _base_weights_only(c: Components):
 
 
 def _generate(c, spec, folder, entries, missing, batch_size, on_progress, should_stop) -> int:
+    """Sample the `missing` seeds in batches into `folder`, updating `entries` and the manifest as it goes."""
     made = 0
     for i in range(0, len(missing), batch_size):
         if should_stop and should_stop():

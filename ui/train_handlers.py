@@ -1,0 +1,370 @@
+"""What the Train tab's buttons do: `TrainHandlers`, plain methods over dicts keyed by *names* (TrainConfig field
+names for the form; "status"/"log"/"loss_plot"/"previews"/"result"/"result_image"/"runs" for results), so tests
+drive it without a browser. ui/train_tab.py lays the components out and maps names to them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import gradio as gr
+import pandas as pd
+from gradio.utils import get_upload_folder
+from PIL import Image
+
+from engine.captions import read_captions
+from engine.config import ConfigError, from_dict
+from engine.events import TrainCheckpoint, TrainJobResult, TrainLog, TrainPreview, TrainProgress
+from engine.train_config import (TRIGGER_CANDIDATES, TrainConfig, demo_settings, field_names, load_train_config,
+                                 presets, save_train_config)
+
+# TrainConfig fields with no component, and where their value comes from instead.
+DERIVED = {"instance_images": "the uploaded images", "schema_version": "the file format",
+           "instance_captions": "the uploaded .txt caption files (one per image, same name)",
+           # The engine trains the model it has loaded (priors and fingerprint come from it): "" means that one.
+           "base_model": "the model loaded under Model"}
+FIELD_NAMES = tuple(n for n in field_names() if n not in DERIVED)
+LIST_FIELDS = {"unet_target_modules": ",", "text_encoder_target_modules": ",", "validation_prompts": "\n"}
+PROMPT_FIELDS = ("instance_prompt", "class_prompt", "validation_prompts")
+MIN_IMAGES, MAX_IMAGES = 3, 20
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"
+EXAMPLES = {"heart": ("subject", "shape"), "checkered": ("style", "shape")}  # folder: (preset, class noun)
+PLOT_EVERY_S = 0.5  # the loss plot resends all points; twice a second is live enough
+LOG_LINES = 200
+# Training errors are RuntimeErrors whose messages tell the user what to do; engine.training imports torch, so
+# they are recognised by name rather than imported.
+USER_ERRORS = {"TrainingError", "CheckpointError", "DiskFullError"}
+
+
+def to_form(cfg: dict[str, Any]) -> dict[str, Any]:
+    """TrainConfig values (dict) → component values: lists become comma- or line-separated text."""
+    return {k: (LIST_FIELDS[k] + (" " if LIST_FIELDS[k] == "," else "")).join(v) if k in LIST_FIELDS else v
+            for k, v in cfg.items() if k in FIELD_NAMES}
+
+
+def default_values(kind: str = "subject", token: str = TRIGGER_CANDIDATES[0], noun: str = "shape") -> dict:
+    return to_form(presets(kind, token=token, class_noun=noun))
+
+
+def class_noun_of(class_prompt: str) -> str:
+    words = re.findall(r"[A-Za-z]+", (class_prompt.strip().splitlines() or [""])[0])
+    return words[-1] if words else "shape"
+
+
+def _upload_dir() -> Path:
+    """A fresh folder in Gradio's upload folder: the only place every launch setting lets Gradio serve files from
+    (the data dir is blocked). Gradio's delete_cache does not cover it; the OS temp cleaner does."""
+    Path(get_upload_folder()).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="stylebooth-train-", dir=get_upload_folder()))
+
+
+def _upload_copy(paths: list[Path]) -> list[str]:
+    folder, out = _upload_dir(), []
+    for i, p in enumerate(paths):
+        dst = folder / (p.name if p.name not in {Path(o).name for o in out} else f"{i}-{p.name}")
+        shutil.copyfile(p, dst)
+        out.append(str(dst))
+    return out
+
+
+def split_uploads(files: list[str] | None) -> tuple[list[str], list[str]]:
+    """(images, caption .txt files) from the upload box, which takes both."""
+    files = [str(f) for f in files or ()]
+    texts = [f for f in files if Path(f).suffix.lower() == ".txt"]
+    return [f for f in files if f not in texts], texts
+
+
+def _eta(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
+class TrainHandlers:
+    """What the Train tab's buttons do, as plain methods over one Engine."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._runs = 0  # training runs of ours still in the engine, followed or draining (see cancel)
+        self._runs_changed = threading.Condition()
+
+    # ---- form ----------------------------------------------------------------------------------------------
+    def config(self, values: dict[str, Any], images: list[str] | None) -> TrainConfig:
+        """Build the TrainConfig by field name; a bad value becomes a gr.Error with the engine's message."""
+        unknown = sorted(set(values) - set(FIELD_NAMES))
+        if unknown:  # a wiring bug, not a user error: fail loudly
+            raise KeyError(f"not TrainConfig form fields: {unknown}")
+        clean = {k: v for k, v in values.items() if v is not None}  # an emptied box falls back to the default
+        for k, sep in LIST_FIELDS.items():
+            if isinstance(clean.get(k), str):
+                clean[k] = tuple(s.strip() for s in clean[k].split(sep) if s.strip())
+        images, texts = split_uploads(images)
+        try:
+            token = clean.get("trigger_token") or TRIGGER_CANDIDATES[0]
+            captions, notices = read_captions(images, token, clean.get("instance_prompt", ""), texts)
+            for n in notices:
+                gr.Warning(n)
+            return TrainConfig(instance_images=tuple(images), instance_captions=captions, **clean)
+        except ConfigError as e:
+            raise gr.Error(str(e)) from None
+        except TypeError as e:  # a direct API call sent e.g. a list where a number belongs
+            raise gr.Error(f"invalid value in the form: {e}") from None
+
+    @staticmethod
+    def preset(kind: str, token: str, noun: str) -> dict[str, Any]:
+        """Every form field from `presets(kind)`, keeping the trigger and class noun the user chose."""
+        try:
+            return default_values(kind, (token or "").strip() or TRIGGER_CANDIDATES[0], (noun or "").strip() or "shape")
+        except ConfigError as e:
+            raise gr.Error(str(e)) from None
+
+    def prompts(self, kind: str, token: str, noun: str) -> dict[str, Any]:
+        """Rebuild the prompts from the preset's templates after the trigger or class noun changed."""
+        return {k: v for k, v in self.preset(kind, token, noun).items() if k in PROMPT_FIELDS}
+
+    def suggest_token(self, current: str, kind: str, noun: str) -> dict[str, Any]:
+        """The next rare trigger not used by a style in the library (two styles with one trigger cannot be mixed).
+
+        engine.train_config.suggest_trigger_token needs the model's tokenizer, which ui/ cannot reach without
+        the engine exposing it; the candidates were chosen as single CLIP tokens already.
+        """
+        used = {s.trigger_token for s in self.engine.list_styles()} if self.engine is not None else set()
+        free = [t for t in TRIGGER_CANDIDATES if t not in used and t != current]
+        token = (free or [t for t in TRIGGER_CANDIDATES if t != current])[0]
+        return {"trigger_token": token, **self.prompts(kind, token, noun)}
+
+    def example(self, which: str) -> dict[str, Any]:
+        """One-click example: its images in the upload box, the right preset, a name."""
+        kind, noun = EXAMPLES[which]
+        files = _upload_copy(sorted((EXAMPLES_DIR / which).glob("*.png")) + sorted((EXAMPLES_DIR / which).glob("*.txt")))
+        images, texts = split_uploads(files)
+        values = {**default_values(kind, noun=noun), **to_form(demo_settings(kind))}
+        return {**values, "images": files, "style_name": f"{which} example", "class_noun": noun,
+                "status": f"Example loaded: {len(images)} {which} images with {len(texts)} captions, {kind} preset "
+                          f"with the demo model's settings ({values['max_train_steps']} steps). Press Train."}
+
+    def save_config(self, values: dict[str, Any], images: list[str] | None) -> dict[str, Any]:
+        """The form's TrainConfig as a downloadable run.toml (written with save_train_config)."""
+        cfg = self.config(values, images)
+        path = _upload_dir() / "run.toml"
+        save_train_config(cfg, path)
+        return {"config_file": str(path), "status": "Config saved: download run.toml below."}
+
+    def load_config(self, path: str | None) -> dict[str, Any]:
+        """Form values, images and class noun from a run.toml; unknown keys are a gr.Error naming them."""
+        if not path:
+            return {}
+        try:
+            cfg = load_train_config(path)
+        except ConfigError as e:
+            raise gr.Error(str(e)) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise gr.Error(f"could not read that file ({type(e).__name__}); pick a .toml file") from None
+        upload = Path(get_upload_folder()).resolve()
+        found = [Path(p) for p in cfg.instance_images if Path(p).is_file()]
+        missing = [Path(p).name for p in cfg.instance_images if not Path(p).is_file()]
+        # Images already in Gradio's upload folder are served as they are; others are copied there first.
+        images = [str(p) for p in found] if all(p.resolve().is_relative_to(upload) for p in found) \
+            else _upload_copy(found)
+        captions = dict(zip(cfg.instance_images, cfg.instance_captions))
+        for img, src in zip(list(images), found):  # captions travel as sidecar files next to the images
+            if str(src) in captions:
+                side = Path(img).with_suffix(".txt")
+                side.write_text(captions[str(src)], "utf-8")
+                images.append(str(side))
+        notes = [f"{len(missing)} image(s) not found ({', '.join(missing[:3])}): upload them again"] if missing else []
+        if cfg.base_model:
+            notes.append(f"it was made for base model {cfg.base_model!r}; training uses the model loaded "
+                         "under Model")
+        return {**to_form(dataclasses.asdict(cfg)), "images": images or None,
+                "class_noun": class_noun_of(cfg.class_prompt),
+                "status": "Config loaded." + "".join(f" Note: {n}." for n in notes)}
+
+    # ---- train ---------------------------------------------------------------------------------------------
+    def train(self, images: list[str] | None, name: str, values: dict[str, Any],
+              progress=None) -> Iterator[dict[str, Any]]:
+        """Yield partial updates while training, then the result card (see module doc for the keys)."""
+        n = len(split_uploads(images)[0])
+        if not MIN_IMAGES <= n <= MAX_IMAGES:
+            raise gr.Error(f"upload {MIN_IMAGES} to {MAX_IMAGES} images of your subject or style; you gave {n}")
+        if not (name or "").strip():
+            raise gr.Error("give the style a name, e.g. 'my heart shape'")
+        cfg = self.config(values, images)
+        yield from self._follow(lambda: self.engine.train_iter(cfg, name.strip()), cfg, progress)
+
+    def resume(self, run_dir: str | None, progress=None) -> Iterator[dict[str, Any]]:
+        """Continue an interrupted or cancelled run from its last checkpoint, exactly."""
+        if not run_dir:
+            raise gr.Error("pick a run to resume from the list (press Refresh if it is empty)")
+        run_dir = Path(run_dir)
+        interrupted = {r.run_dir: r for r in self.engine.interrupted_runs()}
+        if run_dir in interrupted:
+            cfg = self._cfg(interrupted[run_dir].config)
+            yield from self._follow(lambda: self.engine.resume_iter(run_dir), cfg, progress)
+            return
+        job = _cancelled_runs(self.engine.data_dir).get(run_dir)
+        if job is None:
+            raise gr.Error("that run is no longer resumable (finished, or resumed already); press Refresh")
+        cfg = self._cfg(job["config"])
+        # The engine resumes from run_dir's newest valid checkpoint when given the run's own (ingested) config.
+        yield from self._follow(lambda: self.engine.train_iter(cfg, _run_name(run_dir), run_dir=run_dir),
+                                cfg, progress)
+
+    @staticmethod
+    def _cfg(config: dict) -> TrainConfig:
+        try:
+            return from_dict(TrainConfig, config)
+        except ConfigError as e:
+            raise gr.Error(f"this run's config cannot be read by this version: {e}") from None
+
+    def _follow(self, start, cfg: TrainConfig, progress) -> Iterator[dict[str, Any]]:
+        """Render the engine's events; if Gradio closes us (Cancel, closed tab) stop the engine, as Generate does."""
+        log: list[str] = []
+        steps: list[int] = []
+        losses: list[float] = []
+        gallery: list[tuple[Image.Image, str]] = []
+        last, done, draining = 0.0, False, False
+        self._count(+1)
+        try:
+            events = start()
+            for ev in events:
+                if isinstance(ev, TrainJobResult):
+                    done = True
+                    self._count(-1)  # before the last yield: a waiting cancel() must not wait for the browser
+                    yield self._final(ev, cfg, log)
+                    return
+                update: dict[str, Any] = {}
+                if isinstance(ev, TrainProgress):
+                    if ev.loss != ev.loss:  # NaN: the prior-image phase, before step 1
+                        if progress is not None:
+                            progress((0, ev.total), desc="making class-prior images", unit="steps")
+                        continue
+                    steps.append(ev.step)
+                    losses.append(ev.loss)
+                    desc = f"step {ev.step}/{ev.total} · loss {ev.loss:.4f} · ETA {_eta(ev.eta_s)}"
+                    if progress is not None:
+                        progress((ev.step, ev.total), desc=desc, unit="steps")
+                    if time.monotonic() - last < PLOT_EVERY_S and ev.step < ev.total:
+                        continue
+                    update = {"status": desc, "loss_plot": loss_frame(steps, losses)}
+                elif isinstance(ev, TrainPreview):
+                    prompts = cfg.validation_prompts or (cfg.instance_prompt,)
+                    gallery = [(img, f"step {ev.step}: {p}") for img, p in zip(ev.images, prompts)] + gallery
+                    update = {"previews": gallery[:24]}
+                elif isinstance(ev, (TrainLog, TrainCheckpoint)):
+                    line = f"checkpoint saved at step {ev.step}" if isinstance(ev, TrainCheckpoint) else \
+                        (ev.message if ev.level == "info" else f"{ev.level.upper()}: {ev.message}")
+                    log = (log + [line])[-LOG_LINES:]
+                    update = {"log": "\n".join(log), "status": line}
+                last = time.monotonic()
+                yield update
+        except GeneratorExit:
+            if not done:
+                draining = True
+                self.engine.cancel()  # Gradio's cancel only stops the UI; the worker must stop too (§0.5)
+                threading.Thread(target=self._drain, args=(events,), daemon=True).start()
+            raise
+        except MemoryError:
+            raise gr.Error("Out of memory: lower the resolution or batch size, or turn on gradient "
+                           "checkpointing, then resume.") from None
+        except (ValueError, RuntimeError) as e:  # ConfigError, ImageRejected, ModelLoadError, TrainingError & co.
+            if isinstance(e, RuntimeError) and not USER_ERRORS & {c.__name__ for c in type(e).__mro__}:
+                raise
+            raise gr.Error(str(e)) from None
+        finally:
+            if not (done or draining):
+                self._count(-1)
+
+    def _count(self, delta: int) -> None:
+        with self._runs_changed:
+            self._runs += delta
+            self._runs_changed.notify_all()
+
+    def _drain(self, events) -> None:
+        """Consume an abandoned run to its end, so `cancel()` can tell when its checkpoint is on disk."""
+        try:
+            for _ in events:
+                pass
+        except Exception:  # noqa: BLE001 - nobody listens any more; the engine logged it and job.json says so
+            pass
+        finally:
+            self._count(-1)
+
+    def _final(self, res: TrainJobResult, cfg: TrainConfig, log: list[str]) -> dict[str, Any]:
+        r = res.result
+        out = {"loss_plot": loss_frame(list(range(1, len(r.losses) + 1)), r.losses), "log": "\n".join(log),
+               "runs": self.runs_dropdown(), "result_image": None}
+        skipped = "".join(f"\n- skipped **{f}**: {why}" for f, why in res.rejected)
+        if res.style is None:
+            msg = (f"Cancelled at step {r.steps} of {cfg.max_train_steps}. A checkpoint was saved: pick the run "
+                   "under **Interrupted runs** and press **Resume** to finish it." if r.steps else
+                   "Cancelled before the first training step; nothing to resume.")
+            return {**out, "status": msg.replace("**", ""), "result": f"### Training cancelled\n{msg}"}
+        s = res.style
+        if s.preview is not None:
+            with Image.open(s.preview) as im:  # a copy in memory: the data dir is not served by Gradio
+                out["result_image"] = im.convert("RGB")
+        example = cfg.instance_prompt
+        card = (f"### Style “{s.name}” is ready\nTrigger word **`{s.trigger_token}`** · {s.preset} · "
+                f"{r.steps} steps · final loss {r.losses[-1]:.4f}\n\nGo to the **Generate** tab, choose "
+                f"**{s.label}** under *Style* and write a prompt with `{s.trigger_token}`, e.g. *{example}*."
+                + (f"\n\n{len(res.rejected)} image(s) were not used:{skipped}" if res.rejected else ""))
+        return {**out, "status": f"Done: style “{s.name}” trained in {r.steps} steps. Go to Generate to use it.",
+                "result": card}
+
+    def cancel(self, wait_s: float = 60.0) -> dict[str, Any]:
+        """Stop the run at the next step; wait for its checkpoint so the Interrupted runs list can show it."""
+        self.engine.cancel()
+        with self._runs_changed:
+            stopped = self._runs_changed.wait_for(lambda: self._runs == 0, timeout=wait_s)
+        msg = "Cancelled." if stopped else "Stopping after the current step…"
+        return {"status": msg + " Resume it under Interrupted runs.", "runs": self.runs_dropdown()}
+
+    # ---- interrupted runs ----------------------------------------------------------------------------------
+    def resumable_runs(self) -> list[tuple[str, str]]:
+        """(label, run_dir): runs whose worker died (engine.interrupted_runs) and runs cancelled with a checkpoint."""
+        if self.engine is None:
+            return []
+        out = []
+        for r in self.engine.interrupted_runs():
+            total = r.config.get("max_train_steps", "?")
+            out.append((f"{_run_name(r.run_dir)} · interrupted at step {r.step}/{total}", str(r.run_dir)))
+        for run_dir, job in _cancelled_runs(self.engine.data_dir).items():
+            total = job["config"].get("max_train_steps", "?")
+            out.append((f"{_run_name(run_dir)} · cancelled at step {job['step']}/{total}", str(run_dir)))
+        return out
+
+    def runs_dropdown(self) -> gr.Dropdown:
+        runs = self.resumable_runs()
+        return gr.Dropdown(choices=runs, value=runs[0][1] if runs else None)
+
+
+def loss_frame(steps: list[int], losses: list[float]) -> pd.DataFrame:
+    return pd.DataFrame({"step": steps, "loss": losses})
+
+
+def _cancelled_runs(data_dir: Path) -> dict[Path, dict]:
+    """job.json of runs cancelled after at least one step. engine.interrupted_runs() leaves these out (their
+    worker, this process, is alive), yet a checkpoint was saved for them exactly so they can be resumed."""
+    out = {}
+    for job_file in sorted(Path(data_dir, "runs").glob("*/job.json"), reverse=True):
+        try:
+            job = json.loads(job_file.read_text("utf-8"))
+        except (OSError, ValueError):
+            continue
+        if job.get("state") == "cancelled" and int(job.get("step", 0)) > 0 and job.get("config"):
+            out[job_file.parent] = job
+    return out
+
+
+def _run_name(run_dir: Path) -> str:
+    try:
+        return json.loads((Path(run_dir) / "style-name.json").read_text("utf-8"))["name"]
+    except (OSError, ValueError, KeyError):
+        return Path(run_dir).name
