@@ -63,13 +63,10 @@ class PeakMemory:
             time.sleep(0.002)
 
     def __exit__(self, *exc):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.peak = (torch.cuda.max_memory_allocated() - self.base) / 2**20
-        else:
+        if self.device != "cuda":
             self.run = False
             self.thread.join()
-            self.peak = (self.max_rss - self.base) / 2**20
+        self.peak = self.current_peak()
 
 
 def run_ours(engine, req):

@@ -15,11 +15,9 @@ import os
 import random
 import re
 import shutil
-import socket
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,13 +25,12 @@ import numpy as np
 import safetensors.torch as st
 import torch
 
-from .safety import ModelFileError, atomic_write_bytes, validate_safetensors
+from .safety import ModelFileError, validate_safetensors
 from .train_config import config_hash
 
 SCHEMA_VERSION = 1
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 MARGIN_BYTES = 32 * 2**20  # room for logs, previews and filesystem overhead on top of the estimate
-JOB_STATES = ("queued", "running", "checkpointed", "done", "failed", "cancelled")
 Warn = Callable[[str], None]
 
 
@@ -393,61 +390,3 @@ def image_hashes(cfg) -> list[dict[str, str]]:
 
 def dataset_hash(images: list[dict[str, str]]) -> str:
     return hashlib.sha256("".join(i["sha256"] for i in images).encode()).hexdigest()
-
-
-# ---- crash-safe job state (TR-9) -----------------------------------------------------------------------------
-
-def write_job(run_dir: Path, state: str, **info) -> dict:
-    """Record queued → running → checkpointed(step) → done/failed/cancelled in run_dir/job.json, atomically."""
-    if state not in JOB_STATES:
-        raise ValueError(f"unknown job state {state!r}")
-    path = run_dir / "job.json"
-    old = read_job(run_dir) or {}
-    job = dict(old, **info, state=state, schema_version=SCHEMA_VERSION, pid=os.getpid(), host=socket.gethostname(),
-               updated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(job, indent=1, sort_keys=True).encode())
-    return job
-
-
-def read_job(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((run_dir / "job.json").read_text("utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:  # os.kill(0 or -1, ...) would address a whole process group
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@dataclass(frozen=True)
-class InterruptedRun:
-    """A run whose worker died while it was running: offer "interrupted — resume?"."""
-
-    run_dir: Path
-    step: int
-    last_checkpoint: int | None
-    config: dict  # the TrainConfig as a dict: TrainConfig(**config) resumes it
-
-
-def find_interrupted_runs(runs_dir: Path) -> list[InterruptedRun]:
-    """Runs left `running`/`checkpointed` whose worker process is gone (on this host)."""
-    found = []
-    for job_file in sorted(Path(runs_dir).glob("*/job.json")):
-        job = read_job(job_file.parent)
-        if not job or job.get("state") not in ("running", "checkpointed"):
-            continue
-        if job.get("host") == socket.gethostname() and _alive(int(job.get("pid", -1))):
-            continue  # still training
-        found.append(InterruptedRun(job_file.parent, int(job.get("step", 0)),
-                                    latest_step(job_file.parent / "checkpoints"), job.get("config", {})))
-    return found

@@ -180,7 +180,7 @@ class Engine:
 
     def interrupted_runs(self) -> list:
         """Runs whose worker died mid-training (power cut, kill): offer "interrupted — resume?"."""
-        from .checkpoints import find_interrupted_runs
+        from .jobs import find_interrupted_runs
 
         return find_interrupted_runs(self.data_dir / "runs")
 

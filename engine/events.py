@@ -55,3 +55,15 @@ class TrainJobResult:
     style: object | None  # engine.styles.StyleInfo; None when cancelled
     rejected: list[tuple[str, str]]
     notices: list[str]
+
+
+class TrainingError(RuntimeError):
+    """Training stopped; the message says why and what to do. The last valid checkpoint is kept."""
+
+
+class TrainingDiverged(TrainingError):
+    pass
+
+
+class TrainingOOM(TrainingError):
+    pass

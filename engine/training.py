@@ -2,21 +2,17 @@
 
 Ruiz et al. 2023 ("DreamBooth") with LoRA adapters (Hu et al. 2021) through peft, following diffusers'
 `examples/dreambooth/train_dreambooth_lora.py` but cut into small functions: 1 load, 2 add LoRA, 3 priors,
-4 data, 5 loop, 6 save. Checkpoints resume bit-exactly (engine/checkpoints.py). Runs in-process for the UI,
-and under `accelerate launch` / `torchrun` through engine/train.py (only rank 0 writes files).
+4 data, 5 loop, 6 save (engine/train_output.py). Checkpoints resume bit-exactly (engine/checkpoints.py; job
+state in engine/jobs.py). Runs in-process for the UI, and under `accelerate launch` / `torchrun` through engine/train.py (only rank 0 writes files).
 """
 from __future__ import annotations
 
-import datetime as dt
 import gc
 import hashlib
-import json
 import math
 import os
-import shutil
 import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,34 +20,23 @@ from typing import Callable
 import torch
 
 from . import checkpoints as ck
+from . import jobs
 from .config import ConfigError
-from .safety import atomic_path, atomic_write_bytes, validate_safetensors
-from .events import TrainCheckpoint, TrainEvent, TrainLog, TrainPreview, TrainProgress, TrainResult  # noqa: F401
+from .events import (TrainCheckpoint, TrainEvent, TrainingDiverged, TrainingError, TrainingOOM,  # noqa: F401
+                     TrainLog, TrainPreview, TrainProgress, TrainResult)
 from .train_config import TrainConfig
 
-PREVIEW_STEPS = 20
-PREVIEW_GUIDANCE = 5.0
-PREVIEW_SEEDS = (0, 1)
-STYLE_SCHEMA_VERSION = 1
+__all__ = ["train", "TrainingError", "TrainingDiverged", "TrainingOOM", "TrainCheckpoint", "TrainLog", "TrainPreview",
+           "TrainProgress", "TrainResult"]
 
 
-# ---- typed events and result: engine/events.py (no torch there, so the UI can match on them) --------------------
 
-class TrainingError(RuntimeError):
-    """Training stopped; the message says why and what to do. The last valid checkpoint is kept."""
-
-
-class TrainingDiverged(TrainingError):
-    pass
-
-
-class TrainingOOM(TrainingError):
-    pass
-
+# ---- typed events, results and errors: engine/events.py (no torch there, so the UI can match on them) ----------
 
 # ---- math and data: engine/train_math.py, engine/train_data.py ------------------------------------------------
 from .train_data import DreamBoothData, EpochSampler  # noqa: E402,F401
 from .train_math import diffusion_target, dreambooth_loss, is_oom, min_snr_weights, offset_noise  # noqa: E402,F401
+from .train_output import log_preview, step6_save  # noqa: E402
 
 
 # ---- the run: everything the steps share -------------------------------------------------------------------------
@@ -245,7 +230,7 @@ def make_optimizer(run: Run) -> None:
         run.te = c.text_encoder
 
 
-# ---- 5: the loop -----------------------------------------------------------------------------------------------
+# ---- 5: the loop (previews and step 6 are in engine/train_output.py) -----------------------------------------------------------------------------------------------
 
 def encode_latents(run: Run, batch: dict) -> torch.Tensor:
     """z = (μ + σ·n) · scaling_factor, from the VAE or the latent cache, noise drawn from the run's generator."""
@@ -360,38 +345,13 @@ def optimizer_step(run: Run) -> float:
     return loss
 
 
-def preview(run: Run, prompts, seeds) -> list:
-    """Images from the model as it is now, through the one sampler (engine.sampling.sample)."""
-    from .sampling import Components, sample, to_pil
-
-    c = run.model.components
-    comps = Components(c.vae, run.acc.unwrap_model(run.te), c.tokenizer, run.acc.unwrap_model(run.unet), c.scheduler)
-    with torch.no_grad(), run.acc.autocast():
-        imgs = sample(comps, list(prompts), [""] * len(prompts), list(seeds), num_inference_steps=PREVIEW_STEPS,
-                      guidance_scale=PREVIEW_GUIDANCE, height=run.resolution, width=run.resolution)
-    return to_pil(imgs)
-
-
-def log_preview(run: Run) -> None:
-    import numpy as np
-
-    prompts = run.cfg.validation_prompts
-    images = preview(run, prompts, [run.cfg.seed] * len(prompts))
-    run.emit(TrainPreview(run.step, images))
-    for tracker in run.acc.trackers:
-        if tracker.name == "tensorboard":
-            tracker.log_images({"preview": np.stack([np.asarray(i) for i in images])}, run.step, dataformats="NHWC")
-        elif tracker.name == "wandb":
-            tracker.log_images({"preview": images}, run.step)
-
-
 def save_state(run: Run) -> None:
     """Checkpoint now (every rank takes part; rank 0 writes), then report it."""
     path = ck.save_run(run, warn=lambda m: run.emit(TrainLog(m, "warning")))
     run.last_ckpt = run.step
     if run.main:
         run.emit(TrainCheckpoint(run.step, path))
-        ck.write_job(run.run_dir, "checkpointed", step=run.step, checkpoint=path.name)
+        jobs.write_job(run.run_dir, "checkpointed", step=run.step, checkpoint=path.name)
 
 
 def step5_loop(run: Run) -> bool:
@@ -428,71 +388,6 @@ def check_ranks_in_sync(run: Run) -> None:
     run.emit(TrainLog(f"ranks in sync: LoRA checksum {digest[:8].hex()} identical on {run.acc.num_processes} ranks"))
 
 
-# ---- 6: save the result ----------------------------------------------------------------------------------------
-
-def step6_save(run: Run) -> tuple[Path, Path]:
-    """LoRA in diffusers format with alpha metadata, a fixed-seed preview grid and style.json, each atomic."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.training_utils import _collate_lora_metadata
-    from peft.utils import get_peft_model_state_dict
-
-    cfg = run.cfg
-    unet, te = run.acc.unwrap_model(run.unet), run.acc.unwrap_model(run.te)
-    # PEFT key format ("...to_q.lora_A.weight"), which diffusers loads as it is. Its older "lora_linear_layer"
-    # conversion drops the attention layers when convolution LoRA is in the same file (measured: half missing).
-    layers = {"unet_lora_layers": get_peft_model_state_dict(unet)}
-    if cfg.train_text_encoder:
-        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(te)
-    for sd in layers.values():
-        if not all(bool(torch.isfinite(t).all()) for t in sd.values()):
-            raise TrainingDiverged("the trained LoRA contains NaN/Inf values and was not saved; lower the learning "
-                                   "rate or use bf16/fp32 and resume from the last checkpoint")
-    # Without this metadata the loader assumes alpha == rank and reloads at the wrong scale (LIBRARY-NOTES §0.4).
-    meta = _collate_lora_metadata({"unet": unet, "text_encoder": te if cfg.train_text_encoder else None})
-    out = run.run_dir / "output"
-    out.mkdir(parents=True, exist_ok=True)
-    lora_path, tmp = out / f"{cfg.output_name}.safetensors", out / f".tmp-{uuid.uuid4().hex[:12]}"
-    try:
-        ck.check_free_space(out, sum(ck.tensor_bytes(sd) for sd in layers.values()), "the trained LoRA")
-        StableDiffusionPipeline.save_lora_weights(tmp, weight_name=lora_path.name, **layers, **meta)
-        validate_safetensors(tmp / lora_path.name, check_values=True)  # every saved tensor finite (TR-6)
-        with atomic_path(lora_path) as dst:
-            os.replace(tmp / lora_path.name, dst)
-    except OSError as e:
-        raise ck.DiskFullError(f"could not save the LoRA ({e}); the checkpoints are kept, resume to retry") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    grid_path = write_preview_grid(run, out / "preview.png")
-    style = {"schema_version": STYLE_SCHEMA_VERSION, "trigger_token": cfg.trigger_token,
-             "instance_prompt": cfg.instance_prompt, "preset": cfg.preset, "base_model": cfg.base_model or "demo",
-             "base_model_fingerprint": run.model.fingerprint, "prediction_type": run.model.prediction_type,
-             "lora_file": lora_path.name, "recommended_strength": 1.0, "steps": run.step,
-             "training_config": {**asdict(cfg), "config_schema_version": cfg.schema_version},
-             "training_images": run.images,
-             "preview_grid": grid_path.name, "preview_seeds": list(PREVIEW_SEEDS),
-             "library_versions": ck.library_versions(),
-             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    style_path = out / "style.json"
-    atomic_write_bytes(style_path, json.dumps(style, indent=1).encode())
-    return lora_path, style_path
-
-
-def write_preview_grid(run: Run, path: Path) -> Path:
-    """Rows: validation prompts (or the instance prompt); columns: PREVIEW_SEEDS."""
-    from PIL import Image
-
-    prompts = list(run.cfg.validation_prompts or (run.cfg.instance_prompt,))
-    pairs = [(p, s) for p in prompts for s in PREVIEW_SEEDS]
-    images = preview(run, [p for p, _ in pairs], [s for _, s in pairs])
-    r = run.resolution
-    grid = Image.new("RGB", (r * len(PREVIEW_SEEDS), r * len(prompts)))
-    for k, img in enumerate(images):
-        grid.paste(img, ((k % len(PREVIEW_SEEDS)) * r, (k // len(PREVIEW_SEEDS)) * r))
-    with atomic_path(path) as tmp:
-        grid.save(tmp, "PNG")
-    return path
-
-
 # ---- the API -----------------------------------------------------------------------------------------------------
 
 def train(config: TrainConfig, run_dir: Path, *, class_images=(), class_captions=(), on_event: Callable[[TrainEvent], None] | None = None,
@@ -508,7 +403,7 @@ def train(config: TrainConfig, run_dir: Path, *, class_images=(), class_captions
     emit = (on_event or (lambda e: None)) if main else (lambda e: None)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        ck.write_job(run_dir, "running", step=0, total=config.max_train_steps, message="", config=asdict(config))
+        jobs.write_job(run_dir, "running", step=0, total=config.max_train_steps, message="", config=asdict(config))
     run = None
     try:
         missing = [p for p in config.instance_images if not Path(p).is_file()]
@@ -538,14 +433,14 @@ def train(config: TrainConfig, run_dir: Path, *, class_images=(), class_captions
     except BaseException as e:
         if main:
             interrupted = isinstance(e, KeyboardInterrupt)
-            ck.write_job(run_dir, "cancelled" if interrupted else "failed", step=run.step if run else 0,
+            jobs.write_job(run_dir, "cancelled" if interrupted else "failed", step=run.step if run else 0,
                          message="interrupted" if interrupted else str(e))
             emit(TrainLog(str(e) or type(e).__name__, "error"))
         for tracker in run.acc.trackers if run else ():
             tracker.finish()  # flush what was logged; the folder stays readable
         raise
     if main:
-        ck.write_job(run_dir, "cancelled" if cancelled else "done", step=run.step,
+        jobs.write_job(run_dir, "cancelled" if cancelled else "done", step=run.step,
                      lora=str(lora_path) if lora_path else None)
     accumulation = math.ceil(config.train_batch_size * config.gradient_accumulation_steps / run.micro_batch)
     return TrainResult(lora_path, style_path, run.step, list(run.losses), cancelled, resumed_from, run.skipped,

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 import engine.training as T
 from engine import checkpoints as ck
+from engine import jobs
 from engine.train_config import TrainConfig, presets, save_train_config
 
 torch.set_num_threads(1)  # the subprocess gets OMP_NUM_THREADS=1: the same float summation order
@@ -56,7 +57,7 @@ def same_tensors(a: Path, b: Path) -> bool:
 
 @pytest.fixture(autouse=True)
 def fast_previews(monkeypatch):
-    monkeypatch.setattr(T, "PREVIEW_STEPS", 2)
+    monkeypatch.setattr("engine.train_output.PREVIEW_STEPS", 2)
 
 
 # ---- TR-4: exact resume ------------------------------------------------------------------------------------------
@@ -187,7 +188,7 @@ def test_enospc_during_training_stops_with_disk_full(tiny_sd, tmp_path, monkeypa
     with pytest.raises(ck.DiskFullError, match="disk full"):
         T.train(cfg, tmp_path / "run")
     assert [p.name for p in (tmp_path / "run/checkpoints").iterdir()] == ["checkpoint-1"]
-    job = ck.read_job(tmp_path / "run")
+    job = jobs.read_job(tmp_path / "run")
     assert job["state"] == "failed" and "disk full" in job["message"]
     monkeypatch.setattr(ck, "_write_bytes", orig)  # space freed: resume goes on from step 1
     assert T.train(cfg, tmp_path / "run").resumed_from == 1
@@ -225,11 +226,11 @@ def test_kill_9_during_a_checkpoint_write_resumes_from_the_previous(tiny_sd, tmp
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert list((run_dir / "checkpoints").glob("checkpoint-4.tmp-*"))  # the half-written one is there
-    interrupted = ck.find_interrupted_runs(tmp_path / "runs")
+    interrupted = jobs.find_interrupted_runs(tmp_path / "runs")
     assert [(r.run_dir, r.last_checkpoint) for r in interrupted] == [(run_dir, 2)]  # "interrupted — resume?"
     result = T.train(TrainConfig(**interrupted[0].config), run_dir)  # everything needed to resume is on disk
     assert result.resumed_from == 2 and result.steps == 4
-    assert not list((run_dir / "checkpoints").glob("*.tmp-*")) and ck.find_interrupted_runs(tmp_path / "runs") == []
+    assert not list((run_dir / "checkpoints").glob("*.tmp-*")) and jobs.find_interrupted_runs(tmp_path / "runs") == []
 
 
 # ---- TR-5 and the rest -----------------------------------------------------------------------------------------
@@ -261,10 +262,10 @@ def test_interrupted_runs_are_found_by_dead_workers(tmp_path):
     dead.wait()
     for name, pid, state in (("dead", dead.pid, "running"), ("alive", os.getpid(), "running"),
                              ("finished", dead.pid, "done")):
-        ck.write_job(tmp_path / name, state, step=3)
+        jobs.write_job(tmp_path / name, state, step=3)
         job = json.loads((tmp_path / name / "job.json").read_text())
         (tmp_path / name / "job.json").write_text(json.dumps({**job, "pid": pid}))
-    assert [r.run_dir.name for r in ck.find_interrupted_runs(tmp_path)] == ["dead"]
+    assert [r.run_dir.name for r in jobs.find_interrupted_runs(tmp_path)] == ["dead"]
 
 
 def test_no_pickle_loading_in_training_code():

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 
 import engine.training as T
 from engine import checkpoints as ck
+from engine import jobs
 from engine.config import ConfigError
 from engine.train_config import TrainConfig, presets
 
@@ -39,7 +40,7 @@ def make_config(model: Path, images, **over) -> TrainConfig:
 
 @pytest.fixture(autouse=True)
 def fast_previews(monkeypatch):
-    monkeypatch.setattr(T, "PREVIEW_STEPS", 2)
+    monkeypatch.setattr("engine.train_output.PREVIEW_STEPS", 2)
 
 
 # ---- math ----------------------------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ def test_lora_reload_reproduces_the_trained_model(tiny_sd, tmp_path, monkeypatch
     acc = EventAccumulator(str(next((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*")).parent))
     acc.Reload()
     assert {"loss", "lr"} <= set(acc.Tags()["scalars"]) and acc.Tags()["images"]
-    assert ck.read_job(tmp_path / "run")["state"] == "done"
+    assert jobs.read_job(tmp_path / "run")["state"] == "done"
 
 
 def test_text_encoder_stops_after_its_fraction(tiny_sd, tmp_path):
@@ -173,7 +174,7 @@ def test_prior_preservation_needs_class_images_and_8bit_adam_needs_cuda(tiny_sd,
     imgs = draw_images(tmp_path / "img")
     with pytest.raises(ConfigError, match="generate them first"):
         T.train(make_config(tiny_sd, imgs, with_prior_preservation=True), tmp_path / "a")
-    assert ck.read_job(tmp_path / "a")["state"] == "failed"
+    assert jobs.read_job(tmp_path / "a")["state"] == "failed"
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="use_8bit_adam` needs a CUDA GPU"):
             T.train(make_config(tiny_sd, imgs, use_8bit_adam=True), tmp_path / "b")
@@ -196,7 +197,7 @@ def test_nan_loss_stops_the_job_and_saves_no_lora(tiny_sd, tmp_path, monkeypatch
         T.train(cfg, tmp_path / "run", on_event=events.append)
     assert not (tmp_path / "run" / "output" / "lora.safetensors").exists()
     assert sum("update skipped" in getattr(e, "message", "") for e in events) == 3
-    job = ck.read_job(tmp_path / "run")
+    job = jobs.read_job(tmp_path / "run")
     assert job["state"] == "failed" and "diverged" in job["message"]
     for _, path in ck.list_checkpoints(tmp_path / "run" / "checkpoints"):  # every checkpoint stays finite
         ck.verify_checkpoint(path)
@@ -251,4 +252,4 @@ def test_cancel_stops_with_a_checkpoint(tiny_sd, tmp_path):
     result = T.train(cfg, tmp_path / "run", on_event=on_event, stop_event=stop)
     assert result.cancelled and result.steps == 1 and result.lora_path is None
     assert ck.latest_step(tmp_path / "run" / "checkpoints") == 1
-    assert ck.read_job(tmp_path / "run")["state"] == "cancelled"
+    assert jobs.read_job(tmp_path / "run")["state"] == "cancelled"

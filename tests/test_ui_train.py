@@ -16,7 +16,6 @@ import torch
 from gradio.utils import get_upload_folder
 from PIL import Image, ImageDraw
 
-import engine.training as T
 from engine.config import Settings
 from engine.engine import Engine
 from engine.train_config import TRIGGER_CANDIDATES, TrainConfig, field_names, presets
@@ -41,7 +40,7 @@ def h(engine):
 
 @pytest.fixture(autouse=True)
 def fast_previews(monkeypatch):
-    monkeypatch.setattr(T, "PREVIEW_STEPS", 2)  # previews and the result grid: 2 denoising steps, not 20
+    monkeypatch.setattr("engine.train_output.PREVIEW_STEPS", 2)  # previews and the result grid: 2 denoising steps, not 20
 
 
 def draw(n: int = 4, size: int = 64, folder: Path | None = None) -> list[str]:
