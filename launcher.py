@@ -13,7 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
-from engine.config import ConfigError, Settings, load_toml, save_toml
+from engine.core.config import ConfigError, Settings, load_toml, save_toml
 
 APP_NAME = "Stylebooth"
 # Saved when given. --listen and --no-browser are deliberately per run: a one-off --listen must not make every
@@ -45,7 +45,7 @@ def config_dir() -> Path:
 
 
 def default_data_dir() -> Path:
-    from platformdirs import user_data_dir  # the same place engine.engine.default_data_dir() picks
+    from platformdirs import user_data_dir  # the same place engine.api.default_data_dir() picks
 
     return Path(user_data_dir(APP_NAME, appauthor=False))
 
@@ -95,8 +95,8 @@ def prepare_environment(data_dir: Path) -> Path:
 
 
 def check_torch() -> None:
-    """Refuse torch < 2.10 (RELIABILITY MF-5) when engine.safety provides the check."""
-    from engine import safety
+    """Refuse torch < 2.10 (RELIABILITY MF-5) when engine.models.safety provides the check."""
+    from engine.models import safety
 
     check = getattr(safety, "check_torch_version", None)
     if check is not None:
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     host = "0.0.0.0" if settings.listen else "127.0.0.1"
     print(f"Starting {APP_NAME}: loading the model…", flush=True)
-    from engine.engine import Engine  # imports torch: slow, so only after the cheap checks
+    from engine.api import Engine  # imports torch: slow, so only after the cheap checks
     from ui.app import build_app, launch_options
 
     demo = build_app(Engine(settings))

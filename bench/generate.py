@@ -19,9 +19,9 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.config import GenerateRequest, Settings  # noqa: E402
-from engine.engine import Engine  # noqa: E402
-from engine.sampling import make_scheduler  # noqa: E402
+from engine.core.config import GenerateRequest, Settings  # noqa: E402
+from engine.api import Engine  # noqa: E402
+from engine.generate.sampler import make_scheduler  # noqa: E402
 
 
 class PeakMemory:

@@ -7,7 +7,7 @@
         the SD 1.5 architecture with random weights built from assets/configs/sd15 (no download), 512 px, fp16,
         batch 1: gradient checkpointing off vs on (needs a CUDA GPU)
 
-Each setting runs `engine.training.train` in its own subprocess, so the memory of one run cannot leak into the
+Each setting runs `engine.train.loop.train` in its own subprocess, so the memory of one run cannot leak into the
 next (CPU allocators rarely hand memory back to the OS). Only training steps are timed: from the TrainProgress
 event of step `warmup` to that of the last step (model load, latent caching, the first steps' warm-up and the
 final save are outside). Memory: the peak from step `warmup` to the last step (a model load's transient fp32 copy
@@ -33,7 +33,7 @@ SD15 = ROOT / "assets" / "configs" / "sd15"
 
 def make_config(model: str, steps: int, **over):
     """The fixed benchmark run: subject preset, 4 example images, no priors, previews or periodic checkpoints."""
-    from engine.train_config import TrainConfig, presets
+    from engine.core.train_config import TrainConfig, presets
 
     base = {**presets("subject"), "instance_images": tuple(EXAMPLES), "base_model": model, "max_train_steps": steps,
             "with_prior_preservation": False,  # class images would double the batch and need a sampling phase
@@ -46,8 +46,8 @@ def run_one(spec: dict) -> dict:
     """One training run in this process (the child side); returns steps/s, peak MiB and the losses' ends."""
     import torch
 
-    from engine.events import TrainProgress
-    from engine.training import train
+    from engine.core.events import TrainProgress
+    from engine.train.loop import train
     sys.path.insert(0, str(ROOT / "bench"))
     from generate import PeakMemory  # the same memory probe as bench/generate.py
 

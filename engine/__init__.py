@@ -1,0 +1,13 @@
+"""Stylebooth's engine: everything that touches models, files and (later) the database. Never imports gradio.
+
+The UI and the CLI call one facade, `engine.api.Engine`, and match on the torch-free types in `engine.core`.
+Subpackages by capability, each allowed to import only the ones listed in its own docstring:
+
+    core/      requests, settings, events, results, errors, durable file writes, image intake (torch-free)
+    models/    base-model loading (diffusers folder, hub id, single file), file safety, fingerprints
+    generate/  the one CFG sampler and the recipes written into every PNG
+    train/     the DreamBooth + LoRA trainer: loop, math, data, priors, checkpoints, output, app job, CLI
+    styles/    trained styles on disk and the LoRA adapters that apply them
+    jobs/      job state on disk and per-job cancel tokens
+    demo/      the demo model's shapes world and its checker
+"""

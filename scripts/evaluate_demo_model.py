@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine import demo_world as W  # noqa: E402
-from engine.demo_checker import DemoChecker  # noqa: E402
-from engine.models import DEMO_MODEL, load_base_model  # noqa: E402
-from engine.sampling import sample, to_pil  # noqa: E402
+from engine.demo import world as W  # noqa: E402
+from engine.demo.checker import DemoChecker  # noqa: E402
+from engine.models.loading import DEMO_MODEL, load_base_model  # noqa: E402
+from engine.generate.sampler import sample, to_pil  # noqa: E402
 from scripts.train_demo_model import SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def card(metrics: dict, train_info: str, n: int) -> str:
     return f"""# Stylebooth demo model
 
 A tiny text-to-image model in the standard diffusers Stable Diffusion format (`StableDiffusionPipeline`),
-trained from scratch on the procedurally drawn "shapes world" (`engine/demo_world.py`) so that Stylebooth works
+trained from scratch on the procedurally drawn "shapes world" (`engine/demo/world.py`) so that Stylebooth works
 offline and its tests can show that training *learns*. It is not a general image model.
 
 ## Data

@@ -1,4 +1,4 @@
-"""Train the demo checker's shape/texture CNN (engine/demo_checker.py) on fresh shapes-world images.
+"""Train the demo checker's shape/texture CNN (engine/demo/checker.py) on fresh shapes-world images.
 
 Every shape and texture (held-out ones included: the checker must judge what DreamBooth teaches) is drawn by
 demo_world with random colours, position, size and rotation. Each batch is re-augmented so the CNN keeps working
@@ -25,8 +25,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from engine import demo_world as W  # noqa: E402
-from engine.demo_checker import CheckerNet, DemoChecker, normalize  # noqa: E402
+from engine.demo import world as W  # noqa: E402
+from engine.demo.checker import CheckerNet, DemoChecker, normalize  # noqa: E402
 
 EVAL_SEED = 900_001  # held-out: training uses --seed (default 0); tests use yet another seed
 
@@ -95,8 +95,8 @@ def write_readme(out_dir: Path, args, n_params: int, rows: dict, train_s: float,
         table.append(f"| {name} | " + " | ".join(f"{100 * r[a]:.2f}%" for a in ("shape", "texture", "fg", "bg")) + " |")
     (out_dir / "README.md").write_text(f"""# Demo checker
 
-Scores images of the shapes world (`engine/demo_world.py`) the way DINO / CLIP scores are used for real
-models: `engine.demo_checker.DemoChecker.load().predict(images)` / `.score(images, scenes)`.
+Scores images of the shapes world (`engine/demo/world.py`) the way DINO / CLIP scores are used for real
+models: `engine.demo.checker.DemoChecker.load().predict(images)` / `.score(images, scenes)`.
 
 * **shape** ({len(W.SHAPES)} classes) and **texture** ({len(W.TEXTURES)} classes): a small CNN, this file's
   `checker.safetensors` ({n_params:,} parameters, float32, safetensors only).

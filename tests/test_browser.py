@@ -15,8 +15,8 @@ pytestmark = MARKS
 
 @pytest.fixture(scope="module")
 def app_url(tiny_sd, tmp_path_factory):
-    from engine.config import Settings
-    from engine.engine import Engine
+    from engine.core.config import Settings
+    from engine.api import Engine
     from ui.app import build_app, launch_options
 
     data = tmp_path_factory.mktemp("browser-data")

@@ -21,15 +21,15 @@ pytestmark = MARKS
 def app_url(tiny_sd, tmp_path_factory):
     import torch
 
-    from engine.config import Settings
-    from engine.engine import Engine
+    from engine.core.config import Settings
+    from engine.api import Engine
     from ui.app import build_app, launch_options
 
     torch.set_num_threads(1)
     data = tmp_path_factory.mktemp("browser-train-data")
     demo = build_app(Engine(Settings(model=str(tiny_sd), data_dir=str(data))))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("engine.train_output.PREVIEW_STEPS", 2)  # previews with 2 denoising steps: the wiring, not the pictures
+        mp.setattr("engine.train.output.PREVIEW_STEPS", 2)  # previews with 2 denoising steps: the wiring, not the pictures
         demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
                     **launch_options(data))
         yield demo.local_url.rstrip("/")

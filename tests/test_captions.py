@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.captions import read_captions
-from engine.config import ConfigError
-from engine.images import ingest_dataset
-from engine.train_config import TrainConfig, presets
+from engine.core.captions import read_captions
+from engine.core.config import ConfigError
+from engine.core.images import ingest_dataset
+from engine.core.train_config import TrainConfig, presets
 
 
 def _png(path: Path, colour) -> Path:
@@ -68,8 +68,8 @@ def test_captions_follow_their_images_through_ingest(tmp_path):
 def test_each_training_example_gets_its_own_caption(tiny_sd, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from engine.sampling import tokenize
-    from engine.train_data import DreamBoothData
+    from engine.generate.sampler import tokenize
+    from engine.train.data import DreamBoothData
 
     tok = StableDiffusionPipeline.from_pretrained(tiny_sd).tokenizer
     imgs = [str(_png(tmp_path / f"{i}.png", 40 * i)) for i in range(3)]
@@ -87,9 +87,9 @@ def test_class_images_get_their_own_captions_and_several_prompts_need_them(tiny_
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from engine import training as T
-    from engine.sampling import tokenize
-    from engine.train_data import DreamBoothData
+    from engine.train import loop as T
+    from engine.generate.sampler import tokenize
+    from engine.train.data import DreamBoothData
 
     tok = StableDiffusionPipeline.from_pretrained(tiny_sd).tokenizer
     imgs = [str(_png(tmp_path / f"{i}.png", 40 * i)) for i in range(2)]

@@ -17,10 +17,12 @@ import safetensors.torch as st
 import torch
 from PIL import Image, ImageDraw
 
-import engine.training as T
-from engine import checkpoints as ck
-from engine import jobs
-from engine.train_config import TrainConfig, presets, save_train_config
+import engine.train.loop as T
+from engine.core.events import TrainCheckpoint
+from engine.train import checkpoints as ck
+from engine.jobs import state as jobs
+from engine.train.job import resumable_runs
+from engine.core.train_config import TrainConfig, presets, save_train_config
 
 torch.set_num_threads(1)  # the subprocess gets OMP_NUM_THREADS=1: the same float summation order
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +49,7 @@ def make_config(model: Path, images, **over) -> TrainConfig:
 
 def stop_at(step: int):
     stop = threading.Event()
-    return stop, lambda e: stop.set() if isinstance(e, T.TrainCheckpoint) and e.step == step else None
+    return stop, lambda e: stop.set() if isinstance(e, TrainCheckpoint) and e.step == step else None
 
 
 def same_tensors(a: Path, b: Path) -> bool:
@@ -57,7 +59,7 @@ def same_tensors(a: Path, b: Path) -> bool:
 
 @pytest.fixture(autouse=True)
 def fast_previews(monkeypatch):
-    monkeypatch.setattr("engine.train_output.PREVIEW_STEPS", 2)
+    monkeypatch.setattr("engine.train.output.PREVIEW_STEPS", 2)
 
 
 # ---- TR-4: exact resume ------------------------------------------------------------------------------------------
@@ -206,14 +208,14 @@ def test_kill_9_during_a_checkpoint_write_resumes_from_the_previous(tiny_sd, tmp
     marker, run_dir = tmp_path / "in-save", tmp_path / "runs" / "r1"
     script = (
         "import sys, time\n"
-        "import engine.checkpoints as ck\n"
+        "import engine.train.checkpoints as ck\n"
         "orig = ck._write_bytes\n"
         "def slow(p, data):\n"
         "    if 'checkpoint-4.tmp' in str(p) and p.name == 'optimizer.safetensors':\n"
         "        open(sys.argv[2], 'w').close(); time.sleep(600)\n"
         "    return orig(p, data)\n"
         "ck._write_bytes = slow\n"
-        "from engine.train import main\n"
+        "from engine.train.cli import main\n"
         "sys.exit(main(['--config', sys.argv[1], '--run-dir', sys.argv[3]]))\n")
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "run.toml"), str(marker), str(run_dir)],
                             cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -226,11 +228,11 @@ def test_kill_9_during_a_checkpoint_write_resumes_from_the_previous(tiny_sd, tmp
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert list((run_dir / "checkpoints").glob("checkpoint-4.tmp-*"))  # the half-written one is there
-    interrupted = jobs.find_interrupted_runs(tmp_path / "runs")
-    assert [(r.run_dir, r.last_checkpoint) for r in interrupted] == [(run_dir, 2)]  # "interrupted — resume?"
+    interrupted = resumable_runs(tmp_path / "runs")
+    assert [(r.run_id, r.state, r.last_checkpoint) for r in interrupted] == [(run_dir.name, "interrupted", 2)]  # "interrupted — resume?"
     result = T.train(TrainConfig(**interrupted[0].config), run_dir)  # everything needed to resume is on disk
     assert result.resumed_from == 2 and result.steps == 4
-    assert not list((run_dir / "checkpoints").glob("*.tmp-*")) and jobs.find_interrupted_runs(tmp_path / "runs") == []
+    assert not list((run_dir / "checkpoints").glob("*.tmp-*")) and resumable_runs(tmp_path / "runs") == []
 
 
 # ---- TR-5 and the rest -----------------------------------------------------------------------------------------
@@ -262,13 +264,13 @@ def test_interrupted_runs_are_found_by_dead_workers(tmp_path):
     dead.wait()
     for name, pid, state in (("dead", dead.pid, "running"), ("alive", os.getpid(), "running"),
                              ("finished", dead.pid, "done")):
-        jobs.write_job(tmp_path / name, state, step=3)
+        jobs.write_job(tmp_path / name, state, step=3, config={"max_train_steps": 5})
         job = json.loads((tmp_path / name / "job.json").read_text())
         (tmp_path / name / "job.json").write_text(json.dumps({**job, "pid": pid}))
-    assert [r.run_dir.name for r in jobs.find_interrupted_runs(tmp_path)] == ["dead"]
+    assert [r.run_id for r in resumable_runs(tmp_path)] == ["dead"]
 
 
 def test_no_pickle_loading_in_training_code():
-    for name in ("training.py", "checkpoints.py", "train.py", "train_config.py"):
+    for name in ("train/loop.py", "train/checkpoints.py", "train/cli.py", "core/train_config.py"):
         src = (ROOT / "engine" / name).read_text()
         assert "import pickle" not in src and "torch.load(" not in src.replace("torch.load(weights_only=True", ""), name

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from engine import demo_world as W
-from engine.demo_checker import DEFAULT_PATH, DemoChecker
+from engine.demo import world as W
+from engine.demo.checker import DEFAULT_PATH, DemoChecker
 
 torch.set_num_threads(1)
 TEST_SEED = 31_337

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from engine import demo_world as W
-from engine.demo_checker import DemoChecker
-from engine.models import DEMO_MODEL, load_base_model
-from engine.sampling import sample, to_pil
+from engine.demo import world as W
+from engine.demo.checker import DemoChecker
+from engine.models.loading import DEMO_MODEL, load_base_model
+from engine.generate.sampler import sample, to_pil
 
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(), reason="demo model not built")
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.config import ConfigError, GenerateRequest, Settings
-from engine.engine import Engine, GenerateResult, Progress
-from engine.outputs import a1111_parameters, parse_a1111, read_recipe
+from engine.core.config import ConfigError, GenerateRequest, Settings
+from engine.api import Engine
+from engine.core.events import GenerateResult, Progress
+from engine.generate.recipes import a1111_parameters, parse_a1111, read_recipe
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_image_k_of_a_run_equals_a_single_run_with_seed_plus_k(engine):
 
 
 def test_one_prompt_per_line_runs_every_line_in_one_batch(engine, monkeypatch):
-    import engine.engine as E
+    import engine.api as E
 
     calls = []
     real = E.sample
@@ -79,6 +80,46 @@ def test_cancel_during_50_step_run_stops_within_2_steps_and_engine_stays_usable(
     assert max(steps_seen) <= 5 + 2
     again = engine.generate(GenerateRequest(prompt="a dog", num_inference_steps=2))
     assert not again.cancelled and len(again.images) == 1
+
+
+def test_train_tab_cancel_during_a_generation_leaves_the_generation_running(engine):
+    """Per-job cancel: the Train tab's Cancel (kind "train") must not stop a generation; Generate's Cancel does."""
+    from ui.generate_tab import GenerateHandlers
+    from ui.train_handlers import TrainHandlers
+
+    train_tab, seen = TrainHandlers(engine), []
+
+    def on_progress(p: Progress):
+        seen.append(p.done)
+        if p.done == 3:
+            assert [j.kind for j in engine.jobs.running()] == ["generate"]
+            train_tab.cancel(wait_s=0)  # what the Train tab's Cancel button runs
+    res = engine.generate(GenerateRequest(prompt="a dog", num_inference_steps=12), on_progress)
+    assert not res.cancelled and len(res.images) == 1 and seen == list(range(1, 13))
+
+    gen_tab, seen = GenerateHandlers(engine), []
+
+    def cancel_from_generate_tab(p: Progress):
+        seen.append(p.done)
+        if p.done == 3:
+            gen_tab.cancel()
+    res = engine.generate(GenerateRequest(prompt="a dog", num_inference_steps=12), cancel_from_generate_tab)
+    assert res.cancelled and max(seen) <= 3 + 1
+    assert engine.jobs.running() == []
+
+
+def test_a_job_cancelled_while_it_waits_for_the_model_stops_before_its_first_step(engine):
+    """The token exists from the moment the job is asked for: a Cancel pressed while it queues is not lost."""
+    seen = []
+    with engine._lock:  # another job holds the model
+        t = threading.Thread(target=lambda: seen.append(engine.generate(
+            GenerateRequest(prompt="a cat", num_inference_steps=4), job_id="queued-1")))
+        t.start()
+        while not engine.jobs.running():
+            t.join(0.01)
+        assert engine.cancel("queued-1") == 1 and engine.cancel("no-such-job") == 0
+    t.join(120)
+    assert seen[0].cancelled and seen[0].images == []
 
 
 def test_generate_iter_yields_progress_then_result(engine):

@@ -1,4 +1,4 @@
-"""Tests for engine/images.py (RELIABILITY.md IM-1..IM-3, IM-5..IM-8, IM-10)."""
+"""Tests for engine/core/images.py (RELIABILITY.md IM-1..IM-3, IM-5..IM-8, IM-10)."""
 from __future__ import annotations
 
 import hashlib
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image, ImageCms, ImageFile, PngImagePlugin
 
-from engine import images
-from engine.images import ImageRejected, IngestReport, ingest_dataset, load_image
+from engine.core import images as images
+from engine.core.images import ImageRejected, IngestReport, ingest_dataset, load_image
 
 
 def save(im: Image.Image, path: Path, fmt: str | None = None, **kw) -> Path:

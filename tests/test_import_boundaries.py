@@ -11,8 +11,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ML_STACK = ("torch", "diffusers", "transformers", "peft", "accelerate")
-HEAVY_ENGINE = ("engine.engine", "engine.models", "engine.sampling", "engine.training")
-RULES = {"engine": ("gradio", "gradio_client"), "ui": ML_STACK + HEAVY_ENGINE}
+# What each part of the code base may import of ours (DESIGN.md, engine/__init__.py): a module's own subpackage is
+# always allowed. ui/ sees the engine only through the facade (passed in by the launcher) and the torch-free core.
+OURS = ("engine", "ui", "launcher")
+LAYERS = {
+    "engine.core": ("engine.core",),
+    "engine.jobs": ("engine.core",),
+    "engine.demo": ("engine.core",),
+    "engine.generate": ("engine.core",),
+    "engine.models": ("engine.core", "engine.generate.sampler"),
+    "engine.styles": ("engine.core", "engine.models"),
+    "engine.train": ("engine.core", "engine.models", "engine.generate", "engine.styles", "engine.jobs"),
+    "ui": ("engine.core", "engine.api"),
+}
+RULES = {"engine": ("gradio", "gradio_client"), "ui": ML_STACK}
 
 
 def _package(path: Path) -> list[str]:
@@ -59,6 +71,24 @@ def offenders(folder: str, banned: tuple[str, ...]) -> list[str]:
     return [f"{p}:{line} imports {mod}" for (p, line), mod in sorted(bad.items())]
 
 
+def _module(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def layer_offenders(root: Path | None = None) -> list[str]:
+    """Imports of our own modules that cross a layer the LAYERS table does not allow."""
+    root = root or ROOT
+    bad: dict[tuple[str, int], str] = {}
+    for part, allowed in LAYERS.items():
+        folder = root.joinpath(*part.split("."))
+        for path in sorted(folder.rglob("*.py")):
+            for line, mod in imported_modules(path):
+                if not _hits(mod, OURS) or _hits(mod, (part,)) or _hits(mod, allowed) or mod in ("engine", "ui"):
+                    continue
+                bad.setdefault((str(path.relative_to(root)), line), f"{mod} ({part} may import {', '.join(allowed)})")
+    return [f"{p}:{line} imports {what}" for (p, line), what in sorted(bad.items())]
+
+
 def test_engine_never_imports_gradio():
     bad = offenders("engine", RULES["engine"])
     assert not bad, "engine/ must not import gradio (the UI calls the engine, not the reverse):\n" + "\n".join(bad)
@@ -74,16 +104,42 @@ def test_the_checker_sees_what_it_must(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     (tmp_path / "ui").mkdir()
     (tmp_path / "ui" / "x.py").write_text(
-        "import os\nfrom engine import engine\nfrom ..engine.sampling import sample\n"
-        "def f():\n    import torch.nn\n    importlib.import_module('diffusers')\nfrom engine.config import Settings\n")
-    assert offenders("ui", RULES["ui"]) == [
-        "ui/x.py:2 imports engine.engine", "ui/x.py:3 imports engine.sampling", "ui/x.py:5 imports torch.nn",
-        "ui/x.py:6 imports diffusers"]
+        "import os\nfrom engine import engine\nfrom ..engine.generate.sampler import sample\n"
+        "def f():\n    import torch.nn\n    importlib.import_module('diffusers')\nfrom engine.core.config import Settings\n")
+    assert offenders("ui", RULES["ui"]) == ["ui/x.py:5 imports torch.nn", "ui/x.py:6 imports diffusers"]
+    assert layer_offenders(tmp_path) == [
+        "ui/x.py:2 imports engine.engine (ui may import engine.core, engine.api)",
+        "ui/x.py:3 imports engine.generate.sampler (ui may import engine.core, engine.api)"]
+
+
+def test_each_subpackage_imports_only_what_its_layer_allows():
+    bad = layer_offenders()
+    assert not bad, "layering (see engine/__init__.py and each subpackage's docstring):\n" + "\n".join(bad)
+
+
+def test_the_layer_check_fails_on_a_forbidden_import(tmp_path, monkeypatch):
+    """Generation must never depend on training, and core on nothing of ours: plant both and see them caught."""
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    for rel, code in (("engine/generate/x.py", "from engine.train.loop import train\n"),
+                      ("engine/core/y.py", "def f():\n    from engine.models import loading\n"),
+                      ("engine/train/ok.py", "from engine.generate.sampler import sample\nfrom . import data\n")):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(code)
+    assert layer_offenders(tmp_path) == [
+        "engine/core/y.py:2 imports engine.models (engine.core may import engine.core)",
+        "engine/generate/x.py:1 imports engine.train.loop (engine.generate may import engine.core)"]
+
+
+def test_every_subpackage_says_what_it_owns_and_may_import():
+    for init in sorted((ROOT / "engine").glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text("utf-8"))) or ""
+        assert "May import" in doc, f"{init.relative_to(ROOT)} must say what it may import"
 
 
 def test_ui_does_not_pull_torch_in_transitively():
     """The AST rule sees only direct imports; this catches an engine helper that ui uses starting to import torch."""
-    code = ("import sys, ui.app, ui.generate_tab; "
+    code = ("import sys, ui.app, ui.generate_tab, ui.train_tab, engine.core.config, engine.core.events, "
+            "engine.core.errors, engine.core.train_config, engine.core.images, engine.core.captions; "
             f"bad = [m for m in {ML_STACK!r} if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import launcher
-from engine.config import ConfigError, Settings, load_toml
+from engine.core.config import ConfigError, Settings, load_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 

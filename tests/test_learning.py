@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from engine import demo_world as W
-from engine.captions import read_captions
-from engine.demo_checker import DemoChecker
-from engine.models import DEMO_MODEL, load_base_model
-from engine.priors import PriorSpec, ensure_prior_set
-from engine.sampling import sample, to_pil
-from engine.styles import AdapterCache, publish
-from engine.train_config import TrainConfig, demo_settings, presets
-from engine.training import train
+from engine.demo import world as W
+from engine.core.captions import read_captions
+from engine.demo.checker import DemoChecker
+from engine.models.loading import DEMO_MODEL, load_base_model
+from engine.train.priors import PriorSpec, ensure_prior_set
+from engine.generate.sampler import sample, to_pil
+from engine.styles.adapters import AdapterCache
+from engine.styles.store import publish
+from engine.core.train_config import TrainConfig, demo_settings, presets
+from engine.train.loop import train
 
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(), reason="demo model not built")
 # The threshold tests carry the `learning` marker: `python -m pytest -m learning` runs just them (~6 min on 2 cores).
@@ -132,7 +133,7 @@ def _shape_accuracy(probe) -> float:
 
 @learning
 def test_learns_a_subject(probe, subject_no_prior):
-    """The subject preset (prior preservation off by default, see engine.train_config.presets)."""
+    """The subject preset (prior preservation off by default, see engine.core.train_config.presets)."""
     prompts, pairs = _colour_prompts(f"a photo of {TOKEN} shape in {{fg}} on a {{bg}} background")
     probe.use(None)
     before = probe.predict(prompts)
@@ -195,8 +196,8 @@ def quick_subject(tmp_path_factory):
 
 def test_trained_style_is_used_by_the_engine(tmp_path, quick_subject):
     """The published style drives the Generate path: trigger inserted, LoRA applied, recipe records it."""
-    from engine.config import GenerateRequest, Settings
-    from engine.engine import Engine
+    from engine.core.config import GenerateRequest, Settings
+    from engine.api import Engine
 
     eng = Engine(Settings(data_dir=str(tmp_path)))
     style_json = quick_subject.parent / "style.json"

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import Settings
-from engine.engine import Engine
-from engine.models import ModelLoadError, load_base_model
-from engine.safety import ModelFileError, UnsafeModelFile
+from engine.core.config import Settings
+from engine.api import Engine
+from engine.models.loading import ModelLoadError, load_base_model
+from engine.models.safety import ModelFileError, UnsafeModelFile
 
 
 class _Canary:

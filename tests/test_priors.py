@@ -5,8 +5,8 @@ import dataclasses
 
 import pytest
 
-from engine.models import load_base_model
-from engine.priors import PriorSpec, ensure_class_images, ensure_prior_set
+from engine.models.loading import load_base_model
+from engine.train.priors import PriorSpec, ensure_class_images, ensure_prior_set
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,17 @@ def test_cache_hit_top_up_and_new_keys(model, tmp_path):
 
 def test_altered_cached_image_is_regenerated(model, tmp_path):
     spec = PriorSpec(model.fingerprint, "a shape", resolution=64, num_inference_steps=2)
+    import numpy as np
+    from PIL import Image
+
     res = ensure_class_images(model.components, spec, tmp_path, 2)
-    original = res.paths[1].read_bytes()
+    original = np.asarray(Image.open(res.paths[1]), np.int16)
     res.paths[1].write_bytes(b"garbage")
     again = ensure_class_images(model.components, spec, tmp_path, 2)
-    assert again.generated == 1 and again.paths[1].read_bytes() == original  # same seed, same image
+    assert again.generated == 1
+    # Same seed, same image -- up to 1/255: made alone now, in a batch of 2 before, and a batched matmul may round
+    # a last bit differently (as test_image_k_of_a_run_equals_a_single_run_with_seed_plus_k allows).
+    assert np.abs(np.asarray(Image.open(again.paths[1]), np.int16) - original).max() <= 1
 
 
 def test_a_style_left_active_does_not_leak_into_class_images(tiny_sd, tmp_path):
@@ -57,7 +63,7 @@ def test_a_style_left_active_does_not_leak_into_class_images(tiny_sd, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from engine.sampling import sample, to_pil
+    from engine.generate.sampler import sample, to_pil
     with_lora = to_pil(sample(m.components, ["a shape"], [""], [0], num_inference_steps=2, height=64, width=64))[0]
     assert not np.array_equal(np.asarray(with_lora), np.asarray(Image.open(clean[0])))  # the LoRA is visible
 

@@ -1,4 +1,4 @@
-"""Tests for engine/safety.py (RELIABILITY.md MF-1, MF-2, MF-4, MF-5, MF-7, MF-9)."""
+"""Tests for engine/models/safety.py (RELIABILITY.md MF-1, MF-2, MF-4, MF-5, MF-7, MF-9)."""
 from __future__ import annotations
 
 import io
@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.safety import (
-    ModelFileError, UnsafeModelFile, atomic_path, atomic_write_bytes, check_model_file, check_torch_version,
-    sniff_format, validate_safetensors,
+from engine.core.files import atomic_path, atomic_write_bytes
+from engine.models.safety import (
+    ModelFileError, UnsafeModelFile, check_model_file, check_torch_version, sniff_format, validate_safetensors,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,7 +328,7 @@ BANNED = [
      "aliased unpickling"),
 ]
 # The one line allowed to name the override: safety.py's own constant for the MF-5 warning.
-ALLOWED_LINE = ("engine/safety.py", '_UNSAFE_LOAD_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"')
+ALLOWED_LINE = ("engine/models/safety.py", '_UNSAFE_LOAD_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"')
 
 
 def _code_without_comments(text: str) -> str:
@@ -372,7 +372,7 @@ def _scanned_files() -> list[Path]:
 
 def test_mf2_no_unsafe_loads_in_codebase():
     files = _scanned_files()
-    assert ROOT / "engine" / "safety.py" in files
+    assert ROOT / "engine" / "models" / "safety.py" in files
     offenders = _offenders(files)
     assert not offenders, "unsafe model loading (MF-2):\n" + "\n".join(offenders)
 

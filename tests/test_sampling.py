@@ -5,8 +5,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from engine.config import SCHEDULERS
-from engine.sampling import Cancelled, Components, make_scheduler, rescale_guidance, sample
+from engine.core.config import SCHEDULERS
+from engine.core.errors import Cancelled
+from engine.generate.sampler import Components, make_scheduler, rescale_guidance, sample
 
 
 @pytest.fixture(scope="module")

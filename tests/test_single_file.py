@@ -16,7 +16,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from engine.single_file import (CONFIG_ROOT, NotACheckpointError, SingleFileError, UnsupportedCheckpointError,
+from engine.models.single_file import (CONFIG_ROOT, NotACheckpointError, SingleFileError, UnsupportedCheckpointError,
                                 inspect_checkpoint, load_single_file)
 
 torch.set_num_threads(1)

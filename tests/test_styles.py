@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError
-from engine.styles import StyleInfo, apply_trigger, find_style, list_styles, publish
+from engine.core.config import ConfigError
+from engine.styles.store import StyleInfo, apply_trigger, find_style, list_styles, publish
 
 
 def _style(preset, noun="shape"):

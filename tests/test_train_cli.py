@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from engine.train import main
-from engine.train_config import TrainConfig, presets, save_train_config
+from engine.train.cli import main
+from engine.core.train_config import TrainConfig, presets, save_train_config
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def test_config_errors_are_one_clear_line(tmp_path, tiny_sd, capsys):
 
 
 def test_cli_trains_in_process(tmp_path, tiny_sd, capsys, monkeypatch):
-    monkeypatch.setattr("engine.train_output.PREVIEW_STEPS", 2)
+    monkeypatch.setattr("engine.train.output.PREVIEW_STEPS", 2)
     toml = write_run(tmp_path, tiny_sd, max_train_steps=2, checkpointing_steps=1)
     assert main(["--config", str(toml)]) == 0  # run dir defaults to the config's folder
     out = capsys.readouterr().out

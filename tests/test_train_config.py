@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError
-from engine.train_config import (TRIGGER_CANDIDATES, TrainConfig, config_hash, field_names, load_train_config,
+from engine.core.config import ConfigError
+from engine.core.train_config import (TRIGGER_CANDIDATES, TrainConfig, config_hash, field_names, load_train_config,
                                  presets, save_train_config, suggest_trigger_token)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,8 +121,8 @@ def test_suggest_trigger_token_on_clip_vocabulary():
 
 def test_every_field_is_read_by_the_trainer():
     """A GUI setting the trainer silently ignores is the anti-pattern this guards against."""
-    source = "".join((ROOT / "engine" / f).read_text() for f in ("training.py", "train_data.py", "train_output.py",
-                                                                  "checkpoints.py"))
+    source = "".join((ROOT / "engine" / "train" / f).read_text() for f in ("loop.py", "state.py", "data.py", "output.py",
+                                                                             "checkpoints.py"))
     unread = [f for f in field_names() if f != "instance_images" and not re.search(rf"\bcfg\.{f}\b", source)]
     assert unread == []
     assert "cfg.instance_images" in source

@@ -9,11 +9,15 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-import engine.training as T
-from engine import checkpoints as ck
-from engine import jobs
-from engine.config import ConfigError
-from engine.train_config import TrainConfig, presets
+import engine.train.loop as T
+import engine.train.math as TM
+from engine.core.errors import TrainingDiverged, TrainingOOM
+from engine.core.events import TrainLog, TrainPreview, TrainProgress
+from engine.train.data import EpochSampler
+from engine.train import checkpoints as ck
+from engine.jobs import state as jobs
+from engine.core.config import ConfigError
+from engine.core.train_config import TrainConfig, presets
 
 torch.set_num_threads(1)  # tiny models: threads only add contention (and change float summation order)
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
@@ -40,7 +44,7 @@ def make_config(model: Path, images, **over) -> TrainConfig:
 
 @pytest.fixture(autouse=True)
 def fast_previews(monkeypatch):
-    monkeypatch.setattr("engine.train_output.PREVIEW_STEPS", 2)
+    monkeypatch.setattr("engine.train.output.PREVIEW_STEPS", 2)
 
 
 # ---- math ----------------------------------------------------------------------------------------------------
@@ -51,35 +55,35 @@ def test_target_is_noise_for_epsilon_and_velocity_for_v_prediction():
     x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
     eps = DDPMScheduler(prediction_type="epsilon")
     v = DDPMScheduler(prediction_type="v_prediction")
-    assert T.diffusion_target(eps, x0, noise, t) is noise
+    assert TM.diffusion_target(eps, x0, noise, t) is noise
     a = v.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
     s = (1 - v.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
-    torch.testing.assert_close(T.diffusion_target(v, x0, noise, t), a * noise - s * x0)  # v = α ε − σ x0
+    torch.testing.assert_close(TM.diffusion_target(v, x0, noise, t), a * noise - s * x0)  # v = α ε − σ x0
     with pytest.raises(ConfigError, match="only 'epsilon' and 'v_prediction'"):
-        T.diffusion_target(DDPMScheduler(prediction_type="sample"), x0, noise, t)
+        TM.diffusion_target(DDPMScheduler(prediction_type="sample"), x0, noise, t)
 
 
 def test_min_snr_weights_and_prior_loss():
     snr = torch.tensor([0.5, 5.0, 50.0])
-    torch.testing.assert_close(T.min_snr_weights(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.1]))
-    torch.testing.assert_close(T.min_snr_weights(snr, 5.0, "v_prediction"), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51]))
+    torch.testing.assert_close(TM.min_snr_weights(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.1]))
+    torch.testing.assert_close(TM.min_snr_weights(snr, 5.0, "v_prediction"), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51]))
     pred, target = torch.zeros(4, 1, 2, 2), torch.tensor([1.0, 1.0, 2.0, 2.0]).view(4, 1, 1, 1).expand(4, 1, 2, 2)
     ones = torch.ones(4)
     # Ruiz et al. eq. 2: instance half (MSE 1) + λ · class half (MSE 4)
-    assert float(T.dreambooth_loss(pred, target, ones, True, 0.5)) == pytest.approx(1 + 0.5 * 4)
-    assert float(T.dreambooth_loss(pred, target, ones, False, 0.5)) == pytest.approx(2.5)
+    assert float(TM.dreambooth_loss(pred, target, ones, True, 0.5)) == pytest.approx(1 + 0.5 * 4)
+    assert float(TM.dreambooth_loss(pred, target, ones, False, 0.5)) == pytest.approx(2.5)
     g = torch.Generator().manual_seed(0)
-    plain = T.offset_noise((2, 4, 8, 8), torch.Generator().manual_seed(0), 0.0)
-    shifted = T.offset_noise((2, 4, 8, 8), g, 0.1)
+    plain = TM.offset_noise((2, 4, 8, 8), torch.Generator().manual_seed(0), 0.0)
+    shifted = TM.offset_noise((2, 4, 8, 8), g, 0.1)
     diff = shifted - plain  # a constant per (sample, channel)
     assert torch.allclose(diff, diff[..., :1, :1].expand_as(diff), atol=1e-6) and diff.abs().max() > 0
 
 
 def test_sampler_continues_mid_epoch_exactly():
-    a, b = T.EpochSampler(4, seed=3), T.EpochSampler(4, seed=3)
+    a, b = EpochSampler(4, seed=3), EpochSampler(4, seed=3)
     first = a.take(3)
     tensors, meta = a.state()
-    c = T.EpochSampler(4, seed=99)
+    c = EpochSampler(4, seed=99)
     c.load(tensors, meta)
     assert b.take(3) == first and c.take(9) == b.take(9) and sorted(first + [c.perm[0]]) != []
 
@@ -108,7 +112,7 @@ def test_lora_reload_reproduces_the_trained_model(tiny_sd, tmp_path, monkeypatch
     from diffusers import StableDiffusionPipeline
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from engine.sampling import Components, sample
+    from engine.generate.sampler import Components, sample
 
     captured, events = {}, []
     orig = T.step6_save
@@ -117,8 +121,8 @@ def test_lora_reload_reproduces_the_trained_model(tiny_sd, tmp_path, monkeypatch
                       validation_prompts=("a photo of olis shape", "a photo of shape"))
     result = T.train(cfg, tmp_path / "run", on_event=events.append)
     run = captured["run"]
-    c = run.model.components
-    trained = Components(c.vae, run.acc.unwrap_model(run.te), c.tokenizer, run.acc.unwrap_model(run.unet),
+    c, acc = run.models.components, run.setup.acc
+    trained = Components(c.vae, acc.unwrap_model(run.trainable.te), c.tokenizer, acc.unwrap_model(run.trainable.unet),
                          c.scheduler)
     kw = dict(num_inference_steps=4, guidance_scale=5.0)
     want = sample(trained, ["a photo of olis shape"], [""], [1], **kw)
@@ -135,10 +139,10 @@ def test_lora_reload_reproduces_the_trained_model(tiny_sd, tmp_path, monkeypatch
 
     style = json.loads(result.style_json_path.read_text())
     assert style["schema_version"] == 1 and style["trigger_token"] == "olis"
-    assert style["base_model_fingerprint"] == run.model.fingerprint and len(style["training_images"]) == 4
+    assert style["base_model_fingerprint"] == run.models.base.fingerprint and len(style["training_images"]) == 4
     assert style["training_config"]["learning_rate"] == cfg.learning_rate
     assert (result.lora_path.parent / style["preview_grid"]).is_file()
-    previews = [e for e in events if isinstance(e, T.TrainPreview)]
+    previews = [e for e in events if isinstance(e, TrainPreview)]
     assert [p.step for p in previews] == [2, 4] and all(isinstance(i, Image.Image) for i in previews[0].images)
     acc = EventAccumulator(str(next((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*")).parent))
     acc.Reload()
@@ -193,7 +197,7 @@ def test_nan_loss_stops_the_job_and_saves_no_lora(tiny_sd, tmp_path, monkeypatch
     events = []
     cfg = make_config(tiny_sd, draw_images(tmp_path / "img"), max_train_steps=8, checkpointing_steps=1,
                       max_nonfinite_steps=3, checkpoints_total_limit=10)
-    with pytest.raises(T.TrainingDiverged, match="Lower the learning rate or use bf16/fp32"):
+    with pytest.raises(TrainingDiverged, match="Lower the learning rate or use bf16/fp32"):
         T.train(cfg, tmp_path / "run", on_event=events.append)
     assert not (tmp_path / "run" / "output" / "lora.safetensors").exists()
     assert sum("update skipped" in getattr(e, "message", "") for e in events) == 3
@@ -212,7 +216,7 @@ def test_nan_weights_are_never_saved(tiny_sd, tmp_path, monkeypatch):
         return orig(run)
 
     monkeypatch.setattr(T, "step6_save", poison_then_save)
-    with pytest.raises(T.TrainingDiverged, match="NaN/Inf"):
+    with pytest.raises(TrainingDiverged, match="NaN/Inf"):
         T.train(make_config(tiny_sd, draw_images(tmp_path / "img"), max_train_steps=1), tmp_path / "run")
     assert not list((tmp_path / "run" / "output").glob("*.safetensors"))
 
@@ -232,12 +236,12 @@ def test_fake_oom_halves_the_micro_batch_and_finishes(tiny_sd, tmp_path, monkeyp
     cfg = make_config(tiny_sd, draw_images(tmp_path / "img"), max_train_steps=2, train_batch_size=4)
     result = T.train(cfg, tmp_path / "run", on_event=events.append)
     assert result.steps == 2 and result.micro_batch_size == 1 and result.gradient_accumulation == 4
-    msgs = [e.message for e in events if isinstance(e, T.TrainLog) and "out of memory" in e.message]
+    msgs = [e.message for e in events if isinstance(e, TrainLog) and "out of memory" in e.message]
     assert "micro-batch 4 → 2" in msgs[0] and "micro-batch 2 → 1" in msgs[1] and "stays 4" in msgs[1]
     assert result.lora_path.is_file()
 
     monkeypatch.setattr(T, "forward_loss", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory")))
-    with pytest.raises(T.TrainingOOM, match="even with a micro-batch of 1"):
+    with pytest.raises(TrainingOOM, match="even with a micro-batch of 1"):
         T.train(make_config(tiny_sd, draw_images(tmp_path / "img"), max_train_steps=1), tmp_path / "run2")
 
 
@@ -245,7 +249,7 @@ def test_cancel_stops_with_a_checkpoint(tiny_sd, tmp_path):
     stop = threading.Event()
 
     def on_event(e):
-        if isinstance(e, T.TrainProgress) and e.step == 1:
+        if isinstance(e, TrainProgress) and e.step == 1:
             stop.set()
 
     cfg = make_config(tiny_sd, draw_images(tmp_path / "img"))

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 
 import gradio as gr
 import pytest
 from PIL import Image, PngImagePlugin
 
-from engine.config import GenerateRequest, Settings
-from engine.engine import Engine
-from engine.outputs import read_recipe
+from engine.core.config import GenerateRequest, Settings
+from engine.api import Engine
+from engine.generate.recipes import read_recipe
 from ui.app import AppHandlers, blocked_paths, build_app, model_summary
 from ui.generate_tab import FIELD_NAMES, GenerateHandlers, build_generate_tab, default_values
 
@@ -67,22 +66,22 @@ def test_cancel_mid_run_stops_promptly_and_engine_stays_usable(h):
     t = threading.Thread(target=consume)
     t.start()
     assert first.wait(60)
-    t0 = time.perf_counter()
-    assert h.cancel() == {"status": "Cancelled."}
-    t.join(30)
-    assert not t.is_alive() and time.perf_counter() - t0 < 5
-    assert updates[-1]["status"].startswith("Cancelled after")
+    assert h.cancel() == {"status": "Cancelled."}  # answered once the worker stopped
+    t.join(60)
+    assert not t.is_alive() and updates[-1]["status"].startswith("Cancelled after 0 of 50")
     assert run(h, form())[-1]["status"].startswith("Done: 1 image(s)")  # still usable, stop flag cleared
 
 
 def test_closing_the_generator_stops_the_engine(h):
     """Gradio's `cancels=[ev]` closes the generator; the worker thread must stop too, not run on."""
+    saved = lambda: len(list(h.engine.data_dir.glob("outputs/**/*.png")))  # noqa: E731
+    before = saved()
     gen = h.generate(form(num_inference_steps=150, batch_count=50))
     next(gen)
-    t0 = time.perf_counter()
     gen.close()
-    assert run(h, form())[-1]["status"].startswith("Done")  # waits for the engine lock: the old run is gone
-    assert time.perf_counter() - t0 < 10
+    assert h.engine.wait_for_jobs(timeout=120)
+    assert saved() == before  # stopped inside its first 150-step image, not after 50 of them
+    assert run(h, form())[-1]["status"].startswith("Done")
 
 
 @pytest.mark.parametrize("change, message", [

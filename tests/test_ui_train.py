@@ -16,9 +16,9 @@ import torch
 from gradio.utils import get_upload_folder
 from PIL import Image, ImageDraw
 
-from engine.config import Settings
-from engine.engine import Engine
-from engine.train_config import TRIGGER_CANDIDATES, TrainConfig, field_names, presets
+from engine.core.config import Settings
+from engine.api import Engine
+from engine.core.train_config import TRIGGER_CANDIDATES, TrainConfig, field_names, presets
 from ui.app import build_app
 from ui.generate_tab import GenerateHandlers
 from ui.generate_tab import default_values as generate_defaults
@@ -40,7 +40,7 @@ def h(engine):
 
 @pytest.fixture(autouse=True)
 def fast_previews(monkeypatch):
-    monkeypatch.setattr("engine.train_output.PREVIEW_STEPS", 2)  # previews and the result grid: 2 denoising steps, not 20
+    monkeypatch.setattr("engine.train.output.PREVIEW_STEPS", 2)  # previews and the result grid: 2 denoising steps, not 20
 
 
 def draw(n: int = 4, size: int = 64, folder: Path | None = None) -> list[str]:
@@ -216,17 +216,17 @@ def test_cancel_mid_run_then_resume_completes_it(h, engine):
 
 
 def test_a_run_whose_worker_died_is_resumed_through_the_engine(h, engine):
-    """engine.interrupted_runs(): a job.json left "checkpointed" by a process that is gone (a crash, a kill)."""
-    run_dir = Path(cancel_mid_run(h, "crash test")["runs"].value)
+    """engine.resumable_runs(): a job.json left "checkpointed" by a process that is gone (a crash, a kill)."""
+    run_dir = engine.data_dir / "runs" / cancel_mid_run(h, "crash test")["runs"].value
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     job = json.loads((run_dir / "job.json").read_text())
     (run_dir / "job.json").write_text(json.dumps({**job, "state": "checkpointed", "pid": int(dead.stdout)}))
-    assert [r.run_dir for r in engine.interrupted_runs()] == [run_dir]
-    label, value = next(c for c in h.resumable_runs() if c[1] == str(run_dir))
+    assert [(r.run_id, r.state) for r in engine.resumable_runs()] == [(run_dir.name, "interrupted")]
+    label, value = next(c for c in h.resumable_runs() if c[1] == run_dir.name)
     assert label.startswith("crash test · interrupted at step")
     final = list(h.resume(value))[-1]
     assert final["status"].startswith("Done: style “crash test” trained in 40 steps")
-    assert engine.interrupted_runs() == []
+    assert engine.resumable_runs() == []
 
 
 def test_cancel_seen_by_the_handler_shows_a_card(h, engine):

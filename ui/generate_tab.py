@@ -20,9 +20,8 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 from PIL import UnidentifiedImageError
 
-from engine.config import SCHEDULER_LABELS, SCHEDULERS, ConfigError, GenerateRequest
-from engine.demo_world import prompt_for
-from engine.outputs import read_recipe
+from engine.core.config import SCHEDULER_LABELS, SCHEDULERS, ConfigError, GenerateRequest
+from engine.core.events import GenerateResult
 
 # Every GenerateRequest field the user sets; schema_version belongs to the file format, not to the form.
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GenerateRequest) if f.name != "schema_version")
@@ -30,8 +29,6 @@ MAX_SEED = 2**32 - 1
 COPY_MAX_AGE_S = 3600
 STATUS_EVERY_S = 0.25  # a websocket message per denoising step is wasteful; the progress bar shows every step
 
-EXAMPLES = [prompt_for("circle", "red", "blue"), prompt_for("square", "yellow", "purple"),
-            prompt_for("triangle", "white", "black", texture="striped"), prompt_for("ring", "green", "white")]
 
 
 def default_values() -> dict[str, Any]:
@@ -46,8 +43,9 @@ def default_values() -> dict[str, Any]:
 class GenerateHandlers:
     """What the Generate tab's buttons do, as plain methods over one Engine."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, user: str = "local"):
         self.engine = engine
+        self.user = user  # whose jobs this tab starts and cancels (one local user until studio accounts exist)
 
     def request(self, values: dict[str, Any]) -> GenerateRequest:
         """Build the request by field name; a bad value becomes a gr.Error with the engine's message."""
@@ -68,10 +66,8 @@ class GenerateHandlers:
         finished = False
         last = 0.0
         try:
-            for ev in self.engine.generate_iter(req):
-                # ui/ may not import engine.engine (it imports torch), so the final GenerateResult is told apart
-                # from Progress events by its shape.
-                if hasattr(ev, "images"):
+            for ev in self.engine.generate_iter(req, user=self.user):
+                if isinstance(ev, GenerateResult):
                     finished = True
                     yield self._result(ev, req)
                     return
@@ -88,7 +84,7 @@ class GenerateHandlers:
             if not finished:
                 # Gradio closed the generator (Cancel, or the browser went away) while the worker runs: stop it
                 # too, or it keeps the GPU busy with images nobody will see (LIBRARY-NOTES §0.5).
-                self.engine.cancel()
+                self.engine.cancel(kind="generate", user=self.user)
             raise
         except ValueError as e:  # ConfigError, ModelLoadError and other checks carry user-facing messages
             raise gr.Error(str(e)) from None
@@ -105,10 +101,15 @@ class GenerateHandlers:
             status = f"Done: {n} image(s) in {result.seconds:.1f} s."
         return {"gallery": gallery, "files": [str(p) for p in paths] or None, "status": status, "preview": None}
 
-    def cancel(self) -> dict[str, Any]:
-        """Really stop the running job within one denoising step (Gradio's own cancel only stops the UI)."""
-        self.engine.cancel()
-        return {"status": "Cancelled."}
+    def cancel(self, wait_s: float = 30.0) -> dict[str, Any]:
+        """Really stop this tab's generation within one denoising step (Gradio's own cancel only stops the UI).
+
+        Answers only once the worker has stopped: the run's last progress message then reaches the page before
+        this one, so the status ends on "Cancelled." however busy the machine is, never on a stale step count.
+        """
+        self.engine.cancel(kind="generate", user=self.user)
+        stopped = self.engine.wait_for_jobs(kind="generate", user=self.user, timeout=wait_s)
+        return {"status": "Cancelled." if stopped else "Stopping after the current step…"}
 
     @staticmethod
     def random_seed() -> dict[str, Any]:
@@ -128,7 +129,7 @@ class GenerateHandlers:
         if not path:
             return {}
         try:
-            recipe = read_recipe(path)
+            recipe = self.engine.read_recipe(path)
         except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL raises SyntaxError on broken PNG chunks
             raise gr.Error(f"Could not read that image ({type(e).__name__}); drop a PNG file.") from None
         if not recipe:
@@ -196,7 +197,7 @@ def _form(d: dict[str, Any], styles: list[tuple[str, str]]) -> dict[str, gr.comp
     sched = [(SCHEDULER_LABELS.get(k, k), k) for k in SCHEDULERS]
     f: dict[str, gr.components.Component] = {}
     f["prompt"] = gr.Textbox(label="Prompt", lines=2, value=d["prompt"], max_length=2000,
-                             placeholder=f"e.g. {EXAMPLES[0]}", elem_id="prompt")
+                             placeholder="e.g. a red circle on a blue background", elem_id="prompt")
     f["prompt_per_line"] = gr.Checkbox(value=d["prompt_per_line"], label="One prompt per line",
                                        info="every line is its own prompt; all lines run together in one batch",
                                        elem_id="prompt-per-line")
@@ -237,7 +238,9 @@ def build_generate_tab(engine) -> GenerateTab:
             with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
                 stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
-            gr.Examples(examples=[[p] for p in EXAMPLES], inputs=[fields["prompt"]], label="Example prompts")
+            examples = engine.example_prompts() if engine is not None else []
+            if examples:
+                gr.Examples(examples=[[p] for p in examples], inputs=[fields["prompt"]], label="Example prompts")
             drop = gr.Image(label="Drop a Stylebooth/A1111 PNG to reuse its recipe", type="filepath",
                             image_mode=None, sources=["upload", "clipboard"], height=160,
                             elem_id="recipe-drop")

@@ -5,7 +5,6 @@ drive it without a browser. ui/train_tab.py lays the components out and maps nam
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import shutil
 import tempfile
@@ -19,10 +18,11 @@ import pandas as pd
 from gradio.utils import get_upload_folder
 from PIL import Image
 
-from engine.captions import read_captions
-from engine.config import ConfigError, from_dict
-from engine.events import TrainCheckpoint, TrainJobResult, TrainLog, TrainPreview, TrainProgress
-from engine.train_config import (TRIGGER_CANDIDATES, TrainConfig, demo_settings, field_names, load_train_config,
+from engine.core.captions import read_captions
+from engine.core.config import ConfigError, from_dict
+from engine.core.errors import CheckpointError, DiskFullError, TrainingError
+from engine.core.events import TrainCheckpoint, TrainJobResult, TrainLog, TrainPreview, TrainProgress
+from engine.core.train_config import (TRIGGER_CANDIDATES, TrainConfig, demo_settings, field_names, load_train_config,
                                  presets, save_train_config)
 
 # TrainConfig fields with no component, and where their value comes from instead.
@@ -38,9 +38,8 @@ EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"
 EXAMPLES = {"heart": ("subject", "shape"), "checkered": ("style", "shape")}  # folder: (preset, class noun)
 PLOT_EVERY_S = 0.5  # the loss plot resends all points; twice a second is live enough
 LOG_LINES = 200
-# Training errors are RuntimeErrors whose messages tell the user what to do; engine.training imports torch, so
-# they are recognised by name rather than imported.
-USER_ERRORS = {"TrainingError", "CheckpointError", "DiskFullError"}
+# Errors whose messages tell the user what to do (ValueError covers ConfigError, ImageRejected, ModelLoadError & co.).
+USER_ERRORS = (ValueError, TrainingError, CheckpointError, DiskFullError)
 
 
 def to_form(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -89,8 +88,9 @@ def _eta(seconds: float) -> str:
 class TrainHandlers:
     """What the Train tab's buttons do, as plain methods over one Engine."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, user: str = "local"):
         self.engine = engine
+        self.user = user  # whose jobs this tab starts and cancels (one local user until studio accounts exist)
         self._runs = 0  # training runs of ours still in the engine, followed or draining (see cancel)
         self._runs_changed = threading.Condition()
 
@@ -131,7 +131,7 @@ class TrainHandlers:
     def suggest_token(self, current: str, kind: str, noun: str) -> dict[str, Any]:
         """The next rare trigger not used by a style in the library (two styles with one trigger cannot be mixed).
 
-        engine.train_config.suggest_trigger_token needs the model's tokenizer, which ui/ cannot reach without
+        engine.core.train_config.suggest_trigger_token needs the model's tokenizer, which ui/ cannot reach without
         the engine exposing it; the candidates were chosen as single CLIP tokens already.
         """
         used = {s.trigger_token for s in self.engine.list_styles()} if self.engine is not None else set()
@@ -196,30 +196,22 @@ class TrainHandlers:
         if not (name or "").strip():
             raise gr.Error("give the style a name, e.g. 'my heart shape'")
         cfg = self.config(values, images)
-        yield from self._follow(lambda: self.engine.train_iter(cfg, name.strip()), cfg, progress)
+        yield from self._follow(lambda: self.engine.train_iter(cfg, name.strip(), user=self.user), cfg, progress)
 
-    def resume(self, run_dir: str | None, progress=None) -> Iterator[dict[str, Any]]:
-        """Continue an interrupted or cancelled run from its last checkpoint, exactly."""
-        if not run_dir:
+    def resume(self, run_id: str | None, progress=None) -> Iterator[dict[str, Any]]:
+        """Continue an interrupted or cancelled run (picked by id from the engine's list) from its last checkpoint."""
+        if not run_id:
             raise gr.Error("pick a run to resume from the list (press Refresh if it is empty)")
-        run_dir = Path(run_dir)
-        interrupted = {r.run_dir: r for r in self.engine.interrupted_runs()}
-        if run_dir in interrupted:
-            cfg = self._cfg(interrupted[run_dir].config)
-            yield from self._follow(lambda: self.engine.resume_iter(run_dir), cfg, progress)
-            return
-        job = _cancelled_runs(self.engine.data_dir).get(run_dir)
-        if job is None:
+        run = next((r for r in self.engine.resumable_runs() if r.run_id == run_id), None)
+        if run is None:
             raise gr.Error("that run is no longer resumable (finished, or resumed already); press Refresh")
-        cfg = self._cfg(job["config"])
-        # The engine resumes from run_dir's newest valid checkpoint when given the run's own (ingested) config.
-        yield from self._follow(lambda: self.engine.train_iter(cfg, _run_name(run_dir), run_dir=run_dir),
-                                cfg, progress)
+        cfg = self._cfg(run.config)
+        yield from self._follow(lambda: self.engine.resume_iter(run.run_id, user=self.user), cfg, progress)
 
     @staticmethod
     def _cfg(config: dict) -> TrainConfig:
         try:
-            return from_dict(TrainConfig, config)
+            return from_dict(TrainConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
         except ConfigError as e:
             raise gr.Error(f"this run's config cannot be read by this version: {e}") from None
 
@@ -267,15 +259,13 @@ class TrainHandlers:
         except GeneratorExit:
             if not done:
                 draining = True
-                self.engine.cancel()  # Gradio's cancel only stops the UI; the worker must stop too (§0.5)
+                self.engine.cancel(kind="train", user=self.user)  # Gradio's cancel stops only the UI (§0.5)
                 threading.Thread(target=self._drain, args=(events,), daemon=True).start()
             raise
         except MemoryError:
             raise gr.Error("Out of memory: lower the resolution or batch size, or turn on gradient "
                            "checkpointing, then resume.") from None
-        except (ValueError, RuntimeError) as e:  # ConfigError, ImageRejected, ModelLoadError, TrainingError & co.
-            if isinstance(e, RuntimeError) and not USER_ERRORS & {c.__name__ for c in type(e).__mro__}:
-                raise
+        except USER_ERRORS as e:
             raise gr.Error(str(e)) from None
         finally:
             if not (done or draining):
@@ -320,7 +310,7 @@ class TrainHandlers:
 
     def cancel(self, wait_s: float = 60.0) -> dict[str, Any]:
         """Stop the run at the next step; wait for its checkpoint so the Interrupted runs list can show it."""
-        self.engine.cancel()
+        self.engine.cancel(kind="train", user=self.user)
         with self._runs_changed:
             stopped = self._runs_changed.wait_for(lambda: self._runs == 0, timeout=wait_s)
         msg = "Cancelled." if stopped else "Stopping after the current step…"
@@ -328,17 +318,10 @@ class TrainHandlers:
 
     # ---- interrupted runs ----------------------------------------------------------------------------------
     def resumable_runs(self) -> list[tuple[str, str]]:
-        """(label, run_dir): runs whose worker died (engine.interrupted_runs) and runs cancelled with a checkpoint."""
+        """(label, run id): runs whose worker died and runs cancelled with a checkpoint (engine.resumable_runs)."""
         if self.engine is None:
             return []
-        out = []
-        for r in self.engine.interrupted_runs():
-            total = r.config.get("max_train_steps", "?")
-            out.append((f"{_run_name(r.run_dir)} · interrupted at step {r.step}/{total}", str(r.run_dir)))
-        for run_dir, job in _cancelled_runs(self.engine.data_dir).items():
-            total = job["config"].get("max_train_steps", "?")
-            out.append((f"{_run_name(run_dir)} · cancelled at step {job['step']}/{total}", str(run_dir)))
-        return out
+        return [(r.label, r.run_id) for r in self.engine.resumable_runs()]
 
     def runs_dropdown(self) -> gr.Dropdown:
         runs = self.resumable_runs()
@@ -347,24 +330,3 @@ class TrainHandlers:
 
 def loss_frame(steps: list[int], losses: list[float]) -> pd.DataFrame:
     return pd.DataFrame({"step": steps, "loss": losses})
-
-
-def _cancelled_runs(data_dir: Path) -> dict[Path, dict]:
-    """job.json of runs cancelled after at least one step. engine.interrupted_runs() leaves these out (their
-    worker, this process, is alive), yet a checkpoint was saved for them exactly so they can be resumed."""
-    out = {}
-    for job_file in sorted(Path(data_dir, "runs").glob("*/job.json"), reverse=True):
-        try:
-            job = json.loads(job_file.read_text("utf-8"))
-        except (OSError, ValueError):
-            continue
-        if job.get("state") == "cancelled" and int(job.get("step", 0)) > 0 and job.get("config"):
-            out[job_file.parent] = job
-    return out
-
-
-def _run_name(run_dir: Path) -> str:
-    try:
-        return json.loads((Path(run_dir) / "style-name.json").read_text("utf-8"))["name"]
-    except (OSError, ValueError, KeyError):
-        return Path(run_dir).name

@@ -10,7 +10,7 @@ from typing import Any
 
 import gradio as gr
 
-from engine.train_config import LR_SCHEDULERS, MIXED_PRECISION, REPORT_TO
+from engine.core.train_config import LR_SCHEDULERS, MIXED_PRECISION, REPORT_TO
 
 from .train_handlers import (EXAMPLES, MAX_IMAGES, MIN_IMAGES, PROMPT_FIELDS, TrainHandlers, default_values,
                              loss_frame)
@@ -155,15 +155,15 @@ def build_train_tab(engine) -> TrainTab:
         for update in h.train(images, style_name, values, progress):
             yield to_components(update)
 
-    def on_resume(run_dir=None, progress=gr.Progress()):
-        for update in h.resume(run_dir, progress):
+    def on_resume(run_id=None, progress=gr.Progress()):
+        for update in h.resume(run_id, progress):
             yield to_components(update)
 
     results = [*outs.values(), runs]
     gpu = dict(concurrency_id="gpu", concurrency_limit=1, show_progress_on=[outs["status"]])
     ev = go.click(on_train, inputs_kwargs={**fields, "images": ins["images"], "style_name": ins["style_name"]},
                   outputs=results, api_name="train", **gpu)
-    rev = resume.click(on_resume, inputs_kwargs={"run_dir": runs}, outputs=results, api_visibility="private", **gpu)
+    rev = resume.click(on_resume, inputs_kwargs={"run_id": runs}, outputs=results, api_visibility="private", **gpu)
     # Not queued behind the job it stops: engine.cancel() stops the worker, cancels=[...] the UI side.
     stop.click(lambda: to_components(h.cancel()), None, [outs["status"], runs], cancels=[ev, rev], queue=False,
                api_visibility="private")

@@ -1,24 +1,28 @@
 """A training job as the app runs it: ingest images, make or reuse prior images, train, publish the style.
 
 The Engine runs this under its one model lock, so training and generation share one queue. Events are the
-trainer's typed events (engine/training.py) plus `TrainLog` lines for the steps around it.
+trainer's typed events (engine/train/loop.py) plus `TrainLog` lines for the steps around it.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
 import json
+import socket
 import uuid
 from pathlib import Path
 from typing import Callable
 
-from .config import ConfigError
-from .images import ingest_dataset
-from .priors import PriorSpec, ensure_prior_set
-from .styles import publish
-from .train_config import TrainConfig
-from .events import TrainJobResult, TrainLog, TrainProgress
-from .training import train
+from engine.core.config import ConfigError
+from engine.core.events import ResumableRun, TrainJobResult, TrainLog, TrainProgress
+from engine.core.files import atomic_write_bytes
+from engine.core.images import ingest_dataset
+from engine.core.train_config import TrainConfig
+from engine.jobs import state as jobs
+from engine.styles.store import publish
+from engine.train.checkpoints import latest_step
+from engine.train.loop import train
+from engine.train.priors import PriorSpec, ensure_prior_set
 
 
 def new_run_dir(data_dir: Path, name: str) -> Path:
@@ -28,7 +32,7 @@ def new_run_dir(data_dir: Path, name: str) -> Path:
 
 def run_training(model, data_dir: Path, cfg: TrainConfig, name: str, *, run_dir: Path | None = None,
                  on_event: Callable | None = None, stop_event=None) -> TrainJobResult:
-    """Run one training job on the loaded base `model` (an engine.models.LoadedModel)."""
+    """Run one training job on the loaded base `model` (an engine.models.loading.LoadedModel)."""
     emit = on_event or (lambda e: None)
     name = name.strip()
     if not name:
@@ -36,7 +40,7 @@ def run_training(model, data_dir: Path, cfg: TrainConfig, name: str, *, run_dir:
     resuming = run_dir is not None
     run_dir = run_dir or new_run_dir(data_dir, name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "style-name.json").write_text(json.dumps({"schema_version": 1, "name": name}), "utf-8")
+    atomic_write_bytes(run_dir / "style-name.json", json.dumps({"schema_version": 1, "name": name}).encode())
     resolution = cfg.resolution or model.components.default_size
 
     # 1. images in: only decoded, re-encoded PNGs reach training (IM-3); every refusal names its file
@@ -84,7 +88,30 @@ def run_training(model, data_dir: Path, cfg: TrainConfig, name: str, *, run_dir:
 
 
 def read_run_name(run_dir: Path) -> str:
+    """The style name a run publishes (style-name.json), or the folder name when it cannot be read."""
     try:
-        return json.loads((run_dir / "style-name.json").read_text("utf-8"))["name"]
-    except (OSError, ValueError, KeyError):
+        return str(json.loads((run_dir / "style-name.json").read_text("utf-8"))["name"])
+    except (OSError, ValueError, KeyError, TypeError):
         return run_dir.name
+
+
+def resumable_runs(runs_dir: Path) -> list[ResumableRun]:
+    """Runs that can continue, newest first: left `running`/`checkpointed` by a worker that is gone (on this host:
+    power cut, kill), or cancelled after at least one step (a checkpoint was saved exactly for this)."""
+    found = []
+    for job_file in sorted(Path(runs_dir).glob("*/job.json"), reverse=True):
+        run_dir = job_file.parent
+        job = jobs.read_job(run_dir)
+        if not isinstance(job, dict) or not isinstance(job.get("config"), dict):
+            continue
+        state = job.get("state")
+        if state in ("running", "checkpointed"):
+            if job.get("host") == socket.gethostname() and jobs.alive(int(job.get("pid", -1))):
+                continue  # still training
+            state = "interrupted"
+        elif not (state == "cancelled" and int(job.get("step", 0)) > 0):
+            continue
+        found.append(ResumableRun(run_dir.name, read_run_name(run_dir), state, int(job.get("step", 0)),
+                                  int(job["config"].get("max_train_steps", 0)), latest_step(run_dir / "checkpoints"),
+                                  job["config"]))
+    return found

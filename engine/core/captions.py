@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from .config import ConfigError
+from engine.core.config import ConfigError
 
 __all__ = ["read_captions", "TOKEN_PLACEHOLDER", "MAX_CAPTION_CHARS"]
 

@@ -14,17 +14,14 @@ from pathlib import Path
 
 import torch
 
-from .safety import ModelFileError, check_model_file
-from .sampling import Components
+from engine.models.safety import ModelFileError, check_model_file
+from engine.generate.sampler import Components
+from engine.core.errors import ModelLoadError  # noqa: F401
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODEL = ROOT / "assets" / "demo-model"
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
-
-
-class ModelLoadError(ValueError):
-    """The base model cannot be loaded; the message says what is wrong and what to do."""
 
 
 @dataclass
@@ -96,7 +93,7 @@ def fingerprint(files: list[Path], cache_file: Path | None = None) -> str:
             cache[key] = fh.hexdigest()
         h.update(cache[key].encode())
     if cache_file:
-        from .safety import atomic_write_bytes
+        from engine.core.files import atomic_write_bytes
 
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(cache_file, json.dumps({"schema_version": 1, "entries": cache}).encode())
@@ -138,7 +135,7 @@ def load_base_model(source: str | os.PathLike | None = None, *, device: str = "c
         kind, name = "folder", path.name
     elif path.is_file():
         check_model_file(path, check_values=False)  # refuses pickles whatever the extension, and lying names
-        from .single_file import load_single_file
+        from engine.models.single_file import load_single_file
 
         pipe = load_single_file(path, prediction_type=prediction_type)
         files, kind, name = [path], "single_file", path.stem

@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_event(e) -> None:
-    from .training import TrainCheckpoint, TrainLog, TrainPreview, TrainProgress
+    from engine.core.events import TrainCheckpoint, TrainLog, TrainPreview, TrainProgress
 
     if isinstance(e, TrainProgress):
         line = f"step {e.step}/{e.total} loss {e.loss:.4f} lr {e.lr:.3g} eta {e.eta_s:.0f}s"
@@ -44,11 +44,11 @@ def _print_event(e) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one training job from a TOML config; errors print one clear line on stderr."""
     args = _parser().parse_args(argv)
-    from .captions import read_captions
-    from .checkpoints import CheckpointError, DiskFullError
-    from .config import ConfigError
-    from .train_config import load_train_config
-    from .training import TrainingError, train
+    from engine.core.captions import read_captions
+    from engine.core.config import ConfigError
+    from engine.core.errors import CheckpointError, DiskFullError, TrainingError
+    from engine.core.train_config import load_train_config
+    from engine.train.loop import train
 
     try:
         cfg = load_train_config(args.config)
@@ -79,6 +79,3 @@ def main(argv: list[str] | None = None) -> int:
                           "skipped_steps": result.skipped_steps}), flush=True)
     return 1 if result.cancelled else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

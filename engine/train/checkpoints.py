@@ -7,6 +7,7 @@ quarantined as `.bad-*`. Tensors go to safetensors and everything else to JSON: 
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import errno
 import hashlib
@@ -25,21 +26,16 @@ import numpy as np
 import safetensors.torch as st
 import torch
 
-from .safety import ModelFileError, validate_safetensors
-from .train_config import config_hash
+from engine.models.safety import ModelFileError, validate_safetensors
+from engine.core.train_config import config_hash
+from engine.train.state import Counters
+from engine.core.errors import CheckpointError, DiskFullError  # noqa: F401
+from engine.core.files import fsync_dir
 
 SCHEMA_VERSION = 1
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 MARGIN_BYTES = 32 * 2**20  # room for logs, previews and filesystem overhead on top of the estimate
 Warn = Callable[[str], None]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written, verified or restored exactly; the message says what to do."""
-
-
-class DiskFullError(RuntimeError):
-    """Not enough free disk space; the last valid checkpoint is kept."""
 
 
 # ---- low-level writes (one function, so tests can inject ENOSPC or a kill at every write) ---------------------
@@ -50,15 +46,6 @@ def _write_bytes(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    if hasattr(os, "O_DIRECTORY"):  # persists renames and new entries; not possible (or needed) on Windows
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def sha256_file(path: Path) -> str:
@@ -123,11 +110,11 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, tensors: dict[str, dict[str, t
                         library_versions=library_versions(),
                         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
         _write_bytes(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())  # last
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a leftover from an abandoned branch of this run: keep it aside, never overwrite
             final.rename(ckpt_dir / f"{final.name}.bad-{uuid.uuid4().hex[:8]}")
         tmp.rename(final)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a partial folder must never linger (it is never resumed anyway)
         last = latest_step(ckpt_dir)
@@ -279,7 +266,7 @@ def restore_rng(path: Path, generators: dict[str, torch.Generator]) -> None:
                               "resume would not be exact. Resume on the same setup, or start a new run.") from None
 
 
-# ---- a training run's full state <-> a checkpoint folder (called by engine.training) --------------------------
+# ---- a training run's full state <-> a checkpoint folder (called by engine.train.loop) --------------------------
 
 def gather_blobs(acc, blob: bytes) -> list[bytes]:
     """Every rank's bytes on every rank (padded uint8 tensors through accelerator.gather)."""
@@ -294,32 +281,33 @@ def gather_blobs(acc, blob: bytes) -> list[bytes]:
 
 
 def save_run(run, warn: Warn) -> Path | None:
-    """Checkpoint a training run's full state (TR-1): LoRA, optimizer, LR schedule, scaler, sampler position and
-    every RNG of every rank. Collective: every rank calls it, rank 0 writes; errors are raised on all ranks.
-    `run` is an engine.training.Run; returns the folder on rank 0."""
+    """Checkpoint a training run's full state (TR-1): LoRA, optimizer, LR schedule, scaler, sampler position,
+    counters and every RNG of every rank. Collective: every rank calls it, rank 0 writes; errors are raised on all
+    ranks. `run` is an engine.train.loop.Run; returns the folder on rank 0."""
     from accelerate.utils import broadcast_object_list
 
-    cfg, acc = run.cfg, run.acc
+    setup, tr, data = run.setup, run.trainable, run.data
+    cfg, acc = setup.cfg, setup.acc
     lora = {k: p.detach().float() for k, p in run.lora_params().items()}
-    blobs = gather_blobs(acc, rng_blob({"train": run.gen}))  # collective: every rank takes part
+    blobs = gather_blobs(acc, rng_blob({"train": data.gen}))  # collective: every rank takes part
     error, path = [None], None
-    if run.main:
+    if setup.main:
         try:
             if not all(bool(torch.isfinite(t).all()) for t in lora.values()):
                 raise CheckpointError("the LoRA weights contain NaN/Inf; not saved. Lower the learning rate or use "
                                       "bf16/fp32 and resume from the last checkpoint")
-            opt_tensors, opt_meta = optimizer_state(run.optimizer)
-            samp_tensors, samp_meta = run.sampler.state()
-            state = {"step": run.step, "losses": run.losses, "skipped": run.skipped, "bad_in_a_row": run.bad_in_a_row,
-                     "micro_batch": run.micro_batch, "world_size": acc.num_processes, "sampler": samp_meta,
-                     "optimizer": opt_meta, "lr_scheduler": run.lr_scheduler.state_dict(),
+            opt_tensors, opt_meta = optimizer_state(tr.optimizer)
+            samp_tensors, samp_meta = data.sampler.state()
+            state = {**run.counters.to_json(), "world_size": acc.num_processes, "sampler": samp_meta,
+                     "optimizer": opt_meta, "lr_scheduler": tr.lr_scheduler.state_dict(),
                      "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
             path = save_checkpoint(
-                run.ckpt_dir, run.step, tensors={"lora.safetensors": lora, "optimizer.safetensors": opt_tensors,
-                                                 "sampler.safetensors": samp_tensors},
+                setup.ckpt_dir, run.counters.step,
+                tensors={"lora.safetensors": lora, "optimizer.safetensors": opt_tensors,
+                         "sampler.safetensors": samp_tensors},
                 blobs={f"rng-rank{r}.safetensors": b for r, b in enumerate(blobs)}, json_files={"state.json": state},
-                manifest_info={"seed": cfg.seed, "epoch": run.sampler.epoch, "config_hash": config_hash(cfg),
-                               "dataset_hash": run.dataset_hash, "base_model_fingerprint": run.model.fingerprint},
+                manifest_info={"seed": cfg.seed, "epoch": data.sampler.epoch, "config_hash": config_hash(cfg),
+                               "dataset_hash": data.dataset_hash, "base_model_fingerprint": run.models.base.fingerprint},
                 limit=cfg.checkpoints_total_limit, warn=warn)
         except (CheckpointError, DiskFullError) as e:
             error = [e]
@@ -327,30 +315,32 @@ def save_run(run, warn: Warn) -> Path | None:
         broadcast_object_list(error)  # every rank stops together
     if error[0] is not None:
         raise error[0]
-    return path if run.main else None
+    return path if setup.main else None
 
 
-def restore_run(run, resume: bool, warn: Warn) -> int | None:
-    """Restore `run` from the newest valid checkpoint (TR-3) and return its step (None: fresh start). Any state that
-    cannot be restored exactly is an error (TR-5). With resume=False old checkpoints are moved aside, not deleted."""
+def restore_run(run, resume: bool, warn: Warn):
+    """`run` restored from the newest valid checkpoint (TR-3): the LoRA, optimizer, LR schedule, scaler, sampler
+    and RNG in place, and the returned Run's counters from state.json (`run` unchanged on a fresh start). Any state
+    that cannot be restored exactly is an error (TR-5). With resume=False old checkpoints are moved aside."""
     from accelerate.utils import broadcast_object_list
 
-    cfg, acc = run.cfg, run.acc
+    setup, tr, data = run.setup, run.trainable, run.data
+    cfg, acc, ckpt_dir = setup.cfg, setup.acc, setup.ckpt_dir
     chosen = [None]
-    if run.main:
-        if not resume and list_checkpoints(run.ckpt_dir):  # start over, but never delete trained work
-            aside = run.ckpt_dir.with_name(f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}")
-            run.ckpt_dir.rename(aside)
+    if setup.main:
+        if not resume and list_checkpoints(ckpt_dir):  # start over, but never delete trained work
+            aside = ckpt_dir.with_name(f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            ckpt_dir.rename(aside)
             warn(f"resume is off: moved the existing checkpoints to {aside.name}")
-        found = find_resume_checkpoint(run.ckpt_dir, warn) if resume else None
+        found = find_resume_checkpoint(ckpt_dir, warn) if resume else None
         chosen = [(str(found[0]), found[1]) if found else None]
     if acc.num_processes > 1:
         broadcast_object_list(chosen)
     if chosen[0] is None:
-        return None
+        return run
     path, manifest = Path(chosen[0][0]), chosen[0][1]
-    for key, have in (("config_hash", config_hash(cfg)), ("dataset_hash", run.dataset_hash),
-                      ("base_model_fingerprint", run.model.fingerprint)):
+    for key, have in (("config_hash", config_hash(cfg)), ("dataset_hash", data.dataset_hash),
+                      ("base_model_fingerprint", run.models.base.fingerprint)):
         if manifest.get(key) != have:
             raise CheckpointError(f"{path.name} was made with a different {key.split('_hash')[0]} "
                                   f"({key}); resume with the same settings, images and model, or use a new run folder")
@@ -365,22 +355,21 @@ def restore_run(run, resume: bool, warn: Warn) -> int | None:
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(saved[k])
-        load_optimizer_state(run.optimizer, read_tensors(path / "optimizer.safetensors"), state["optimizer"])
-        run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        load_optimizer_state(tr.optimizer, read_tensors(path / "optimizer.safetensors"), state["optimizer"])
+        tr.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if (state["scaler"] is None) != (acc.scaler is None):
             raise CheckpointError(f"{path.name} has a different mixed-precision setup; resume would not be exact")
         if acc.scaler is not None:
             acc.scaler.load_state_dict(state["scaler"])
-        run.sampler.load(read_tensors(path / "sampler.safetensors"), state["sampler"])
-        restore_rng(path / f"rng-rank{acc.process_index}.safetensors", {"train": run.gen})
-        run.step, run.losses, run.skipped = state["step"], list(state["losses"]), state["skipped"]
-        run.bad_in_a_row, run.micro_batch, run.last_ckpt = state["bad_in_a_row"], state["micro_batch"], state["step"]
+        data.sampler.load(read_tensors(path / "sampler.safetensors"), state["sampler"])
+        restore_rng(path / f"rng-rank{acc.process_index}.safetensors", {"train": data.gen})
+        counters = Counters.from_json(state)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - a state we cannot restore makes the resume inexact (TR-5)
         raise CheckpointError(f"could not restore {path.name} ({type(e).__name__}: {e}); resume would not be exact. "
                               "Start a new run, or resume with the same settings.") from None
-    return run.step
+    return dataclasses.replace(run, counters=counters)
 
 
 def image_hashes(cfg) -> list[dict[str, str]]:

@@ -13,6 +13,8 @@ from typing import Any
 
 import tomli_w
 
+from engine.core.errors import ConfigError  # noqa: F401
+
 SCHEDULERS = ("dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "ddim", "unipc")
 SCHEDULER_LABELS = {
     "dpmpp_2m": "DPM++ 2M",
@@ -23,10 +25,6 @@ SCHEDULER_LABELS = {
     "unipc": "UniPC",
 }
 MAX_PROMPT_CHARS = 2000
-
-
-class ConfigError(ValueError):
-    """A request or config file that cannot be used as it is; the message says how to fix it."""
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -146,7 +144,7 @@ def to_dict(obj) -> dict[str, Any]:
 
 def save_toml(obj, path: str | Path) -> None:
     """Write a dataclass as TOML, atomically."""
-    from .safety import atomic_write_bytes
+    from engine.core.files import atomic_write_bytes
 
     atomic_write_bytes(Path(path), tomli_w.dumps(to_dict(obj)).encode("utf-8"))
 

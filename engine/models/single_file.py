@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from engine.core.errors import SingleFileError, NotACheckpointError, UnsupportedCheckpointError  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG_ROOT = ROOT / "assets" / "configs"
 # family -> (shipped config dir, default prediction type). SD 2.x defaults to v-prediction because the flagship
 # SD 2.0/2.1 checkpoints are the 768-v models; the 512-base ones need prediction_type="epsilon".
@@ -26,18 +28,6 @@ UNET, VAE = "model.diffusion_model.", "first_stage_model."
 TE_CLIP, TE_OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
 CONV_IN = UNET + "input_blocks.0.0.weight"
 EXPECTS = "a full Stable Diffusion 1.x or 2.x checkpoint (UNet, VAE and text encoder in one .safetensors file)"
-
-
-class SingleFileError(ValueError):
-    """A single-file checkpoint cannot be loaded; the message says why and what to do."""
-
-
-class NotACheckpointError(SingleFileError):
-    """The file is something other than a full checkpoint (a LoRA, a VAE, an embedding, random tensors...)."""
-
-
-class UnsupportedCheckpointError(SingleFileError):
-    """A real checkpoint, but of a kind Stylebooth does not load (SDXL, inpainting, ControlNet...)."""
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """What a training run shows and leaves behind: previews through the one sampler, and step 6, the result (LoRA,
-preview grid, style.json). Split from engine/training.py, whose steps call these with their `Run`."""
+preview grid, style.json). Called by engine/train/loop.py's steps with their `Run`."""
 from __future__ import annotations
 
 import datetime as dt
@@ -9,16 +9,15 @@ import shutil
 import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from . import checkpoints as ck
-from .events import TrainingDiverged, TrainPreview
-from .safety import atomic_path, atomic_write_bytes, validate_safetensors
-
-if TYPE_CHECKING:
-    from .training import Run
+from engine.train import checkpoints as ck
+from engine.core.errors import TrainingDiverged
+from engine.core.events import TrainPreview
+from engine.models.safety import validate_safetensors
+from engine.core.files import atomic_path, atomic_write_bytes
+from engine.train.state import Run
 
 PREVIEW_STEPS = 20
 PREVIEW_GUIDANCE = 5.0
@@ -27,28 +26,30 @@ STYLE_SCHEMA_VERSION = 1
 
 
 def preview(run: Run, prompts, seeds) -> list:
-    """Images from the model as it is now, through the one sampler (engine.sampling.sample)."""
-    from .sampling import Components, sample, to_pil
+    """Images from the model as it is now, through the one sampler (engine.generate.sampler.sample)."""
+    from engine.generate.sampler import Components, sample, to_pil
 
-    c = run.model.components
-    comps = Components(c.vae, run.acc.unwrap_model(run.te), c.tokenizer, run.acc.unwrap_model(run.unet), c.scheduler)
-    with torch.no_grad(), run.acc.autocast():
+    c, acc, r = run.models.components, run.setup.acc, run.models.resolution
+    comps = Components(c.vae, acc.unwrap_model(run.trainable.te), c.tokenizer, acc.unwrap_model(run.trainable.unet),
+                       c.scheduler)
+    with torch.no_grad(), acc.autocast():
         imgs = sample(comps, list(prompts), [""] * len(prompts), list(seeds), num_inference_steps=PREVIEW_STEPS,
-                      guidance_scale=PREVIEW_GUIDANCE, height=run.resolution, width=run.resolution)
+                      guidance_scale=PREVIEW_GUIDANCE, height=r, width=r)
     return to_pil(imgs)
 
 
 def log_preview(run: Run) -> None:
     import numpy as np
 
-    prompts = run.cfg.validation_prompts
-    images = preview(run, prompts, [run.cfg.seed] * len(prompts))
-    run.emit(TrainPreview(run.step, images))
-    for tracker in run.acc.trackers:
+    cfg, step = run.setup.cfg, run.counters.step
+    prompts = cfg.validation_prompts
+    images = preview(run, prompts, [cfg.seed] * len(prompts))
+    run.setup.emit(TrainPreview(step, images))
+    for tracker in run.setup.acc.trackers:
         if tracker.name == "tensorboard":
-            tracker.log_images({"preview": np.stack([np.asarray(i) for i in images])}, run.step, dataformats="NHWC")
+            tracker.log_images({"preview": np.stack([np.asarray(i) for i in images])}, step, dataformats="NHWC")
         elif tracker.name == "wandb":
-            tracker.log_images({"preview": images}, run.step)
+            tracker.log_images({"preview": images}, step)
 
 
 # ---- 6: save the result ----------------------------------------------------------------------------------------
@@ -59,8 +60,8 @@ def step6_save(run: Run) -> tuple[Path, Path]:
     from diffusers.training_utils import _collate_lora_metadata
     from peft.utils import get_peft_model_state_dict
 
-    cfg = run.cfg
-    unet, te = run.acc.unwrap_model(run.unet), run.acc.unwrap_model(run.te)
+    cfg, acc = run.setup.cfg, run.setup.acc
+    unet, te = acc.unwrap_model(run.trainable.unet), acc.unwrap_model(run.trainable.te)
     # PEFT key format ("...to_q.lora_A.weight"), which diffusers loads as it is. Its older "lora_linear_layer"
     # conversion drops the attention layers when convolution LoRA is in the same file (measured: half missing).
     layers = {"unet_lora_layers": get_peft_model_state_dict(unet)}
@@ -72,7 +73,7 @@ def step6_save(run: Run) -> tuple[Path, Path]:
                                    "rate or use bf16/fp32 and resume from the last checkpoint")
     # Without this metadata the loader assumes alpha == rank and reloads at the wrong scale (LIBRARY-NOTES §0.4).
     meta = _collate_lora_metadata({"unet": unet, "text_encoder": te if cfg.train_text_encoder else None})
-    out = run.run_dir / "output"
+    out = run.setup.run_dir / "output"
     out.mkdir(parents=True, exist_ok=True)
     lora_path, tmp = out / f"{cfg.output_name}.safetensors", out / f".tmp-{uuid.uuid4().hex[:12]}"
     try:
@@ -88,10 +89,11 @@ def step6_save(run: Run) -> tuple[Path, Path]:
     grid_path = write_preview_grid(run, out / "preview.png")
     style = {"schema_version": STYLE_SCHEMA_VERSION, "trigger_token": cfg.trigger_token,
              "instance_prompt": cfg.instance_prompt, "preset": cfg.preset, "base_model": cfg.base_model or "demo",
-             "base_model_fingerprint": run.model.fingerprint, "prediction_type": run.model.prediction_type,
-             "lora_file": lora_path.name, "recommended_strength": 1.0, "steps": run.step,
+             "base_model_fingerprint": run.models.base.fingerprint,
+             "prediction_type": run.models.base.prediction_type,
+             "lora_file": lora_path.name, "recommended_strength": 1.0, "steps": run.counters.step,
              "training_config": {**asdict(cfg), "config_schema_version": cfg.schema_version},
-             "training_images": run.images,
+             "training_images": run.data.images,
              "preview_grid": grid_path.name, "preview_seeds": list(PREVIEW_SEEDS),
              "library_versions": ck.library_versions(),
              "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
@@ -104,10 +106,11 @@ def write_preview_grid(run: Run, path: Path) -> Path:
     """Rows: validation prompts (or the instance prompt); columns: PREVIEW_SEEDS."""
     from PIL import Image
 
-    prompts = list(run.cfg.validation_prompts or (run.cfg.instance_prompt,))
+    cfg = run.setup.cfg
+    prompts = list(cfg.validation_prompts or (cfg.instance_prompt,))
     pairs = [(p, s) for p in prompts for s in PREVIEW_SEEDS]
     images = preview(run, [p for p, _ in pairs], [s for _, s in pairs])
-    r = run.resolution
+    r = run.models.resolution
     grid = Image.new("RGB", (r * len(PREVIEW_SEEDS), r * len(prompts)))
     for k, img in enumerate(images):
         grid.paste(img, ((k % len(PREVIEW_SEEDS)) * r, (k // len(PREVIEW_SEEDS)) * r))

@@ -17,7 +17,8 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from engine.safety import atomic_write_bytes
+from engine.core.files import atomic_write_bytes
+from engine.core.errors import ImageRejected  # noqa: F401
 
 __all__ = ["ImageRejected", "IngestReport", "load_image", "ingest_dataset", "ALLOWED_FORMATS"]
 
@@ -32,19 +33,6 @@ _OTHER_MAGIC = [
     (b"\x00\x00\x01\x00", "ICO"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xff\x0a", "JPEG XL"),
     (b"PK\x03\x04", "ZIP archive"), (b"qoif", "QOI"),
 ]
-
-
-class ImageRejected(ValueError):
-    """An image cannot be used. The message names the file, the problem and what to do about it."""
-
-    def __init__(self, filename: str, problem: str, advice: str):
-        self.filename, self.problem, self.advice = filename, problem, advice
-        super().__init__(f"{filename}: {problem}. {advice}")
-
-    @property
-    def reason(self) -> str:
-        """The message without the file name (for tables that show the name in their own column)."""
-        return f"{self.problem}. {self.advice}"
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
-"""The math of a DreamBooth step: small pure functions, each naming its source (used by engine/training.py)."""
+"""The math of a DreamBooth step: small pure functions, each naming its source (used by engine/train/loop.py)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError
+from engine.core.config import ConfigError
 
 # ---- math: small pure functions, each naming its source --------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Trained styles on disk, and applying one to the loaded base model.
+"""Trained styles on disk: publish, list, look up, and put a style's trigger into a prompt.
 
 A style lives in `styles/<style-id>/v<N>/` (lora.safetensors, style.json, preview.png). Publishing writes the
 version folder under a temporary name and renames it, so a reader never sees half a style (TR-10). The full
@@ -14,7 +14,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError
+from engine.core.config import ConfigError
+from engine.core.files import fsync_dir
 
 SCHEMA_VERSION = 1
 
@@ -60,14 +61,6 @@ def _class_noun(style: dict) -> str:
     return words[-1] if words else ""
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def publish(data_dir: Path, name: str, lora_path: Path, style_json: Path, preview: Path | None = None) -> StyleInfo:
     """Copy a training result into the library as a new style (version 1), atomically."""
     styles = data_dir / "styles"
@@ -87,7 +80,7 @@ def publish(data_dir: Path, name: str, lora_path: Path, style_json: Path, previe
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _read(final)
@@ -129,34 +122,3 @@ def apply_trigger(prompt: str, style: StyleInfo) -> str:
             return re.sub(rf"\b{style.class_noun}\b", f"{style.trigger_token} {style.class_noun}", prompt, count=1)
         return f"{style.trigger_token} {prompt}"
     return f"{prompt}, {style.trigger_token} style"
-
-
-class AdapterCache:
-    """LoRA adapters loaded into the base model's modules, kept loaded so switching back is quick.
-
-    It wraps the same UNet/text-encoder objects in a diffusers pipeline only to use its LoRA loader and
-    `set_adapters`; call it under the engine's lock (adapter changes and denoising must not interleave, MU-6).
-    """
-
-    def __init__(self, components):
-        from diffusers import StableDiffusionPipeline
-
-        c = components
-        self.pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
-                                            unet=c.unet, scheduler=c.scheduler, safety_checker=None,
-                                            feature_extractor=None, requires_safety_checker=False)
-        self.loaded: set[str] = set()
-
-    def activate(self, style: StyleInfo | None, strength: float = 1.0) -> None:
-        if style is None:
-            if self.loaded:
-                self.pipe.disable_lora()
-            return
-        if style.adapter_name not in self.loaded:
-            from .safety import check_model_file
-
-            check_model_file(style.lora)
-            self.pipe.load_lora_weights(str(style.lora), adapter_name=style.adapter_name, use_safetensors=True)
-            self.loaded.add(style.adapter_name)
-        self.pipe.enable_lora()
-        self.pipe.set_adapters([style.adapter_name], adapter_weights=[strength])

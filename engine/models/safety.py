@@ -6,21 +6,21 @@ detection only walks opcodes with `pickletools.genops`, which parses but does no
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickletools
 import re
 import struct
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
+
+from engine.core.errors import ModelFileError, UnsafeModelFile  # noqa: F401
 
 __all__ = [
     "ModelFileError", "UnsafeModelFile", "sniff_format", "check_model_file", "validate_safetensors",
-    "atomic_write_bytes", "atomic_path", "check_torch_version", "MIN_TORCH",
+    "check_torch_version", "MIN_TORCH",
 ]
 
 MIN_TORCH = (2, 10)  # CVE-2025-32434 and CVE-2026-24747 are fixed from 2.10 on (MF-5)
@@ -45,14 +45,6 @@ _FLOAT_DTYPES = {"F8_E5M2", "F8_E4M3", "F8_E8M0", "F16", "BF16", "F32", "F64", "
 _MAX_ELEMENTS = 2**60  # far above any real tensor; keeps us stricter than safetensors' own overflow checks
 # Opcodes a protocol 0/1 pickle can start with: MARK, empty containers, GLOBAL, scalars, None/True/False.
 _PICKLE_STARTERS = set(b"(}])cIJKLMNSVXFGUT\x88\x89")
-
-
-class ModelFileError(ValueError):
-    """The file is not a usable model file: empty, truncated, corrupt, unknown, or named as something else."""
-
-
-class UnsafeModelFile(ValueError):
-    """The file contains pickle data (raw pickle or a torch.save archive) and could run code if loaded."""
 
 
 def _read_head(path: str | os.PathLike) -> tuple[bytes, int]:
@@ -292,47 +284,6 @@ def _check_finite(p: Path, keys: list[str], fail: Callable[[str], ModelFileError
         raise
     except Exception as e:  # safetensors or torch disagreeing with our parse is still a clean rejection
         raise fail(f"safetensors could not load it ({type(e).__name__}: {str(e)[:200]})") from None
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path next to `path`; on success fsync it, os.replace() it onto `path`, fsync the folder.
-
-    Readers (even ones that memory-mapped the old file, safetensors #764) see either the old or the new file,
-    never a half-written one (MF-9). On an exception the temp file is removed and `path` is untouched.
-    """
-    target = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        if target.exists():  # keep the old file's permissions; new files stay private (mkstemp's 0600)
-            os.chmod(tmp, target.stat().st_mode & 0o7777)
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)  # data must be on disk before the rename makes it visible
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # persist the rename itself; not possible (or needed) on Windows
-        dfd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` atomically (see `atomic_path`)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
 
 
 def check_torch_version(version: str | None = None) -> str:

@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from engine import demo_world as W
+from engine.demo import world as W
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PATH = REPO_ROOT / "assets" / "demo-checker" / "checker.safetensors"
 ATTRIBUTES = ("shape", "texture", "fg", "bg")
 

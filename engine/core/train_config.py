@@ -1,6 +1,6 @@
 """`TrainConfig`: one frozen, versioned description of a DreamBooth + LoRA run, validated on construction.
 
-Every field is read by the trainer (engine/training.py, engine/checkpoints.py); a GUI setting that the trainer
+Every field is read by the trainer (engine/train/loop.py, engine/train/checkpoints.py); a GUI setting that the trainer
 ignores is a bug, and tests/test_train_config.py checks it. Messages say how to fix the input.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, _check, _coerce, from_dict, load_toml, save_toml
+from engine.core.config import ConfigError, _check, _coerce, from_dict, load_toml, save_toml
 
 __all__ = ["ConfigError", "TrainConfig", "presets", "demo_settings", "suggest_trigger_token", "config_hash", "load_train_config",
            "save_train_config", "PRESETS", "LR_SCHEDULERS", "TRIGGER_CANDIDATES"]
@@ -39,9 +39,9 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 class TrainConfig:
     """A DreamBooth + LoRA training run (Ruiz et al. 2023; LoRA, Hu et al. 2021). See `presets()` for defaults."""
 
-    instance_images: tuple[str, ...]  # the artist's images (already ingested, see engine.images.ingest_dataset)
+    instance_images: tuple[str, ...]  # the artist's images (already ingested, see engine.core.images.ingest_dataset)
     instance_prompt: str  # must contain trigger_token, e.g. "a photo of olis shape"
-    # One caption per instance image, in the same order (kohya-style .txt sidecars, see engine.images.read_captions);
+    # One caption per instance image, in the same order (kohya-style .txt sidecars, see engine.core.images.read_captions);
     # empty: every image is trained on `instance_prompt`. Captions that name what varies between the images (colours,
     # background, pose) leave the trigger token to mean only what they share, so prompts can recombine it.
     instance_captions: tuple[str, ...] = ()

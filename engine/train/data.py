@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints as ck
-from .images import load_image
-from .train_config import TrainConfig
+from engine.core.errors import CheckpointError
+from engine.core.images import load_image
+from engine.core.train_config import TrainConfig
 
 # ---- data: a deterministic sampler with a position, and the DreamBooth examples --------------------------------
 
@@ -36,7 +36,7 @@ class EpochSampler:
 
     def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         if meta["n"] != self.n:
-            raise ck.CheckpointError(f"the checkpoint was made with {meta['n']} examples but the dataset has "
+            raise CheckpointError(f"the checkpoint was made with {meta['n']} examples but the dataset has "
                                      f"{self.n}; resume with the same images, or start a new run")
         self.gen.set_state(tensors["gen"])
         self.perm, self.epoch, self.pos = tensors["perm"], meta["epoch"], meta["pos"]
@@ -47,7 +47,7 @@ class DreamBoothData:
 
     def __init__(self, cfg: TrainConfig, class_images: list[Path], tokenizer, resolution: int,
                  class_captions: list[str] = ()):
-        from .sampling import tokenize
+        from engine.generate.sampler import tokenize
 
         self.cfg, self.res = cfg, resolution
         self.images = {"instance": [self._resize(p) for p in cfg.instance_images],

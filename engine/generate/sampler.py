@@ -14,11 +14,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
                        EulerDiscreteScheduler, UniPCMultistepScheduler)
 from diffusers.utils.torch_utils import randn_tensor
 
-from .config import SCHEDULERS
-
-
-class Cancelled(Exception):
-    """Raised inside the loop when the step callback asks to stop."""
+from engine.core.config import SCHEDULERS
 
 
 @dataclass

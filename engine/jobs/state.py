@@ -6,12 +6,11 @@ import datetime as dt
 import json
 import os
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoints import SCHEMA_VERSION, latest_step
-from .safety import atomic_write_bytes
+from engine.core.files import atomic_write_bytes
 
+SCHEMA_VERSION = 1
 JOB_STATES = ("queued", "running", "checkpointed", "done", "failed", "cancelled")
 
 
@@ -29,13 +28,15 @@ def write_job(run_dir: Path, state: str, **info) -> dict:
 
 
 def read_job(run_dir: Path) -> dict | None:
+    """run_dir/job.json, or None when it is missing or unreadable."""
     try:
         return json.loads((run_dir / "job.json").read_text("utf-8"))
     except (OSError, ValueError):
         return None
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host."""
     if pid <= 0:  # os.kill(0 or -1, ...) would address a whole process group
         return False
     try:
@@ -45,27 +46,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-@dataclass(frozen=True)
-class InterruptedRun:
-    """A run whose worker died while it was running: offer "interrupted — resume?"."""
-
-    run_dir: Path
-    step: int
-    last_checkpoint: int | None
-    config: dict  # the TrainConfig as a dict: TrainConfig(**config) resumes it
-
-
-def find_interrupted_runs(runs_dir: Path) -> list[InterruptedRun]:
-    """Runs left `running`/`checkpointed` whose worker process is gone (on this host)."""
-    found = []
-    for job_file in sorted(Path(runs_dir).glob("*/job.json")):
-        job = read_job(job_file.parent)
-        if not job or job.get("state") not in ("running", "checkpointed"):
-            continue
-        if job.get("host") == socket.gethostname() and _alive(int(job.get("pid", -1))):
-            continue  # still training
-        found.append(InterruptedRun(job_file.parent, int(job.get("step", 0)),
-                                    latest_step(job_file.parent / "checkpoints"), job.get("config", {})))
-    return found

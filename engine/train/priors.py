@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from .safety import atomic_write_bytes
-from .sampling import Cancelled, Components, sample, to_pil
+from engine.core.files import atomic_write_bytes
+from engine.core.errors import Cancelled
+from engine.generate.sampler import Components, sample, to_pil
 
 SCHEMA_VERSION = 1
 

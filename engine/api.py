@@ -1,53 +1,33 @@
 """`Engine`: the one facade that the UI and the CLI call.
 
-It owns the loaded base model, one lock around all model work (one GPU, one queue), the stop signal that really
-stops a run within one denoising step, and the data directory. Methods take frozen request dataclasses and return
+It owns the loaded base model, one lock around all model work (one GPU, one queue), the registry of jobs with a
+cancel token each (Cancel stops one job within one step, not the others), and the data directory. Methods take frozen request dataclasses and return
 typed results; progress is reported through typed events.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from PIL import Image
 
-from . import outputs
-from .config import GenerateRequest, Settings
-from .models import LoadedModel, load_base_model
-from .sampling import Cancelled, decode, sample, to_pil
-from .styles import AdapterCache, StyleInfo, apply_trigger, find_style, list_styles
+from engine.core.config import ConfigError, GenerateRequest, Settings, from_dict
+from engine.core.errors import Cancelled
+from engine.core.events import GeneratedImage, GenerateResult, Progress, ResumableRun, TrainJobResult
+from engine.core.train_config import TrainConfig
+from engine.generate import recipes
+from engine.generate.sampler import decode, sample, to_pil
+from engine.jobs.cancel import Job, JobRegistry
+from engine.models.loading import LoadedModel, load_base_model
+from engine.styles.adapters import AdapterCache
+from engine.styles.store import StyleInfo, apply_trigger, find_style, list_styles
 
 APP_VERSION = "0.1.0"
-
-
-@dataclass(frozen=True)
-class Progress:
-    """A step of a long job: `done`/`total` steps, an optional preview image and a line for humans."""
-
-    done: int
-    total: int
-    message: str
-    preview: Image.Image | None = None
-
-
-@dataclass(frozen=True)
-class GeneratedImage:
-    image: Image.Image
-    recipe: dict
-    path: Path
-
-
-@dataclass(frozen=True)
-class GenerateResult:
-    images: list[GeneratedImage] = field(default_factory=list)
-    cancelled: bool = False
-    seconds: float = 0.0
 
 
 def default_data_dir() -> Path:
@@ -74,7 +54,7 @@ class Engine:
         auto_device, auto_dtype = pick_device()
         self.device, self.dtype = device or auto_device, dtype or auto_dtype
         self._lock = threading.RLock()  # held by every piece of model work
-        self._stop = threading.Event()
+        self.jobs = JobRegistry()  # queued and running jobs, each with its own cancel token
         self._model: LoadedModel | None = None
         self._adapters: AdapterCache | None = None
 
@@ -96,22 +76,32 @@ class Engine:
             self._model, self._adapters = new, None
             return new.describe()
 
-    # ---- stop ----------------------------------------------------------------------------------------------
-    def cancel(self) -> None:
-        """Ask the running job to stop; sampling checks this before every denoising step ends."""
-        self._stop.set()
+    # ---- jobs and cancel -----------------------------------------------------------------------------------
+    def cancel(self, job_id: str | None = None, *, kind: str | None = None, user: str | None = None) -> int:
+        """Ask the matching queued or running jobs to stop (see JobRegistry.cancel); a generation stops within one
+        denoising step, a training run at the next step after saving a checkpoint. Returns how many were asked."""
+        return self.jobs.cancel(job_id, kind=kind, user=user)
 
-    def _check_stop(self) -> None:
-        if self._stop.is_set():
-            raise Cancelled()
+    def wait_for_jobs(self, *, kind: str | None = None, user: str | None = None, timeout: float = 30.0) -> bool:
+        """Wait until the matching jobs have stopped (after `cancel`); False if some still run after `timeout` s."""
+        return self.jobs.wait_until_done(kind=kind, user=user, timeout=timeout)
+
+    @contextlib.contextmanager
+    def _job(self, kind: str, user: str, job_id: str | None) -> Iterator[Job]:
+        """Register the job (cancellable from now on), then wait for the model lock and run it."""
+        job = self.jobs.start(kind, user, job_id)
+        try:
+            with self._lock:
+                yield job
+        finally:
+            self.jobs.finish(job)
 
     # ---- generate ------------------------------------------------------------------------------------------
     def generate(self, req: GenerateRequest, on_progress: Callable[[Progress], None] | None = None,
-                 *, user: str = "local") -> GenerateResult:
+                 *, user: str = "local", job_id: str | None = None) -> GenerateResult:
         """Run a GenerateRequest; images are saved as PNGs with their recipe under outputs/<user>/<date>/."""
         t0 = time.perf_counter()
-        with self._lock:
-            self._stop.clear()
+        with self._job("generate", user, job_id) as job:
             m = self.model
             c = m.components
             style = self._activate_style(req.style, req.style_strength)
@@ -123,11 +113,12 @@ class Engine:
             out_dir = self.data_dir / "outputs" / user / dt.date.today().isoformat()
             done: list[GeneratedImage] = []
             try:
+                job.token.check()  # cancelled while it waited for the lock
                 for b in range(req.batch_count):
                     seeds = [req.seed + b * n + i for i in range(n)]
 
                     def cb(i, n, latents, b=b):
-                        self._check_stop()
+                        job.token.check()
                         if on_progress:
                             preview = None
                             if (i + 1) % preview_every == 0 and i + 1 < n:
@@ -142,59 +133,63 @@ class Engine:
                     for seed, prompt, img in zip(seeds, prompts, to_pil(imgs)):
                         recipe = self._recipe(req, seed, width, height, prompt, style)
                         path = out_dir / f"{int(time.time() * 1000)}-{seed}.png"
-                        done.append(GeneratedImage(img, recipe, outputs.save_png(img, recipe, path)))
+                        done.append(GeneratedImage(img, recipe, recipes.save_png(img, recipe, path)))
             except Cancelled:
                 return GenerateResult(done, cancelled=True, seconds=time.perf_counter() - t0)
-            finally:
-                self._stop.clear()
             return GenerateResult(done, seconds=time.perf_counter() - t0)
 
-    def generate_iter(self, req: GenerateRequest, *, user: str = "local") -> Iterator[Progress | GenerateResult]:
+    def generate_iter(self, req: GenerateRequest, *, user: str = "local",
+                      job_id: str | None = None) -> Iterator[Progress | GenerateResult]:
         """Run `generate` in a worker thread and yield its Progress events, then the GenerateResult.
 
         For UIs that render while the job runs (a Gradio generator). Errors are re-raised here.
         """
-        return _iterate(lambda emit: self.generate(req, emit, user=user), GenerateResult)
+        return _iterate(lambda emit: self.generate(req, emit, user=user, job_id=job_id), GenerateResult)
+
+    def read_recipe(self, path: str | Path) -> dict | None:
+        """The recipe a dropped PNG carries (ours or A1111's), or None; see engine.generate.recipes."""
+        return recipes.read_recipe(path)
+
+    @staticmethod
+    def example_prompts() -> list[str]:
+        """Prompts that show what the bundled demo model can draw."""
+        from engine.demo.world import prompt_for
+
+        return [prompt_for("circle", "red", "blue"), prompt_for("square", "yellow", "purple"),
+                prompt_for("triangle", "white", "black", texture="striped"), prompt_for("ring", "green", "white")]
 
     # ---- train ---------------------------------------------------------------------------------------------
-    def train(self, cfg, name: str, on_event: Callable | None = None, *, run_dir: Path | None = None):
-        """Ingest images, make priors, train a LoRA and publish it as a style (engine/train_job.py).
+    def train(self, cfg: TrainConfig, name: str, on_event: Callable | None = None, *, run_dir: Path | None = None,
+              user: str = "local", job_id: str | None = None) -> TrainJobResult:
+        """Ingest images, make priors, train a LoRA and publish it as a style (engine/train/job.py).
 
         Holds the model lock for the whole run: training and generation share one queue.
         """
-        from .train_job import run_training
+        from engine.train.job import run_training
 
-        with self._lock:
-            self._stop.clear()
-            try:
-                return run_training(self.model, self.data_dir, cfg, name, run_dir=run_dir, on_event=on_event,
-                                    stop_event=self._stop)
-            finally:
-                self._stop.clear()
+        with self._job("train", user, job_id) as job:
+            return run_training(self.model, self.data_dir, cfg, name, run_dir=run_dir, on_event=on_event,
+                                stop_event=job.token)
 
-    def train_iter(self, cfg, name: str, *, run_dir: Path | None = None) -> Iterator:
+    def train_iter(self, cfg: TrainConfig, name: str, *, run_dir: Path | None = None, user: str = "local",
+                   job_id: str | None = None) -> Iterator:
         """`train` in a worker thread: yields the trainer's events, then the TrainJobResult."""
-        from .events import TrainJobResult
+        return _iterate(lambda emit: self.train(cfg, name, emit, run_dir=run_dir, user=user, job_id=job_id),
+                        TrainJobResult)
 
-        return _iterate(lambda emit: self.train(cfg, name, emit, run_dir=run_dir), TrainJobResult)
+    def resumable_runs(self) -> list[ResumableRun]:
+        """Runs to offer "resume?": interrupted (their worker died: power cut, kill) and cancelled after a step."""
+        from engine.train.job import resumable_runs
 
-    def interrupted_runs(self) -> list:
-        """Runs whose worker died mid-training (power cut, kill): offer "interrupted — resume?"."""
-        from .jobs import find_interrupted_runs
+        return resumable_runs(self.data_dir / "runs")
 
-        return find_interrupted_runs(self.data_dir / "runs")
-
-    def resume_iter(self, run_dir: Path) -> Iterator:
-        """Resume an interrupted run from its newest valid checkpoint, exactly."""
-        from .train_config import TrainConfig
-        from .train_job import read_run_name
-
-        run = next((r for r in self.interrupted_runs() if r.run_dir == Path(run_dir)), None)
+    def resume_iter(self, run_id: str, *, user: str = "local", job_id: str | None = None) -> Iterator:
+        """Resume a run from `resumable_runs()` (by its id, never a path) from its newest valid checkpoint, exactly."""
+        run = next((r for r in self.resumable_runs() if r.run_id == run_id), None)
         if run is None:
-            from .config import ConfigError
-            raise ConfigError(f"no interrupted run at {run_dir}; pick one from the list")
-        cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in run.config.items()})
-        return self.train_iter(cfg, read_run_name(run.run_dir), run_dir=run.run_dir)
+            raise ConfigError("that run is no longer resumable (finished, or resumed already); refresh the list")
+        cfg = from_dict(TrainConfig, run.config)
+        return self.train_iter(cfg, run.name, run_dir=self.data_dir / "runs" / run.run_id, user=user, job_id=job_id)
 
     # ---- styles --------------------------------------------------------------------------------------------
     def list_styles(self) -> list[StyleInfo]:
@@ -205,7 +200,6 @@ class Engine:
         """Load (once, then cached) and activate a style's LoRA, or switch LoRA off; call under the lock."""
         style = find_style(self.data_dir, style_id) if style_id else None
         if style and style.base_model_fingerprint and style.base_model_fingerprint != self.model.fingerprint:
-            from .config import ConfigError
             raise ConfigError(f"style {style.name!r} was trained on another base model; load that model first "
                               f"(fingerprint {style.base_model_fingerprint[:10]})")
         if style is None and self._adapters is None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from .config import SCHEDULER_LABELS
-from .safety import atomic_path
+from engine.core.config import SCHEDULER_LABELS
+from engine.core.files import atomic_path
 
 RECIPE_KEY = "stylebooth"
 RECIPE_SCHEMA = 1

@@ -1,0 +1,102 @@
+"""Typed events and results of long jobs. Plain dataclasses with no torch import, so ui/ can match on them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    step: int
+    total: int
+    loss: float
+    lr: float
+    eta_s: float
+
+
+@dataclass(frozen=True)
+class TrainPreview:
+    step: int
+    images: list  # PIL images, one per validation prompt
+
+
+@dataclass(frozen=True)
+class TrainCheckpoint:
+    step: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class TrainLog:
+    message: str
+    level: str = "info"  # "info" | "warning" | "error"
+
+
+TrainEvent = TrainProgress | TrainPreview | TrainCheckpoint | TrainLog
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    lora_path: Path | None  # None when cancelled
+    style_json_path: Path | None
+    steps: int
+    losses: list[float]
+    cancelled: bool
+    resumed_from: int | None
+    skipped_steps: int = 0  # updates skipped for NaN/Inf
+    micro_batch_size: int = 0  # after any out-of-memory back-off
+    gradient_accumulation: int = 0
+
+
+@dataclass(frozen=True)
+class TrainJobResult:
+    run_dir: Path
+    result: TrainResult
+    style: object | None  # engine.styles.store.StyleInfo; None when cancelled
+    rejected: list[tuple[str, str]]
+    notices: list[str]
+
+
+@dataclass(frozen=True)
+class ResumableRun:
+    """A training run that can continue from its newest checkpoint: its worker died, or it was cancelled."""
+
+    run_id: str  # the run folder's name; the engine resumes runs by id, never by a path from a client
+    name: str  # the style name it will publish
+    state: str  # "interrupted" | "cancelled"
+    step: int
+    total: int
+    last_checkpoint: int | None
+    config: dict  # the TrainConfig as a dict
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} · {self.state} at step {self.step}/{self.total}"
+
+
+# ---- generation ----
+
+@dataclass(frozen=True)
+class Progress:
+    """A step of a long job: `done`/`total` steps, an optional preview image and a line for humans."""
+
+    done: int
+    total: int
+    message: str
+    preview: Image.Image | None = None
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    image: Image.Image
+    recipe: dict
+    path: Path
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    images: list[GeneratedImage] = field(default_factory=list)
+    cancelled: bool = False
+    seconds: float = 0.0

@@ -1,0 +1,34 @@
+"""Applying styles to the loaded base model: LoRA adapters loaded once, switched by name (diffusers + peft)."""
+from __future__ import annotations
+
+from engine.models.safety import check_model_file
+from engine.styles.store import StyleInfo
+
+
+class AdapterCache:
+    """LoRA adapters loaded into the base model's modules, kept loaded so switching back is quick.
+
+    It wraps the same UNet/text-encoder objects in a diffusers pipeline only to use its LoRA loader and
+    `set_adapters`; call it under the engine's lock (adapter changes and denoising must not interleave, MU-6).
+    """
+
+    def __init__(self, components):
+        from diffusers import StableDiffusionPipeline
+
+        c = components
+        self.pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+                                            unet=c.unet, scheduler=c.scheduler, safety_checker=None,
+                                            feature_extractor=None, requires_safety_checker=False)
+        self.loaded: set[str] = set()
+
+    def activate(self, style: StyleInfo | None, strength: float = 1.0) -> None:
+        if style is None:
+            if self.loaded:
+                self.pipe.disable_lora()
+            return
+        if style.adapter_name not in self.loaded:
+            check_model_file(style.lora)
+            self.pipe.load_lora_weights(str(style.lora), adapter_name=style.adapter_name, use_safetensors=True)
+            self.loaded.add(style.adapter_name)
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([style.adapter_name], adapter_weights=[strength])

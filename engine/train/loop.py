@@ -1,0 +1,394 @@
+"""DreamBooth + LoRA training on the UNet and the text encoder (VAE frozen), as numbered steps.
+
+Ruiz et al. 2023 ("DreamBooth") with LoRA adapters (Hu et al. 2021) through peft, following diffusers'
+`examples/dreambooth/train_dreambooth_lora.py` but cut into small functions: 0 accelerator, 1 load, 2 add LoRA,
+3 priors, 4 data, optimizer, 5 loop, 6 save (engine/train/output.py). Checkpoints resume bit-exactly
+(engine/train/checkpoints.py; job state in engine/jobs/state.py). Runs in-process for the app, and under
+`accelerate launch` / `torchrun` through `python -m engine.train` (only rank 0 writes files).
+
+The run's state comes in pieces with one owner each (engine/train/state.py).
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import math
+import os
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from engine.core.config import ConfigError
+from engine.core.errors import TrainingDiverged, TrainingError, TrainingOOM
+from engine.core.events import TrainCheckpoint, TrainEvent, TrainLog, TrainProgress, TrainResult
+from engine.core.train_config import TrainConfig
+from engine.jobs import state as jobs
+from engine.train import checkpoints as ck
+from engine.train.data import DreamBoothData, EpochSampler
+from engine.train.state import Counters, Data, Models, Run, Setup, Trainable, lora_params
+from engine.train.math import diffusion_target, dreambooth_loss, is_oom, min_snr_weights, offset_noise
+from engine.train.output import log_preview, step6_save
+
+
+# ---- 0..4: accelerator, load, LoRA, priors, data -----------------------------------------------------------------
+
+def step0_accelerator(cfg: TrainConfig, run_dir: Path, emit):
+    """Accelerator with mixed precision and trackers writing under the run folder."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not several:
+        AcceleratorState._reset_state(True)  # in-process: each run may pick another precision
+    precision = cfg.mixed_precision
+    if precision == "fp16" and not torch.cuda.is_available():
+        emit(TrainLog("mixed_precision='fp16' needs a CUDA GPU; training in fp32 on this machine", "warning"))
+        precision = "no"
+    if cfg.use_8bit_adam and not torch.cuda.is_available():
+        raise ConfigError("`use_8bit_adam` needs a CUDA GPU (bitsandbytes); turn it off on this machine")
+    log_with = None if cfg.report_to == "none" else cfg.report_to
+    project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard"))
+    # torchrun on CPU: accelerate only builds a gloo process group when told cpu=True.
+    return Accelerator(cpu=several and not torch.cuda.is_available(), mixed_precision=precision, log_with=log_with,
+                       project_config=project)
+
+
+def step1_load(setup: Setup) -> Models:
+    """Load the base model (demo model when `base_model` is empty) and freeze it; training scheduler = DDPM."""
+    from diffusers import DDPMScheduler
+
+    from engine.models.loading import load_base_model
+
+    cfg, acc = setup.cfg, setup.acc
+    base = load_base_model(cfg.base_model or None, device=str(acc.device))
+    c = base.components
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+    for m in (c.vae, c.unet, c.text_encoder):
+        m.requires_grad_(False)
+        if weight_dtype != torch.float32:
+            m.to(dtype=weight_dtype)  # frozen weights in the compute dtype; LoRA stays fp32 (step 2)
+    return Models(base, DDPMScheduler.from_config(c.scheduler.config), weight_dtype,
+                  cfg.resolution or c.default_size)
+
+
+def step2_add_lora(setup: Setup, models: Models) -> None:
+    """LoRA on the UNet attention projections and (optionally) the text-encoder ones; trainable params in fp32."""
+    from accelerate.utils import set_seed
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg, c = setup.cfg, models.components
+    set_seed(cfg.seed)  # same LoRA init on every rank and every run with this seed
+    c.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                  target_modules=list(cfg.unet_target_modules)))
+    if cfg.train_text_encoder:  # peft directly: works on transformers 5.23 and 5.24 (LIBRARY-NOTES §0.1)
+        inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                           target_modules=list(cfg.text_encoder_target_modules)), c.text_encoder)
+    cast_training_params([c.unet, c.text_encoder], torch.float32)
+    if cfg.gradient_checkpointing:
+        c.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            c.text_encoder.gradient_checkpointing_enable()
+    c.unet.train()
+    c.text_encoder.train(cfg.train_text_encoder)
+
+
+def step3_priors(setup: Setup, class_images, class_captions=()) -> tuple[list[Path], list[str]]:
+    """The class-prior images to use (made by engine.train.priors) and the prompt of each; the first `num_class_images`.
+    Without captions every class image is trained on the class prompt, which must then be a single one."""
+    cfg = setup.cfg
+    if not cfg.with_prior_preservation:
+        return [], []
+    paths = [Path(p) for p in class_images][: cfg.num_class_images]
+    if not paths:
+        raise ConfigError("`with_prior_preservation` is on but no class images were given: generate them first "
+                          "(engine.train.priors) or turn prior preservation off")
+    if len(paths) < cfg.num_class_images:
+        setup.emit(TrainLog(f"only {len(paths)} of num_class_images={cfg.num_class_images} class images given; "
+                          "training with those", "warning"))
+    captions = list(class_captions)[: len(paths)]
+    if captions and len(captions) != len(paths):
+        raise ConfigError(f"{len(paths)} class images but {len(captions)} class captions; give one per image")
+    if not captions:
+        if len(cfg.class_prompts) > 1:
+            raise ConfigError("several class prompts need class images made by the app (engine.train.priors."
+                              "ensure_prior_set) or one caption per class image; or use a single class prompt")
+        captions = [cfg.class_prompt.strip()] * len(paths)
+    return paths, captions
+
+
+def step4_data(setup: Setup, models: Models, class_paths: list[Path], class_captions: list[str]) -> Data:
+    """Dataset, deterministic sampler, training generator and (optionally) cached VAE latents."""
+    cfg, c, acc = setup.cfg, models.components, setup.acc
+    data = DreamBoothData(cfg, class_paths, c.tokenizer, models.resolution, class_captions)
+    images = ck.image_hashes(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * acc.process_index)  # own noise per rank
+    if cfg.cache_latents:  # the VAE is frozen and crops are centred, so each image's latent distribution is fixed
+        cache = {}
+        with torch.no_grad():
+            for kind, imgs in data.images.items():
+                for i, img in enumerate(imgs):
+                    top, left, _ = data.place(img, None)
+                    for flip in ((False, True) if cfg.random_flip else (False,)):
+                        px = data.pixels(kind, i, top, left, flip)[None].to(acc.device, models.weight_dtype)
+                        dist = c.vae.encode(px).latent_dist
+                        cache[(kind, i, flip)] = (dist.mean.float(), dist.std.float())
+        data.latent_cache = cache
+    return Data(data, EpochSampler(data.n, cfg.seed), gen, images, ck.dataset_hash(images))
+
+
+def make_optimizer(setup: Setup, models: Models) -> Trainable:
+    """AdamW over LoRA params only (UNet group, text-encoder group with its own LR), the LR schedule, prepare()."""
+    from diffusers.optimization import get_scheduler
+
+    cfg, acc, c = setup.cfg, setup.acc, models.components
+    groups = [{"params": [p for p in c.unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
+    if cfg.train_text_encoder:
+        groups.append({"params": [p for p in c.text_encoder.parameters() if p.requires_grad],
+                       "lr": cfg.text_encoder_lr})
+    opt_cls = torch.optim.AdamW
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("`use_8bit_adam` needs bitsandbytes: pip install bitsandbytes") from None
+        opt_cls = bnb.optim.AdamW8bit
+    optimizer = opt_cls(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps else cfg.lr_scheduler
+    # Not prepared: accelerate would step it once per process per step; we step it exactly once per step.
+    lr_scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.max_train_steps)
+    if cfg.train_text_encoder:
+        unet, te, optimizer = acc.prepare(c.unet, c.text_encoder, optimizer)
+    else:  # DDP refuses a module without trainable parameters
+        (unet, optimizer), te = acc.prepare(c.unet, optimizer), c.text_encoder
+    return Trainable(unet, te, optimizer, lr_scheduler)
+
+
+# ---- 5: the loop (previews and step 6 are in engine/train/output.py) ---------------------------------------------
+
+def encode_latents(run: Run, batch: dict) -> torch.Tensor:
+    """z = (μ + σ·n) · scaling_factor, from the VAE or the latent cache, noise drawn from the run's generator."""
+    vae, cache = run.models.components.vae, run.data.data.latent_cache
+    if cache is not None:
+        mean = torch.cat([cache[k][0] for k in batch["keys"]])
+        std = torch.cat([cache[k][1] for k in batch["keys"]])
+    else:
+        with torch.no_grad():
+            dist = vae.encode(batch["pixels"].to(run.setup.acc.device, run.models.weight_dtype)).latent_dist
+        mean, std = dist.mean.float(), dist.std.float()
+    z = mean + std * torch.randn(mean.shape, generator=run.data.gen).to(mean.device)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (z - shift) * vae.config.scaling_factor
+
+
+def forward_loss(run: Run, batch: dict, te_on: bool) -> torch.Tensor:
+    """One micro-batch: noise the latents at random timesteps, predict, compare with the target."""
+    from diffusers.training_utils import compute_snr
+
+    cfg, ns, acc, tr = run.setup.cfg, run.models.noise_scheduler, run.setup.acc, run.trainable
+    dev, gen = acc.device, run.data.gen
+    latents = encode_latents(run, batch)
+    noise = offset_noise(latents.shape, gen, cfg.noise_offset).to(dev)
+    t = torch.randint(0, ns.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(dev)
+    noisy = ns.add_noise(latents, noise, t)
+    ids = batch["ids"].to(dev)
+    with acc.autocast():
+        if te_on:
+            enc = tr.te(ids, return_dict=False)[0]
+        else:  # frozen (or stopped): skip the DDP wrapper, which would wait for gradients that never come
+            with torch.no_grad():
+                enc = acc.unwrap_model(tr.te)(ids, return_dict=False)[0]
+        pred = tr.unet(noisy, t, enc, return_dict=False)[0]
+    target = diffusion_target(ns, latents, noise, t)
+    weights = torch.ones(latents.shape[0], device=dev)
+    if cfg.snr_gamma > 0:
+        weights = min_snr_weights(compute_snr(ns, t), cfg.snr_gamma, ns.config.prediction_type)
+    return dreambooth_loss(pred, target, weights, cfg.with_prior_preservation, cfg.prior_loss_weight)
+
+
+def accumulate(run: Run, indices: list[int], te_on: bool) -> float:
+    """Backward over micro-batches of `counters.micro_batch`; each loss is scaled so the sum is the batch mean."""
+    from contextlib import ExitStack
+
+    acc, tr, mb = run.setup.acc, run.trainable, run.counters.micro_batch
+    chunks = [indices[i:i + mb] for i in range(0, len(indices), mb)]
+    total = 0.0
+    for k, chunk in enumerate(chunks):
+        batch = run.data.data.batch(chunk, run.data.gen)
+        with ExitStack() as stack:
+            if k < len(chunks) - 1:  # all-reduce gradients only once per optimizer step
+                for m in (tr.unet, tr.te) if te_on else (tr.unet,):
+                    stack.enter_context(acc.no_sync(m))
+            loss = forward_loss(run, batch, te_on) * (len(chunk) / len(indices))
+            acc.backward(loss)
+        total += float(loss.detach())
+    return total
+
+
+def optimizer_step(run: Run) -> float:
+    """One optimizer step with OOM back-off (TR-7) and the NaN/Inf guard (TR-6); returns the step's loss."""
+    cfg, acc, tr, n_ = run.setup.cfg, run.setup.acc, run.trainable, run.counters
+    te_on = run.te_active(n_.step)
+    if cfg.train_text_encoder and not te_on:
+        for name, p in run.lora_params().items():
+            if name.startswith("text_encoder."):
+                p.requires_grad_(False)  # no grad → AdamW skips the param: no momentum or decay after the stop
+    n = cfg.train_batch_size * cfg.gradient_accumulation_steps  # the effective batch; OOM back-off keeps it
+    indices = run.data.sampler.take(n * acc.num_processes)[n * acc.process_index: n * (acc.process_index + 1)]
+    gen_state = run.data.gen.get_state()
+    while True:
+        try:
+            loss = accumulate(run, indices, te_on)
+            params = [p for p in run.lora_params().values() if p.grad is not None]
+            grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+            break
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
+            tr.optimizer.zero_grad(set_to_none=True)  # back to the state before the step
+            del e
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            run.data.gen.set_state(gen_state)
+            if n_.micro_batch == 1:
+                raise TrainingOOM(f"out of memory at step {n_.step + 1} even with a micro-batch of 1 at "
+                                  f"{run.models.resolution}px: lower `resolution`, turn on `gradient_checkpointing`, "
+                                  "`cache_latents` or mixed precision, or close other programs using the GPU") from None
+            old = n_.micro_batch
+            n_.micro_batch = max(1, old // 2)
+            run.setup.emit(TrainLog(f"out of memory at step {n_.step + 1}: micro-batch {old} → {n_.micro_batch}, "
+                                    f"gradient accumulation {math.ceil(n / old)} → {math.ceil(n / n_.micro_batch)} "
+                                    f"(effective batch stays {n}); retrying the step", "warning"))
+    if acc.num_processes > 1:  # one loss for all ranks, so every rank takes the same skip/step decision
+        loss = float(acc.reduce(torch.tensor([loss], device=acc.device), "mean"))
+    finite = math.isfinite(loss) and (math.isfinite(grad_norm) or acc.scaler is not None)  # fp16: scaler skips
+    if finite:
+        tr.optimizer.step()
+        n_.bad_in_a_row = 0
+    else:
+        n_.skipped += 1
+        n_.bad_in_a_row += 1
+        run.setup.emit(TrainLog(f"step {n_.step + 1}: loss {loss} / grad norm {grad_norm} is not finite; update "
+                                f"skipped ({n_.bad_in_a_row} in a row)", "warning"))
+    tr.optimizer.zero_grad(set_to_none=True)
+    tr.lr_scheduler.step()  # skipped steps still count: the schedule follows the step number
+    if n_.bad_in_a_row >= cfg.max_nonfinite_steps:
+        kept = f"checkpoint-{n_.last_ckpt} is kept" if n_.last_ckpt else "no checkpoint was saved"
+        raise TrainingDiverged(f"training diverged: {n_.bad_in_a_row} steps in a row had a NaN/Inf loss or "
+                               f"gradient (step {n_.step + 1}). Lower the learning rate or use bf16/fp32 "
+                               f"(mixed_precision 'bf16' or 'no'); {kept}, no LoRA was saved.")
+    return loss
+
+
+def save_state(run: Run) -> None:
+    """Checkpoint now (every rank takes part; rank 0 writes), then report it."""
+    setup = run.setup
+    path = ck.save_run(run, warn=lambda m: setup.emit(TrainLog(m, "warning")))
+    run.counters.last_ckpt = run.counters.step
+    if setup.main:
+        setup.emit(TrainCheckpoint(run.counters.step, path))
+        jobs.write_job(setup.run_dir, "checkpointed", step=run.counters.step, checkpoint=path.name)
+
+
+def step5_loop(run: Run) -> bool:
+    """Optimizer steps until max_train_steps or a stop request; returns True when cancelled."""
+    cfg, acc, n_ = run.setup.cfg, run.setup.acc, run.counters
+    t0, first = time.perf_counter(), n_.step
+    while n_.step < cfg.max_train_steps:
+        if run.setup.stop is not None and run.setup.stop.is_set():
+            if n_.step > (n_.last_ckpt or 0):
+                save_state(run)  # so that "resume" continues from here
+            return True
+        loss = optimizer_step(run)
+        n_.step += 1
+        n_.losses.append(loss)
+        lr = run.trainable.lr_scheduler.get_last_lr()[0]
+        eta = (time.perf_counter() - t0) / (n_.step - first) * (cfg.max_train_steps - n_.step)
+        run.setup.emit(TrainProgress(n_.step, cfg.max_train_steps, loss, lr, eta))
+        acc.log({"loss": loss, "lr": lr}, step=n_.step)
+        if cfg.validation_steps and cfg.validation_prompts and n_.step % cfg.validation_steps == 0 and run.setup.main:
+            log_preview(run)
+        if (cfg.checkpointing_steps and n_.step % cfg.checkpointing_steps == 0) or n_.step == cfg.max_train_steps:
+            save_state(run)
+    return False
+
+
+def check_ranks_in_sync(run: Run) -> None:
+    """Compare a checksum of the LoRA weights across processes (accelerator.gather); DDP must keep them equal."""
+    acc = run.setup.acc
+    digest = hashlib.sha256(b"".join(p.detach().float().cpu().numpy().tobytes()
+                                     for _, p in sorted(run.lora_params().items()))).digest()
+    rows = acc.gather(torch.tensor(list(digest[:8]), dtype=torch.int64, device=acc.device)[None])
+    if not bool((rows == rows[0]).all()):
+        raise TrainingError(f"the {acc.num_processes} processes ended with different LoRA weights; "
+                            "the result is not saved. Report this with the run folder.")
+    run.setup.emit(TrainLog(f"ranks in sync: LoRA checksum {digest[:8].hex()} identical on {acc.num_processes} ranks"))
+
+
+# ---- the API -----------------------------------------------------------------------------------------------------
+
+def train(config: TrainConfig, run_dir: Path, *, class_images=(), class_captions=(),
+          on_event: Callable[[TrainEvent], None] | None = None, stop_event: threading.Event | None = None,
+          resume: bool = True) -> TrainResult:
+    """Train a DreamBooth LoRA into `run_dir` (checkpoints/, tensorboard/, output/, job.json); see module doc.
+
+    Resumes from the newest valid checkpoint unless `resume` is False. `stop_event` stops at the next step boundary
+    after a checkpoint (cancelled=True). Raises ConfigError, TrainingError, CheckpointError or DiskFullError with a
+    message for the user; job.json then says "failed".
+    """
+    run_dir = Path(run_dir)
+    main = int(os.environ.get("RANK", "0")) == 0  # only rank 0 reports and writes files
+    emit = (on_event or (lambda e: None)) if main else (lambda e: None)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        jobs.write_job(run_dir, "running", step=0, total=config.max_train_steps, message="", config=asdict(config))
+    setup = run = None
+    try:
+        missing = [p for p in config.instance_images if not Path(p).is_file()]
+        if missing:  # before minutes of model loading
+            raise ConfigError(f"training image(s) not found: {', '.join(missing[:5])}; add them again or fix the paths")
+        setup = Setup(config, run_dir, step0_accelerator(config, run_dir, emit), emit, stop_event)
+        models = step1_load(setup)
+        step2_add_lora(setup, models)
+        if main:  # TR-8: room for limit+1 checkpoints (LoRA + 2 Adam moments) and the result
+            lora_bytes = ck.tensor_bytes(lora_params(setup.acc, models.components.unet, models.components.text_encoder))
+            ck.check_free_space(run_dir, lora_bytes * (3 * (config.checkpoints_total_limit + 1) + 1), "training")
+        data = step4_data(setup, models, *step3_priors(setup, class_images, class_captions))
+        run = Run(setup, models, data, make_optimizer(setup, models), Counters(micro_batch=config.train_batch_size))
+        run = ck.restore_run(run, resume, warn=lambda m: emit(TrainLog(m, "warning")))
+        resumed_from = run.counters.last_ckpt
+        if resumed_from is not None:
+            emit(TrainLog(f"resumed from checkpoint-{resumed_from} (epoch {data.sampler.epoch})"))
+        setup.acc.init_trackers("stylebooth", config={k: (", ".join(v) if isinstance(v, tuple) else v)
+                                                      for k, v in asdict(config).items()})
+        cancelled = step5_loop(run)
+        if setup.acc.num_processes > 1:
+            check_ranks_in_sync(run)
+        lora_path = style_path = None
+        if not cancelled and main:
+            lora_path, style_path = step6_save(run)
+        setup.acc.wait_for_everyone()
+        setup.acc.end_training()
+    except BaseException as e:
+        if main:
+            interrupted = isinstance(e, KeyboardInterrupt)
+            jobs.write_job(run_dir, "cancelled" if interrupted else "failed", step=run.counters.step if run else 0,
+                           message="interrupted" if interrupted else str(e))
+            emit(TrainLog(str(e) or type(e).__name__, "error"))
+        for tracker in setup.acc.trackers if setup else ():
+            tracker.finish()  # flush what was logged; the folder stays readable
+        raise
+    n_ = run.counters
+    if main:
+        jobs.write_job(run_dir, "cancelled" if cancelled else "done", step=n_.step,
+                       lora=str(lora_path) if lora_path else None)
+    accumulation = math.ceil(config.train_batch_size * config.gradient_accumulation_steps / n_.micro_batch)
+    return TrainResult(lora_path, style_path, n_.step, list(n_.losses), cancelled, resumed_from, n_.skipped,
+                       n_.micro_batch, accumulation)

@@ -1,0 +1,120 @@
+"""A training run's state, in pieces that each have one owner (engine/train/loop.py's steps make them):
+`Setup` (what the run is), `Models` (steps 1-2), `Data` (step 4), `Trainable` (the prepared modules, optimizer and
+LR schedule) and `Counters` (step 5's step, losses and back-off; checkpoints save and restore them). `Run` bundles
+them; it is frozen, so no piece is ever swapped behind its owner's back.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from engine.core.events import TrainEvent
+from engine.core.train_config import TrainConfig
+from engine.train.data import DreamBoothData, EpochSampler
+
+
+@dataclass
+class Counters:
+    """The loop's own state (owner: engine.train.loop's step 5), saved in state.json and restored exactly."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    skipped: int = 0  # steps whose update was skipped for a NaN/Inf loss or gradient
+    bad_in_a_row: int = 0
+    micro_batch: int = 1  # halves on out-of-memory; the effective batch stays (gradient accumulation grows)
+    last_ckpt: int | None = None
+
+    def to_json(self) -> dict:
+        return {"step": self.step, "losses": list(self.losses), "skipped": self.skipped,
+                "bad_in_a_row": self.bad_in_a_row, "micro_batch": self.micro_batch}
+
+    @classmethod
+    def from_json(cls, state: dict) -> "Counters":
+        return cls(int(state["step"]), [float(x) for x in state["losses"]], int(state["skipped"]),
+                   int(state["bad_in_a_row"]), int(state["micro_batch"]), last_ckpt=int(state["step"]))
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the run is; fixed for its lifetime."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    acc: object  # accelerate.Accelerator
+    emit: Callable[[TrainEvent], None]
+    stop: threading.Event | None  # a job's cancel token (engine.jobs.cancel) or a signal handler's event
+
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+@dataclass(frozen=True)
+class Models:
+    """The base model with its frozen weights (step 1; step 2 adds LoRA layers into the same modules)."""
+
+    base: object  # engine.models.loading.LoadedModel
+    noise_scheduler: object
+    weight_dtype: torch.dtype
+    resolution: int
+
+    @property
+    def components(self):
+        return self.base.components
+
+
+@dataclass(frozen=True)
+class Data:
+    """Dataset, deterministic sampler and the one training generator (step 4)."""
+
+    data: DreamBoothData
+    sampler: EpochSampler
+    gen: torch.Generator  # noise, timesteps, latents, crops, flips: one stream, saved in checkpoints
+    images: list  # name + sha256 of each training image
+    dataset_hash: str
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """The prepared (DDP-wrapped under several processes) modules, the optimizer and the LR schedule."""
+
+    unet: torch.nn.Module
+    te: torch.nn.Module
+    optimizer: object
+    lr_scheduler: object
+
+
+@dataclass(frozen=True)
+class Run:
+    setup: Setup
+    models: Models
+    data: Data
+    trainable: Trainable
+    counters: Counters
+
+    def te_active(self, step: int) -> bool:
+        """Train the text encoder only for the first `text_encoder_stop_fraction` of the steps (it overfits fast)."""
+        cfg = self.setup.cfg
+        return cfg.train_text_encoder and step < math.ceil(cfg.text_encoder_stop_fraction * cfg.max_train_steps)
+
+    def lora_params(self) -> dict[str, torch.nn.Parameter]:
+        return lora_params(self.setup.acc, self.trainable.unet, self.trainable.te)
+
+
+def lora_params(acc, unet, te) -> dict[str, torch.nn.Parameter]:
+    """Every LoRA parameter by a stable name ("unet." / "text_encoder." + peft name)."""
+    out = {}
+    for prefix, m in (("unet", unet), ("text_encoder", te)):
+        for n, p in acc.unwrap_model(m).named_parameters():
+            if "lora_" in n:
+                out[f"{prefix}.{n}"] = p
+    return out
