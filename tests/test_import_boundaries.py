@@ -18,6 +18,7 @@ LAYERS = {
     "engine.core": ("engine.core",),
     "engine.jobs": ("engine.core",),
     "engine.demo": ("engine.core",),
+    "engine.studio": ("engine.core",),
     "engine.generate": ("engine.core",),
     "engine.models": ("engine.core", "engine.generate.sampler"),
     "engine.styles": ("engine.core", "engine.models"),
