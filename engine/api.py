@@ -18,11 +18,13 @@ import torch
 
 from engine.core.config import ConfigError, GenerateRequest, Settings, from_dict
 from engine.core.errors import Cancelled
-from engine.core.events import GeneratedImage, GenerateResult, Progress, ResumableRun, TrainJobResult
+from engine.core.events import (GeneratedImage, GenerateResult, Progress, ResumableRun, TrainJobResult,
+                                TrainResult)
 from engine.core.train_config import TrainConfig
 from engine.generate import recipes
 from engine.generate.sampler import decode, sample, to_pil
 from engine.jobs.cancel import Job, JobRegistry
+from engine.jobs.fair import FairScheduler
 from engine.models.loading import LoadedModel, load_base_model
 from engine.styles.adapters import AdapterCache
 from engine.styles.store import StyleInfo, apply_trigger, find_style, list_styles
@@ -55,6 +57,7 @@ class Engine:
         self.device, self.dtype = device or auto_device, dtype or auto_dtype
         self._lock = threading.RLock()  # held by every piece of model work
         self.jobs = JobRegistry()  # queued and running jobs, each with its own cancel token
+        self.fair = FairScheduler()  # whose job runs next on the one GPU: round-robin across users
         self._model: LoadedModel | None = None
         self._adapters: AdapterCache | None = None
 
@@ -86,13 +89,24 @@ class Engine:
         """Wait until the matching jobs have stopped (after `cancel`); False if some still run after `timeout` s."""
         return self.jobs.wait_until_done(kind=kind, user=user, timeout=timeout)
 
+    def queue_position(self, job_id: str) -> int | None:
+        """0 while the job runs, k when k jobs run before it (round-robin across users), None when unknown."""
+        return self.fair.position(job_id)
+
     @contextlib.contextmanager
     def _job(self, kind: str, user: str, job_id: str | None) -> Iterator[Job]:
-        """Register the job (cancellable from now on), then wait for the model lock and run it."""
+        """Register the job (cancellable from now on), wait for its fair turn and the model, and run it.
+
+        A job cancelled while it waits leaves the line at once; its body sees the set token before it touches the
+        model and reports itself cancelled."""
         job = self.jobs.start(kind, user, job_id)
         try:
-            with self._lock:
-                yield job
+            with self.fair.turn(user, job.id, cancelled=job.token):
+                if job.token.is_set():
+                    yield job
+                else:
+                    with self._lock:
+                        yield job
         finally:
             self.jobs.finish(job)
 
@@ -102,6 +116,8 @@ class Engine:
         """Run a GenerateRequest; images are saved as PNGs with their recipe under outputs/<user>/<date>/."""
         t0 = time.perf_counter()
         with self._job("generate", user, job_id) as job:
+            if job.token.is_set():  # cancelled while it waited: no model work at all
+                return GenerateResult([], cancelled=True, seconds=time.perf_counter() - t0)
             m = self.model
             c = m.components
             style = self._activate_style(req.style, req.style_strength)
@@ -113,7 +129,6 @@ class Engine:
             out_dir = self.data_dir / "outputs" / user / dt.date.today().isoformat()
             done: list[GeneratedImage] = []
             try:
-                job.token.check()  # cancelled while it waited for the lock
                 for b in range(req.batch_count):
                     seeds = [req.seed + b * n + i for i in range(n)]
 
@@ -168,6 +183,9 @@ class Engine:
         from engine.train.job import run_training
 
         with self._job("train", user, job_id) as job:
+            if job.token.is_set():  # cancelled while it waited: nothing ran, nothing to resume
+                return TrainJobResult(run_dir, TrainResult(None, None, 0, [], True, None, 0, cfg.train_batch_size, 1),
+                                      None, [], [])
             return run_training(self.model, self.data_dir, cfg, name, run_dir=run_dir, on_event=on_event,
                                 stop_event=job.token)
 
