@@ -65,13 +65,20 @@ def step1_load(setup: Setup) -> Models:
     from engine.models.loading import load_base_model
 
     cfg, acc = setup.cfg, setup.acc
-    base = load_base_model(cfg.base_model or None, device=str(acc.device))
-    c = base.components
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+    # Loaded straight in the compute dtype: no fp32 copy of the whole model on the GPU, even for a moment.
+    base = load_base_model(cfg.base_model or None, device=str(acc.device), dtype=weight_dtype)
+    c = base.components
     for m in (c.vae, c.unet, c.text_encoder):
         m.requires_grad_(False)
         if weight_dtype != torch.float32:
             m.to(dtype=weight_dtype)  # frozen weights in the compute dtype; LoRA stays fp32 (step 2)
+    if acc.device.type == "cuda":
+        # GPU-only levers, so CPU results (and the learning tests) stay bit-identical: TF32 for whatever runs in
+        # fp32 (LoRA maths, fp32 training) and channels_last convolutions (faster cuDNN kernels on tensor cores).
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        c.unet.to(memory_format=torch.channels_last)
     return Models(base, DDPMScheduler.from_config(c.scheduler.config), weight_dtype,
                   cfg.resolution or c.default_size)
 
@@ -158,7 +165,10 @@ def make_optimizer(setup: Setup, models: Models) -> Trainable:
         except ImportError:
             raise ConfigError("`use_8bit_adam` needs bitsandbytes: pip install bitsandbytes") from None
         opt_cls = bnb.optim.AdamW8bit
-    optimizer = opt_cls(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    # fused=True: one kernel for every parameter's AdamW update instead of a dozen per tensor (GPU only; its
+    # rounding differs from the loop version, so CPU keeps the default and its bit-exact numbers).
+    fused = {"fused": True} if opt_cls is torch.optim.AdamW and acc.device.type == "cuda" else {}
+    optimizer = opt_cls(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, **fused)
     name = "constant_with_warmup" if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps else cfg.lr_scheduler
     # Not prepared: accelerate would step it once per process per step; we step it exactly once per step.
     lr_scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
@@ -187,6 +197,21 @@ def encode_latents(run: Run, batch: dict) -> torch.Tensor:
     return (z - shift) * vae.config.scaling_factor
 
 
+def encode_text(run: Run, ids: torch.Tensor, te_on: bool) -> torch.Tensor:
+    """Text-encoder outputs; once the encoder no longer trains they are computed once per distinct batch and
+    reused (as diffusers' --pre_compute_text_embeddings, but also after `text_encoder_stop_fraction`)."""
+    acc, te = run.setup.acc, run.trainable.te
+    if te_on:
+        return te(ids.to(acc.device), return_dict=False)[0]
+    key = ids.numpy().tobytes()
+    cached = run.data.text_cache.get(key)
+    if cached is None:
+        with torch.no_grad():  # skip the DDP wrapper, which would wait for gradients that never come
+            cached = acc.unwrap_model(te)(ids.to(acc.device), return_dict=False)[0]
+        run.data.text_cache[key] = cached
+    return cached
+
+
 def forward_loss(run: Run, batch: dict, te_on: bool) -> torch.Tensor:
     """One micro-batch: noise the latents at random timesteps, predict, compare with the target."""
     from diffusers.training_utils import compute_snr
@@ -197,13 +222,8 @@ def forward_loss(run: Run, batch: dict, te_on: bool) -> torch.Tensor:
     noise = offset_noise(latents.shape, gen, cfg.noise_offset).to(dev)
     t = torch.randint(0, ns.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(dev)
     noisy = ns.add_noise(latents, noise, t)
-    ids = batch["ids"].to(dev)
     with acc.autocast():
-        if te_on:
-            enc = tr.te(ids, return_dict=False)[0]
-        else:  # frozen (or stopped): skip the DDP wrapper, which would wait for gradients that never come
-            with torch.no_grad():
-                enc = acc.unwrap_model(tr.te)(ids, return_dict=False)[0]
+        enc = encode_text(run, batch["ids"], te_on)
         pred = tr.unet(noisy, t, enc, return_dict=False)[0]
     target = diffusion_target(ns, latents, noise, t)
     weights = torch.ones(latents.shape[0], device=dev)
@@ -212,13 +232,13 @@ def forward_loss(run: Run, batch: dict, te_on: bool) -> torch.Tensor:
     return dreambooth_loss(pred, target, weights, cfg.with_prior_preservation, cfg.prior_loss_weight)
 
 
-def accumulate(run: Run, indices: list[int], te_on: bool) -> float:
+def accumulate(run: Run, indices: list[int], te_on: bool) -> torch.Tensor:
     """Backward over micro-batches of `counters.micro_batch`; each loss is scaled so the sum is the batch mean."""
     from contextlib import ExitStack
 
     acc, tr, mb = run.setup.acc, run.trainable, run.counters.micro_batch
     chunks = [indices[i:i + mb] for i in range(0, len(indices), mb)]
-    total = 0.0
+    total = torch.zeros((), device=acc.device)
     for k, chunk in enumerate(chunks):
         batch = run.data.data.batch(chunk, run.data.gen)
         with ExitStack() as stack:
@@ -227,7 +247,7 @@ def accumulate(run: Run, indices: list[int], te_on: bool) -> float:
                     stack.enter_context(acc.no_sync(m))
             loss = forward_loss(run, batch, te_on) * (len(chunk) / len(indices))
             acc.backward(loss)
-        total += float(loss.detach())
+        total += loss.detach().float()  # no .item() here: one host sync per step, in optimizer_step
     return total
 
 
@@ -244,9 +264,11 @@ def optimizer_step(run: Run) -> float:
     gen_state = run.data.gen.get_state()
     while True:
         try:
-            loss = accumulate(run, indices, te_on)
+            loss_t = accumulate(run, indices, te_on)
             params = [p for p in run.lora_params().values() if p.grad is not None]
-            grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+            norm_t = acc.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            # The step's one device-to-host sync: the loss and the gradient norm read together.
+            loss, grad_norm = torch.stack([loss_t, torch.as_tensor(norm_t, device=loss_t.device).float()]).tolist()
             break
         except RuntimeError as e:
             if not is_oom(e):

@@ -81,6 +81,10 @@ class Data:
     gen: torch.Generator  # noise, timesteps, latents, crops, flips: one stream, saved in checkpoints
     images: list  # name + sha256 of each training image
     dataset_hash: str
+    # Outputs of the frozen text encoder by the batch's token ids (owner: loop.encode_text). Keyed by the whole
+    # batch, not per row, so a cached value is bit-identical to computing it again (a batched matmul may round
+    # a row differently from the same row alone).
+    text_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
