@@ -25,12 +25,16 @@ from engine.events import TrainCheckpoint, TrainJobResult, TrainLog, TrainPrevie
 from engine.train_config import (TRIGGER_CANDIDATES, TrainConfig, demo_settings, field_names, load_train_config,
                                  presets, save_train_config)
 
+from .forms import whole_numbers
+
 # TrainConfig fields with no component, and where their value comes from instead.
 DERIVED = {"instance_images": "the uploaded images", "schema_version": "the file format",
            "instance_captions": "the uploaded .txt caption files (one per image, same name)",
            # The engine trains the model it has loaded (priors and fingerprint come from it): "" means that one.
            "base_model": "the model loaded under Model"}
 FIELD_NAMES = tuple(n for n in field_names() if n not in DERIVED)
+# The form shows every int field with a Number box, which may send floats (build_train_tab checks this).
+INT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.type == "int" and f.name in FIELD_NAMES)
 LIST_FIELDS = {"unet_target_modules": ",", "text_encoder_target_modules": ",", "validation_prompts": "\n"}
 PROMPT_FIELDS = ("instance_prompt", "class_prompt", "validation_prompts")
 MIN_IMAGES, MAX_IMAGES = 3, 20
@@ -101,6 +105,7 @@ class TrainHandlers:
         if unknown:  # a wiring bug, not a user error: fail loudly
             raise KeyError(f"not TrainConfig form fields: {unknown}")
         clean = {k: v for k, v in values.items() if v is not None}  # an emptied box falls back to the default
+        clean = whole_numbers(clean, INT_FIELDS)
         for k, sep in LIST_FIELDS.items():
             if isinstance(clean.get(k), str):
                 clean[k] = tuple(s.strip() for s in clean[k].split(sep) if s.strip())
