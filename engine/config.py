@@ -146,6 +146,9 @@ class Settings:
     port: int = 7860
     listen: bool = False
     open_browser: bool = True
+    # While the app is open to the network (--listen, --share), the Model box loads only these sources (plus the
+    # demo model and `model`): a remote user must not make the server open arbitrary paths (ui.app.AppHandlers).
+    allowed_models: tuple[str, ...] = ()
     schema_version: int = 1
 
     def __post_init__(self) -> None:

@@ -77,6 +77,9 @@ class Engine:
         self._stop = threading.Event()
         self._model: LoadedModel | None = None
         self._adapters: AdapterCache | None = None
+        # Why the configured model did not load and the demo model stands in for it (None: it loaded). A bad model
+        # must not brick the app: the user sees this in the UI and can pick another one there.
+        self.load_error: str | None = None
 
     # ---- model ---------------------------------------------------------------------------------------------
     @property
@@ -84,8 +87,15 @@ class Engine:
         """The loaded base model; loads the configured one (or the bundled demo model) on first use."""
         with self._lock:
             if self._model is None:
-                self._model = load_base_model(self.settings.model or None, device=self.device, dtype=self.dtype,
-                                              cache_dir=self.data_dir / "cache")
+                try:
+                    self._model = load_base_model(self.settings.model or None, device=self.device,
+                                                  dtype=self.dtype, cache_dir=self.data_dir / "cache")
+                except (ValueError, OSError) as e:  # ModelLoadError & co.: plain-words messages
+                    if not self.settings.model:
+                        raise  # the bundled model itself: nothing to fall back to
+                    self._model = load_base_model(None, device=self.device, dtype=self.dtype,
+                                                  cache_dir=self.data_dir / "cache")
+                    self.load_error = f"{e} The bundled demo model was loaded instead."
             return self._model
 
     def load_model(self, source: str | None) -> dict:
@@ -93,7 +103,7 @@ class Engine:
         with self._lock:
             new = load_base_model(source or None, device=self.device, dtype=self.dtype,
                                   cache_dir=self.data_dir / "cache")
-            self._model, self._adapters = new, None
+            self._model, self._adapters, self.load_error = new, None, None
             return new.describe()
 
     # ---- stop ----------------------------------------------------------------------------------------------
