@@ -132,7 +132,10 @@ def build_train_tab(engine) -> TrainTab:
             assert int_fields(TrainConfig, fields) == INT_FIELDS, "an int field needs a Number box"
             with gr.Row():
                 save = gr.Button("Save config (TOML)", size="sm")
-                load = gr.UploadButton("Load config (TOML)", file_types=[".toml"], size="sm", elem_id="load-config")
+                # The TOML travels with its images and captions (pick them together): a config loaded here never
+                # reads a path on the server (TrainHandlers.load_config).
+                load = gr.UploadButton("Load config (TOML + its images)", file_types=[".toml", "image", ".txt"],
+                                       file_count="multiple", size="sm", elem_id="load-config")
             config_file = gr.File(label="run.toml", interactive=False, visible=False, elem_id="config-file")
             with gr.Accordion("Interrupted runs", open=True):
                 runs = gr.Dropdown(h.resumable_runs(), label="Runs that can be resumed", elem_id="runs")
