@@ -58,19 +58,24 @@ class LaunchedApp:
         r.raise_for_status()
         return r.json()
 
-    def component(self, elem_id: str) -> dict:
-        for c in self.config()["components"]:
-            if c.get("props", {}).get("elem_id") == elem_id:
+    def component(self, key: str) -> dict:
+        """The component whose elem_id is `key`, else the button whose text is `key`."""
+        comps = self.config()["components"]
+        for c in comps:
+            if c.get("props", {}).get("elem_id") == key:
                 return c
-        raise KeyError(f"no component with elem_id {elem_id!r}")
+        for c in comps:
+            if c.get("type") in ("button", "uploadbutton") and c.get("props", {}).get("value") == key:
+                return c
+        raise KeyError(f"no component with elem_id or text {key!r}")
 
-    def fn_index(self, elem_id: str, trigger: str) -> int:
-        """The event that `trigger` ("click", "upload") of the component `elem_id` runs."""
-        cid = self.component(elem_id)["id"]
+    def fn_index(self, key: str, trigger: str) -> int:
+        """The event that `trigger` ("click", "upload") of the component `key` (see component) runs."""
+        cid = self.component(key)["id"]
         for dep in self.config()["dependencies"]:
             if [cid, trigger] in [list(t) for t in dep["targets"]]:
                 return dep["id"]
-        raise KeyError(f"no {trigger} event on {elem_id!r}")
+        raise KeyError(f"no {trigger} event on {key!r}")
 
     def upload(self, *paths: Path | tuple[str, bytes]) -> list[str]:
         """POST files to /gradio_api/upload; returns the server-side paths Gradio gives them."""

@@ -133,7 +133,7 @@ def test_p01_a_client_path_outside_the_upload_folder_is_refused(app, planted):
 
 def test_p01_model_box_is_no_file_oracle_when_open_to_the_network(app, planted, tiny_sd):
     """--listen: a server path is refused with one message whatever is there, and nothing is loaded."""
-    fn = app.fn_index("load-model", "click")
+    fn = app.fn_index("Load model", "click")
     answers = {}
     for source in ("/etc/passwd", str(planted["root"] / "secrets" / "passwd"), "/no/such/file.safetensors",
                    "~/id_rsa.png", "../../..", str(planted["root"] / "links" / "cat.png"), str(tiny_sd)):
