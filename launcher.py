@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.engine import Engine  # imports torch: slow, so only after the cheap checks
     from ui.app import build_app, launch_options
 
-    engine = Engine(settings)
+    engine = Engine(settings, fallback_to_demo=True)  # a bad --model must not stop the app from starting
     # Open to others: only the models in settings.toml can be loaded from the UI (see ui.app.AppHandlers).
     demo = build_app(engine, remote=bool(settings.listen or args.share))
     if engine.load_error:

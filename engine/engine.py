@@ -67,7 +67,7 @@ class Engine:
     """Everything that touches models and files. Thread-safe: model work runs one job at a time."""
 
     def __init__(self, settings: Settings | None = None, *, device: str | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, fallback_to_demo: bool = False):
         self.settings = settings or Settings()
         self.data_dir = Path(self.settings.data_dir).expanduser() if self.settings.data_dir else default_data_dir()
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -77,8 +77,10 @@ class Engine:
         self._stop = threading.Event()
         self._model: LoadedModel | None = None
         self._adapters: AdapterCache | None = None
-        # Why the configured model did not load and the demo model stands in for it (None: it loaded). A bad model
-        # must not brick the app: the user sees this in the UI and can pick another one there.
+        # `fallback_to_demo` (the app): a configured model that fails to load is replaced by the demo model, and
+        # `load_error` says why, so a bad model cannot brick the app: the user sees the message in the UI and picks
+        # another one there. Off for scripts (CLI, benches), which must not quietly run on another model.
+        self.fallback_to_demo = fallback_to_demo
         self.load_error: str | None = None
 
     # ---- model ---------------------------------------------------------------------------------------------
@@ -91,8 +93,8 @@ class Engine:
                     self._model = load_base_model(self.settings.model or None, device=self.device,
                                                   dtype=self.dtype, cache_dir=self.data_dir / "cache")
                 except (ValueError, OSError) as e:  # ModelLoadError & co.: plain-words messages
-                    if not self.settings.model:
-                        raise  # the bundled model itself: nothing to fall back to
+                    if not (self.fallback_to_demo and self.settings.model):
+                        raise  # a script, or the bundled model itself failed: nothing to fall back to
                     self._model = load_base_model(None, device=self.device, dtype=self.dtype,
                                                   cache_dir=self.data_dir / "cache")
                     self.load_error = f"{e} The bundled demo model was loaded instead."
