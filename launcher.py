@@ -85,15 +85,16 @@ def read_auth(args: argparse.Namespace) -> list[tuple[str, str]]:
     return out
 
 
-def network_warning(port: int, share: bool, auth: list) -> str:
+def network_warning(port: int, listen: bool, share: bool, auth: list) -> str:
     """What --listen/--share expose, printed at every such start (there are no user accounts yet)."""
-    where = "on every network interface (0.0.0.0)" + (" and through a public gradio.live link" if share else "")
+    where = " and ".join([f"on every network interface (0.0.0.0, port {port})"] * listen +
+                         ["through a public gradio.live link"] * share)
     who = (f"only after a login ({len(auth)} user(s) from --auth/--auth-file)" if auth else
-           "with NO password: anyone who can reach this computer")
-    return (f"WARNING: Stylebooth is served {where} on port {port}, {who}. They can generate and train (using this "
-            "computer's GPU and disk), see and download the images made here, use and delete the styles, and load "
-            "the models listed in settings.toml. Stylebooth has no user accounts yet: every login sees the same "
-            "library." + ("" if auth else " Add --auth USER:PASSWORD (or --auth-file PATH) to require a login."))
+           "with NO password: anyone who can reach it can use it")
+    return (f"WARNING: Stylebooth is served {where}, {who}. Users can generate and train with this computer's GPU "
+            "and disk, use and add to its one style library, and switch among the models listed in settings.toml "
+            "(`allowed_models`). Stylebooth has no user accounts yet: every login sees the same library."
+            + ("" if auth else " Add --auth USER:PASSWORD (or --auth-file PATH) to require a login."))
 
 
 class _DropExpected(logging.Filter):
@@ -233,12 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{port}"
     print(f"\n{APP_NAME} is running at {url}", flush=True)
     if settings.listen or args.share:
-        print(network_warning(port, bool(args.share), auth), file=sys.stderr, flush=True)
+        print(network_warning(port, bool(settings.listen), bool(args.share), auth), file=sys.stderr, flush=True)
     print(f"Data: {data_dir}\nSettings: {cfg_path}")
     print("To stop it, press Ctrl+C or close this window.\n", flush=True)
     demo.launch(server_name=host, server_port=port, inbrowser=settings.open_browser, quiet=True,
                 share=bool(args.share), auth=auth or None,
-                **launch_options(data_dir, extra_blocked=[cfg_path.parent]))
+                **launch_options(data_dir, extra_blocked=[cfg_path.parent, *filter(None, [args.auth_file])]))
     return 0
 
 

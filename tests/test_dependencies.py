@@ -14,7 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Import name -> distribution name, where they differ.
 DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "tomli_w": "tomli-w", "huggingface_hub": "huggingface-hub",
-                "google": "protobuf", "sklearn": "scikit-learn", "cv2": "opencv-python", "gradio_client": "gradio-client"}
+                "google": "protobuf", "sklearn": "scikit-learn", "cv2": "opencv-python",
+                "gradio_client": "gradio-client"}
 # Installed with a declared distribution, which depends on them by design (their API is part of it).
 COMES_WITH = {"huggingface-hub": "diffusers", "gradio-client": "gradio"}
 # Optional: imported only inside a guard, with a message telling the user to install it.

@@ -157,7 +157,7 @@ def test_p01_resume_takes_only_runs_the_server_lists(app, planted):
 
 def test_p05_listen_warns_and_auth_guards_every_route(tmp_path):
     with launched_app(tmp_path, "--listen", "--auth", "ann:pw-1") as a:
-        assert "WARNING: Stylebooth is served on every network interface (0.0.0.0)" in a.output
+        assert "WARNING: Stylebooth is served on every network interface (0.0.0.0, port" in a.output
         assert "only after a login" in a.output
         assert a.http.get("/config").status_code == 401
         assert a.http.post("/gradio_api/upload", files=[("files", ("a.txt", b"x"))]).status_code in (401, 403)
@@ -168,8 +168,12 @@ def test_p05_listen_warns_and_auth_guards_every_route(tmp_path):
 
 def test_p05_listen_without_auth_says_there_is_no_password(tmp_path, capsys, monkeypatch):
     """The warning's words (the launched app above prints the same function's text)."""
-    text = launcher.network_warning(7860, share=False, auth=[])
-    assert "NO password" in text and "no user accounts yet" in text and "--auth USER:PASSWORD" in text
+    text = launcher.network_warning(7860, listen=True, share=False, auth=[])
+    assert text.startswith("WARNING: Stylebooth is served on every network interface (0.0.0.0, port 7860), with NO "
+                           "password")
+    assert "no user accounts yet" in text and "--auth USER:PASSWORD" in text
+    shared = launcher.network_warning(7860, listen=False, share=True, auth=[("a", "b")])
+    assert "served through a public gradio.live link, only after a login (1 user(s)" in shared
 
 
 def test_p05_share_without_auth_is_refused(tmp_path, capsys, monkeypatch):
