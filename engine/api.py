@@ -49,7 +49,7 @@ class Engine:
     """Everything that touches models and files. Thread-safe: model work runs one job at a time."""
 
     def __init__(self, settings: Settings | None = None, *, device: str | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, fallback_to_demo: bool = False):
         self.settings = settings or Settings()
         self.data_dir = Path(self.settings.data_dir).expanduser() if self.settings.data_dir else default_data_dir()
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -60,6 +60,11 @@ class Engine:
         self.fair = FairScheduler()  # whose job runs next on the one GPU: round-robin across users
         self._model: LoadedModel | None = None
         self._adapters: AdapterCache | None = None
+        # `fallback_to_demo` (the app): a configured model that fails to load is replaced by the demo model, and
+        # `load_error` says why, so a bad model cannot brick the app: the user sees the message in the UI and picks
+        # another one there. Off for scripts (CLI, benches), which must not quietly run on another model.
+        self.fallback_to_demo = fallback_to_demo
+        self.load_error: str | None = None
 
     # ---- model ---------------------------------------------------------------------------------------------
     @property
@@ -67,8 +72,15 @@ class Engine:
         """The loaded base model; loads the configured one (or the bundled demo model) on first use."""
         with self._lock:
             if self._model is None:
-                self._model = load_base_model(self.settings.model or None, device=self.device, dtype=self.dtype,
-                                              cache_dir=self.data_dir / "cache")
+                try:
+                    self._model = load_base_model(self.settings.model or None, device=self.device,
+                                                  dtype=self.dtype, cache_dir=self.data_dir / "cache")
+                except (ValueError, OSError) as e:  # ModelLoadError & co.: plain-words messages
+                    if not (self.fallback_to_demo and self.settings.model):
+                        raise  # a script, or the bundled model itself failed: nothing to fall back to
+                    self._model = load_base_model(None, device=self.device, dtype=self.dtype,
+                                                  cache_dir=self.data_dir / "cache")
+                    self.load_error = f"{e} The bundled demo model was loaded instead."
             return self._model
 
     def load_model(self, source: str | None) -> dict:
@@ -76,7 +88,7 @@ class Engine:
         with self._lock:
             new = load_base_model(source or None, device=self.device, dtype=self.dtype,
                                   cache_dir=self.data_dir / "cache")
-            self._model, self._adapters = new, None
+            self._model, self._adapters, self.load_error = new, None, None
             return new.describe()
 
     # ---- jobs and cancel -----------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 import launcher
-from engine.core.config import ConfigError, Settings, load_toml
+from engine.core.config import ConfigError, Settings, load_toml, save_toml
+from http_support import launched_app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,8 +45,9 @@ def test_settings_are_created_then_flags_override_and_persist(cfg, tmp_path):
                                                        str(tmp_path / "d"), "--listen", "--no-browser"]), cfg)
     assert (s.model, s.port, s.data_dir, s.listen, s.open_browser) == ("/m", 9001, str(tmp_path / "d"), True, False)
     saved = load_toml(Settings, cfg)
-    assert (saved.model, saved.port, saved.data_dir) == ("/m", 9001, str(tmp_path / "d"))
+    assert (saved.model, saved.port, saved.data_dir) == ("", 9001, str(tmp_path / "d"))  # model: once it loaded
     assert (saved.listen, saved.open_browser) == (False, True)  # per-run flags are not saved (see launcher)
+    launcher.remember_model(cfg, "/m")  # what main() does after the model loaded
     again = launcher.resolve_settings(launcher.parse_args([]), cfg)  # a later double-click
     assert (again.model, again.port, again.listen, again.open_browser) == ("/m", 9001, False, True)
 
@@ -141,3 +143,72 @@ def test_launcher_serves_the_app(tiny_sd, tmp_path):
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _broken_model(out: Path, how: str) -> Path:
+    """A tiny diffusers folder whose UNet weights do not fit its config: a tensor missing, or of the wrong shape."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import build_tiny_sd
+
+    build_tiny_sd(out)
+    f = out / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(f)
+    if how == "missing":
+        del sd["conv_in.weight"]  # diffusers leaves it on the meta device: NotImplementedError on .to()
+    else:
+        sd["conv_in.weight"] = sd["conv_in.weight"][..., :1, :1].contiguous()  # ValueError: shape mismatch
+    save_file(sd, f)
+    return out
+
+
+@pytest.mark.parametrize("how", ["missing", "shape"])
+def test_p06_a_model_that_does_not_fit_is_a_plain_model_load_error(tmp_path, how):
+    from engine.models.loading import ModelLoadError, load_base_model
+
+    bad = _broken_model(tmp_path / "bad", how)
+    with pytest.raises(ModelLoadError) as e:
+        load_base_model(bad)
+    msg = str(e.value)
+    assert f"could not load the model {str(bad)!r}" in msg and "Pick a complete Stable Diffusion" in msg
+    assert "Traceback" not in msg and "\n" not in msg
+
+
+def test_p06_a_bad_model_at_start_falls_back_to_the_demo_model_and_is_not_saved(tmp_path):
+    bad = _broken_model(tmp_path / "bad", "missing")
+    (tmp_path / "cfg").mkdir()
+    save_toml(Settings(model=""), tmp_path / "cfg" / "settings.toml")
+    with launched_app(tmp_path, "--model", str(bad)) as app:
+        header = next(c for c in app.config()["components"] if c.get("props", {}).get("elem_id") == "header")
+        text = header["props"]["value"]
+        assert "**Model:** demo-model" in text  # the app runs, on the bundled model
+        assert f"could not load the model {str(bad)!r}" in text and "demo model was loaded instead" in text
+        assert "Traceback" not in text
+        assert "Warning: could not load the model" in app.output  # the terminal says so too
+    assert load_toml(Settings, tmp_path / "cfg" / "settings.toml").model == ""  # the next plain start is fine
+
+
+def test_p14_expected_library_warnings_are_silenced_and_real_ones_still_show(tmp_path):
+    with launched_app(tmp_path) as app:
+        out = app.output
+    assert "is running at" in out
+    assert "requires torchvision" not in out and "should be kept in float32" not in out, out
+    # The same filters in the start-up path, then real warnings from the same two loggers: those must show.
+    script = (
+        "import logging, launcher\n"
+        "launcher.quiet_expected_warnings()\n"
+        "from engine.api import Engine\n"
+        "from engine.core.config import Settings\n"
+        "import transformers, diffusers\n"
+        "logging.getLogger('transformers.utils.import_utils').warning('REAL transformers warning')\n"
+        "logging.getLogger('diffusers.models.modeling_utils').warning('There are modules in UNet2DConditionModel "
+        "that should be kept in float32: [\\'conv_in\\']. REAL')\n"
+        f"Engine(Settings(data_dir={str(tmp_path / 'd')!r})).model\n"
+        "print('loaded')\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    both = res.stdout + res.stderr
+    assert res.returncode == 0 and "loaded" in both, both
+    assert "REAL transformers warning" in both and "should be kept in float32: ['conv_in']. REAL" in both
+    assert "requires torchvision" not in both and "should be kept in float32: []" not in both, both

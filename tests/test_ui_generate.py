@@ -89,7 +89,7 @@ def test_closing_the_generator_stops_the_engine(h):
     ({"prompt": "  "}, "`prompt` is empty"),
     ({"seed": -1}, "`seed` must be between"),
     ({"scheduler": "plms"}, "unknown scheduler 'plms'"),
-    ({"num_inference_steps": [3]}, "invalid value in the request"),  # only a direct API call can send this
+    ({"num_inference_steps": [3]}, "`num_inference_steps` must be a whole number"),  # only a direct API call
 ])
 def test_bad_input_gives_gr_error_with_the_message(h, change, message):
     with pytest.raises(gr.Error) as e:

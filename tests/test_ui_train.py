@@ -115,7 +115,7 @@ def test_toml_saved_by_the_ui_loads_back_to_the_same_config(h):
     cfg = h.config(values, images)
     saved = h.save_config(values, images)
     assert saved["config_file"].endswith("run.toml")
-    loaded = h.load_config(saved["config_file"])
+    loaded = h.load_config([saved["config_file"], *images])  # picked together, as the button takes them
     assert loaded.pop("status").startswith("Config loaded.") and loaded.pop("class_noun") == "shape"
     again = h.config(loaded, loaded.pop("images"))
     assert again == cfg  # every field, images included: the run it starts is the same run
@@ -127,25 +127,36 @@ def test_captions_survive_a_toml_round_trip(h):
     values = {k: v for k, v in out.items() if k in FIELD_NAMES}
     cfg = h.config(values, out["images"])
     assert cfg.instance_captions[1] == "a photo of olis shape in yellow on a purple background"
-    loaded = h.load_config(h.save_config(values, out["images"])["config_file"])
+    loaded = h.load_config([h.save_config(values, out["images"])["config_file"], *out["images"]])
     loaded.pop("status"), loaded.pop("class_noun")
     assert h.config(loaded, loaded.pop("images")) == cfg  # captions came back as sidecar files
 
 
-def test_loaded_images_outside_gradio_are_copied_and_missing_ones_named(h, tmp_path):
-    images = draw(3, folder=tmp_path / "pictures")
-    saved = h.save_config(form(), images)
-    Path(images[0]).unlink()
-    out = h.load_config(saved["config_file"])
-    assert len(out["images"]) == 2 and all(Path(p).is_relative_to(get_upload_folder()) for p in out["images"])
-    assert "1 image(s) not found (heart0.png)" in out["status"]
+def test_p01_a_loaded_toml_reads_only_the_files_uploaded_with_it(h, tmp_path):
+    """Issue 8 p1 (handler level; tests/test_http_security.py does it over HTTP): paths in the TOML are matched by
+    file name against the files uploaded with it; a file on the server is never opened, even if it exists."""
+    outside = draw(3, folder=tmp_path / "pictures")
+    saved = h.save_config(form(), outside)
+    out = h.load_config([saved["config_file"]])
+    assert out["images"] is None
+    assert "3 image(s) named in it were not uploaded with it (heart0.png, heart1.png, heart2.png)" in out["status"]
+    uploaded = draw(3)  # the same names, uploaded with the TOML
+    out = h.load_config([saved["config_file"], *uploaded[1:]])
+    assert out["images"] == uploaded[1:] and "1 image(s) named in it were not uploaded with it (heart0.png)" \
+        in out["status"]
+    with pytest.raises(gr.Error, match="not a file of this upload"):  # a server path handed in directly
+        h.load_config([saved["config_file"], outside[0]])
+    link = Path(tempfile.mkdtemp(dir=get_upload_folder())) / "heart0.png"
+    link.symlink_to(outside[0])
+    with pytest.raises(gr.Error, match="not a file of this upload"):  # a symlink inside the upload folder
+        h.load_config([saved["config_file"], str(link)])
 
 
-def test_unknown_key_in_a_toml_is_named(h, tmp_path):
-    path = tmp_path / "run.toml"
+def test_unknown_key_in_a_toml_is_named(h):
+    path = Path(tempfile.mkdtemp(dir=get_upload_folder())) / "run.toml"
     path.write_text('instance_images = ["a.png"]\ninstance_prompt = "a photo of olis shape"\nlearning_rat = 0.1\n')
     with pytest.raises(gr.Error) as e:
-        h.load_config(str(path))
+        h.load_config([str(path)])
     assert "unknown key(s) for TrainConfig: learning_rat" in e.value.message
 
 

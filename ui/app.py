@@ -23,12 +23,14 @@ CSS = "#header {margin-bottom: 0} #status {min-height: 1.5em}"
 
 
 def model_summary(info: dict[str, Any] | None, error: str | None = None) -> str:
-    """The header line: which base model is loaded, or why none is."""
+    """The header line: which base model is loaded, or why none is (or why another one is)."""
     if info is None:
         return f"## Stylebooth\n**No model loaded.** {error or ''} Open **Model** below to pick one."
     pred = "v-prediction" if info.get("prediction_type") == "v_prediction" else "epsilon"
-    return (f"## Stylebooth\n**Model:** {info.get('name')} · {info.get('kind')} · {pred} · "
+    line = (f"## Stylebooth\n**Model:** {info.get('name')} · {info.get('kind')} · {pred} · "
             f"{info.get('resolution')} px · fingerprint `{str(info.get('fingerprint', ''))[:10]}`")
+    # The configured model failed at start and the demo model stands in: say so where every page shows it.
+    return line + (f"\n\n**⚠ {error}** Open **Model** below to pick another one." if error else "")
 
 
 class AppHandlers:
@@ -38,32 +40,56 @@ class AppHandlers:
     the engine's lock, so a page opened during a long generation would hang until it finished.
     """
 
-    def __init__(self, engine):
+    def __init__(self, engine, remote: bool = False):
         self.engine = engine
+        self.remote = remote  # open to the network (--listen, --share): see allowed()
         self.header = model_summary(None, "Starting…")
+
+    def allowed(self, source: str) -> bool:
+        """May this source be loaded at a client's request?
+
+        On this computer only (127.0.0.1): anything, the user sits at the machine and can read its files anyway.
+        Open to the network: only the demo model (""), the model the app started with and settings.toml's
+        `allowed_models`, compared as exact strings *before* anything touches the disk. Otherwise the Model box
+        would be a file oracle: its messages ("not found", "not a model folder", a checkpoint's header) would tell
+        a stranger which files exist on the server, and it would open any file the app can read.
+        """
+        if not self.remote:
+            return True
+        settings = getattr(self.engine, "settings", None)
+        listed = {"", getattr(settings, "model", ""), *getattr(settings, "allowed_models", ())}
+        return source in listed
 
     def refresh(self) -> str:
         """Load (or look at) the engine's current model; a failure becomes the header, not a crash."""
         try:
-            self.header = model_summary(self.engine.model.describe())
+            info = self.engine.model.describe()
+            self.header = model_summary(info, getattr(self.engine, "load_error", None))
         except (ValueError, OSError) as e:  # ModelLoadError & co. carry plain-words messages
             self.header = model_summary(None, str(e))
         return self.header
 
     def switch_model(self, source: str | None) -> str:
         """Load another base model; on failure the old one stays and the message is shown once."""
-        # Local app: any path on this machine is fine. In studio mode this must become an admin-only event (GR-9).
+        # In studio mode this must become an admin-only event (GR-9); until then see allowed().
+        source = (source or "").strip() if isinstance(source, str) else ""
+        if not self.allowed(source):
+            raise gr.Error("This app is open to the network, so the Model box loads only the models listed under "
+                           "`allowed_models` in its settings.toml. Ask whoever runs it to add this one.")
         try:
-            info = self.engine.load_model((source or "").strip() or None)
+            info = self.engine.load_model(source or None)
         except (ValueError, OSError) as e:
             raise gr.Error(str(e)) from None
         self.header = model_summary(info)
         return self.header
 
 
-def build_app(engine) -> gr.Blocks:
-    """The whole UI over one Engine; loads the configured model so the header can name it."""
-    h = AppHandlers(engine)
+def build_app(engine, remote: bool = False) -> gr.Blocks:
+    """The whole UI over one Engine; loads the configured model so the header can name it.
+
+    `remote`: the app is reachable from other computers (--listen, --share), see AppHandlers.allowed.
+    """
+    h = AppHandlers(engine, remote)
     h.refresh()
     with gr.Blocks(title="Stylebooth", analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
         header = gr.Markdown(h.header, elem_id="header")
@@ -73,8 +99,8 @@ def build_app(engine) -> gr.Blocks:
                                     placeholder="a diffusers folder, a hub id such as "
                                                 "stable-diffusion-v1-5/stable-diffusion-v1-5, or a .safetensors file",
                                     info="Leave empty for the bundled demo model. Pickle files (.ckpt, .pt, .bin) "
-                                         "are refused because they can run code.")
-                load = gr.Button("Load model", scale=1)
+                                         "are refused because they can run code.", elem_id="model-source")
+                load = gr.Button("Load model", scale=1, elem_id="load-model")
         with gr.Tabs():
             with gr.Tab("Generate", id="generate", elem_id="tab-generate") as gen_tab:
                 gen = build_generate_tab(engine)

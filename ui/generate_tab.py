@@ -23,8 +23,12 @@ from PIL import UnidentifiedImageError
 from engine.core.config import SCHEDULER_LABELS, SCHEDULERS, ConfigError, GenerateRequest
 from engine.core.events import GenerateResult
 
+from .forms import int_fields, whole_numbers
+
 # Every GenerateRequest field the user sets; schema_version belongs to the file format, not to the form.
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GenerateRequest) if f.name != "schema_version")
+# The form shows every int field with a Slider or a Number, which send floats (build_generate_tab checks this).
+INT_FIELDS = tuple(f.name for f in dataclasses.fields(GenerateRequest) if f.type == "int" and f.name in FIELD_NAMES)
 MAX_SEED = 2**32 - 1
 COPY_MAX_AGE_S = 3600
 STATUS_EVERY_S = 0.25  # a websocket message per denoising step is wasteful; the progress bar shows every step
@@ -53,6 +57,7 @@ class GenerateHandlers:
         if unknown:  # a wiring bug, not a user error: fail loudly
             raise KeyError(f"not GenerateRequest fields: {unknown}")
         clean = {k: v for k, v in values.items() if v is not None}  # an emptied Number box falls back to its default
+        clean = whole_numbers(clean, INT_FIELDS)
         try:
             return GenerateRequest(**clean)
         except ConfigError as e:
@@ -234,6 +239,7 @@ def build_generate_tab(engine) -> GenerateTab:
     with gr.Row():
         with gr.Column(scale=1):
             fields = _form(default_values(), h.style_choices())
+            assert int_fields(GenerateRequest, fields) == INT_FIELDS, "an int field needs a Slider or Number"
             dice = gr.Button("Random seed", size="sm")
             with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id="generate")

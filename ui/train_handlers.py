@@ -19,11 +19,13 @@ from gradio.utils import get_upload_folder
 from PIL import Image
 
 from engine.core.captions import read_captions
-from engine.core.config import ConfigError, from_dict
+from engine.core.config import ConfigError, from_dict, load_toml
 from engine.core.errors import CheckpointError, DiskFullError, TrainingError
 from engine.core.events import TrainCheckpoint, TrainJobResult, TrainLog, TrainPreview, TrainProgress
-from engine.core.train_config import (TRIGGER_CANDIDATES, TrainConfig, demo_settings, field_names, load_train_config,
-                                 presets, save_train_config)
+from engine.core.train_config import (TRIGGER_CANDIDATES, TrainConfig, demo_settings, field_names, presets,
+                                      save_train_config)
+
+from .forms import whole_numbers
 
 # TrainConfig fields with no component, and where their value comes from instead.
 DERIVED = {"instance_images": "the uploaded images", "schema_version": "the file format",
@@ -31,6 +33,8 @@ DERIVED = {"instance_images": "the uploaded images", "schema_version": "the file
            # The engine trains the model it has loaded (priors and fingerprint come from it): "" means that one.
            "base_model": "the model loaded under Model"}
 FIELD_NAMES = tuple(n for n in field_names() if n not in DERIVED)
+# The form shows every int field with a Number box, which may send floats (build_train_tab checks this).
+INT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.type == "int" and f.name in FIELD_NAMES)
 LIST_FIELDS = {"unet_target_modules": ",", "text_encoder_target_modules": ",", "validation_prompts": "\n"}
 PROMPT_FIELDS = ("instance_prompt", "class_prompt", "validation_prompts")
 MIN_IMAGES, MAX_IMAGES = 3, 20
@@ -73,6 +77,27 @@ def _upload_copy(paths: list[Path]) -> list[str]:
     return out
 
 
+def _own_uploads(files: list[str]) -> list[Path]:
+    """The files Gradio received in this upload: regular files inside its upload folder, nothing else.
+
+    Gradio already refuses a client's path outside its upload folder; this repeats the check where the files are
+    opened, so a wiring mistake or a direct call cannot make the handler read a server path or follow a symlink.
+    """
+    root = Path(get_upload_folder()).resolve()
+    out = []
+    for f in files:
+        p = Path(str(f))
+        if p.is_symlink() or not p.is_file() or not p.resolve().is_relative_to(root):
+            raise gr.Error(f"{p.name}: not a file of this upload; pick the files again")
+        out.append(p)
+    return out
+
+
+def _base_name(entry: str) -> str:
+    """The file name of a TOML's image entry, whichever system wrote it ("C:\\art\\a.png" and "~/a.png": "a.png")."""
+    return re.split(r"[\\/]", entry)[-1]
+
+
 def split_uploads(files: list[str] | None) -> tuple[list[str], list[str]]:
     """(images, caption .txt files) from the upload box, which takes both."""
     files = [str(f) for f in files or ()]
@@ -101,6 +126,7 @@ class TrainHandlers:
         if unknown:  # a wiring bug, not a user error: fail loudly
             raise KeyError(f"not TrainConfig form fields: {unknown}")
         clean = {k: v for k, v in values.items() if v is not None}  # an emptied box falls back to the default
+        clean = whole_numbers(clean, INT_FIELDS)
         for k, sep in LIST_FIELDS.items():
             if isinstance(clean.get(k), str):
                 clean[k] = tuple(s.strip() for s in clean[k].split(sep) if s.strip())
@@ -156,33 +182,53 @@ class TrainHandlers:
         save_train_config(cfg, path)
         return {"config_file": str(path), "status": "Config saved: download run.toml below."}
 
-    def load_config(self, path: str | None) -> dict[str, Any]:
-        """Form values, images and class noun from a run.toml; unknown keys are a gr.Error naming them."""
-        if not path:
+    def load_config(self, files: list[str] | str | None) -> dict[str, Any]:
+        """Form values, images and class noun from a run.toml uploaded together with its images (and captions).
+
+        The TOML's `instance_images` are matched by file name against the files uploaded with it, and nothing else
+        is read: a path in the file ("/etc/passwd", "~/.ssh/id_rsa", "../../x", a symlink) never makes the server
+        open it, so an uploaded TOML cannot turn this event into a file download (issue 8, GR-2/GR-5).
+        """
+        if not files:
             return {}
+        uploads = _own_uploads([files] if isinstance(files, str) else files)
+        tomls = [p for p in uploads if p.suffix.lower() == ".toml"]
+        if len(tomls) != 1:
+            raise gr.Error(f"pick one run.toml (you picked {len(tomls)}), together with the images it names and "
+                           "their .txt captions")
         try:
-            cfg = load_train_config(path)
+            cfg = load_toml(TrainConfig, tomls[0])
         except ConfigError as e:
             raise gr.Error(str(e)) from None
         except (OSError, UnicodeDecodeError) as e:
             raise gr.Error(f"could not read that file ({type(e).__name__}); pick a .toml file") from None
-        upload = Path(get_upload_folder()).resolve()
-        found = [Path(p) for p in cfg.instance_images if Path(p).is_file()]
-        missing = [Path(p).name for p in cfg.instance_images if not Path(p).is_file()]
-        # Images already in Gradio's upload folder are served as they are; others are copied there first.
-        images = [str(p) for p in found] if all(p.resolve().is_relative_to(upload) for p in found) \
-            else _upload_copy(found)
+        by_name = {p.name: p for p in uploads if p not in tomls and p.suffix.lower() != ".txt"}
+        texts = {p.stem: p for p in uploads if p.suffix.lower() == ".txt"}
         captions = dict(zip(cfg.instance_images, cfg.instance_captions))
-        for img, src in zip(list(images), found):  # captions travel as sidecar files next to the images
-            if str(src) in captions:
-                side = Path(img).with_suffix(".txt")
-                side.write_text(captions[str(src)], "utf-8")
-                images.append(str(side))
-        notes = [f"{len(missing)} image(s) not found ({', '.join(missing[:3])}): upload them again"] if missing else []
+        images: list[str] = []
+        sidecars: list[str] = []
+        missing: list[str] = []
+        folder = None
+        for entry in cfg.instance_images:
+            name = _base_name(entry)
+            img = by_name.get(name)
+            if img is None:
+                missing.append(name)
+                continue
+            images.append(str(img))
+            if entry in captions:  # the TOML's caption wins; it travels as a sidecar file, as uploads do
+                folder = folder or _upload_dir()
+                side = folder / f"{img.stem}.txt"
+                side.write_text(captions[entry], "utf-8")
+                sidecars.append(str(side))
+            elif img.stem in texts:
+                sidecars.append(str(texts[img.stem]))
+        notes = [f"{len(missing)} image(s) named in it were not uploaded with it ({', '.join(missing[:3])}): pick "
+                 "the TOML together with its images"] if missing else []
         if cfg.base_model:
             notes.append(f"it was made for base model {cfg.base_model!r}; training uses the model loaded "
                          "under Model")
-        return {**to_form(dataclasses.asdict(cfg)), "images": images or None,
+        return {**to_form(dataclasses.asdict(cfg)), "images": (images + sidecars) or None,
                 "class_noun": class_noun_of(cfg.class_prompt),
                 "status": "Config loaded." + "".join(f" Note: {n}." for n in notes)}
 

@@ -10,9 +10,11 @@ from typing import Any
 
 import gradio as gr
 
-from engine.core.train_config import LR_SCHEDULERS, MIXED_PRECISION, REPORT_TO
+from engine.core.train_config import LR_SCHEDULERS, MIXED_PRECISION, REPORT_TO, TrainConfig
 
-from .train_handlers import (EXAMPLES, MAX_IMAGES, MIN_IMAGES, PROMPT_FIELDS, TrainHandlers, default_values,
+from .forms import int_fields
+
+from .train_handlers import (EXAMPLES, INT_FIELDS, MAX_IMAGES, MIN_IMAGES, PROMPT_FIELDS, TrainHandlers, default_values,
                              loss_frame)
 
 
@@ -127,9 +129,13 @@ def build_train_tab(engine) -> TrainTab:
                 go = gr.Button("Train", variant="primary", elem_id="train")
                 stop = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
             fields.update(_advanced(d))
+            assert int_fields(TrainConfig, fields) == INT_FIELDS, "an int field needs a Number box"
             with gr.Row():
                 save = gr.Button("Save config (TOML)", size="sm")
-                load = gr.UploadButton("Load config (TOML)", file_types=[".toml"], size="sm", elem_id="load-config")
+                # The TOML travels with its images and captions (pick them together): a config loaded here never
+                # reads a path on the server (TrainHandlers.load_config).
+                load = gr.UploadButton("Load config (TOML + its images)", file_types=[".toml", "image", ".txt"],
+                                       file_count="multiple", size="sm", elem_id="load-config")
             config_file = gr.File(label="run.toml", interactive=False, visible=False, elem_id="config-file")
             with gr.Accordion("Interrupted runs", open=True):
                 runs = gr.Dropdown(h.resumable_runs(), label="Runs that can be resumed", elem_id="runs")

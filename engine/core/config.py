@@ -32,15 +32,39 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+# What each annotation accepts, and how a wrong value is described to the user.
+_KINDS = {"bool": "true or false (a TOML boolean, without quotes)", "int": "a whole number (e.g. 20)",
+          "float": "a number (e.g. 0.5)", "str": "text in quotes", "tuple[str, ...]": "a list of texts in quotes"}
+
+
 def _coerce(obj) -> None:
-    """Gradio sliders send floats for integer fields; accept 20.0 as 20, refuse 20.5."""
+    """Check every field against its annotation, the same way for TOML, JSON, recipes and direct API calls.
+
+    Nothing is guessed: the string "false" is not false (Python's bool("false") is True, which once bound the app
+    to 0.0.0.0), True is not the number 1, and 20.0 is not the whole number 20 (the UI converts its sliders' floats
+    where it knows the component, ui/forms.py). The only widening is int -> float, which loses nothing. Lists
+    become tuples so the dataclass stays hashable.
+    """
     for f in fields(obj):
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         v = getattr(obj, f.name)
-        if f.type in ("int", int) and isinstance(v, float):
-            _check(v.is_integer(), f"`{f.name}` must be a whole number but is {v}")
-            object.__setattr__(obj, f.name, int(v))
-        if f.type in ("float", float) and isinstance(v, int) and not isinstance(v, bool):
-            object.__setattr__(obj, f.name, float(v))
+        if kind == "bool":
+            ok = isinstance(v, bool)
+        elif kind == "int":
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif kind == "float":
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if ok and not isinstance(v, float):
+                object.__setattr__(obj, f.name, float(v))
+        elif kind == "str":
+            ok = isinstance(v, str)
+        elif kind == "tuple[str, ...]":
+            ok = isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
+            if ok:
+                object.__setattr__(obj, f.name, tuple(v))
+        else:  # a new annotation must be taught here, or its values would go unchecked
+            raise TypeError(f"{type(obj).__name__}.{f.name}: no type check for annotation {kind!r}")
+        _check(ok, f"`{f.name}` must be {_KINDS[kind]} but is {v!r} ({type(v).__name__}); fix that value")
 
 
 @dataclass(frozen=True)
@@ -120,6 +144,9 @@ class Settings:
     port: int = 7860
     listen: bool = False
     open_browser: bool = True
+    # While the app is open to the network (--listen, --share), the Model box loads only these sources (plus the
+    # demo model and `model`): a remote user must not make the server open arbitrary paths (ui.app.AppHandlers).
+    allowed_models: tuple[str, ...] = ()
     schema_version: int = 1
 
     def __post_init__(self) -> None:

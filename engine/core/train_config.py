@@ -88,11 +88,7 @@ class TrainConfig:
     schema_version: int = 1
 
     def __post_init__(self) -> None:
-        _coerce(self)
-        for name in ("instance_images", "instance_captions", "unet_target_modules", "text_encoder_target_modules", "validation_prompts"):
-            v = getattr(self, name)  # TOML and JSON give lists; keep the dataclass hashable and frozen
-            _check(isinstance(v, (list, tuple)), f"`{name}` must be a list but is {type(v).__name__}")
-            object.__setattr__(self, name, tuple(str(x) for x in v))
+        _coerce(self)  # every field's type, from its annotation; TOML and JSON lists become tuples
         _check(self.schema_version == 1, f"unsupported schema_version {self.schema_version}; this app reads 1")
         self._check_prompts()
         self._check_numbers()

@@ -120,11 +120,35 @@ def load_base_model(source: str | os.PathLike | None = None, *, device: str = "c
 
     `prediction_type` only matters for single files, whose weights do not say it (SD 2.x 512-base: "epsilon").
     """
+    src = str(source) if source else str(DEMO_MODEL)
+    try:
+        return _load(src, device=device, dtype=dtype, cache_dir=cache_dir, prediction_type=prediction_type)
+    except ValueError as e:
+        if type(e).__module__.split(".")[0] == __name__.split(".")[0]:
+            raise  # ours (ModelLoadError, UnsafeModelFile, SingleFileError...): their messages say what to do
+        raise _unloadable(src, e) from e
+    except MemoryError:
+        raise ModelLoadError(f"not enough memory to load {src!r}; close other programs or pick a smaller "
+                             "model") from None
+    except Exception as e:  # noqa: BLE001 - diffusers/transformers/torch raise anything (ValueError, OSError,
+        # NotImplementedError for a missing tensor, KeyError, RuntimeError): see _unloadable
+        raise _unloadable(src, e) from e
+
+
+def _unloadable(src: str, e: Exception) -> ModelLoadError:
+    """One plain sentence naming the model and what to do, never a traceback; the cause stays chained for logs."""
+    detail = " ".join(str(e).split())[:300] or type(e).__name__
+    return ModelLoadError(f"could not load the model {src!r}: {detail}. Its files do not fit together (a damaged "
+                          "download, or weights from another architecture). Pick a complete Stable Diffusion "
+                          "1.x/2.x model: a diffusers folder, a hub id or a single .safetensors file.")
+
+
+def _load(src: str, *, device: str, dtype: torch.dtype, cache_dir: Path | None,
+          prediction_type: str | None) -> LoadedModel:
     from diffusers import StableDiffusionPipeline
     from transformers.utils import logging as tlog
 
     tlog.set_verbosity_error()
-    src = str(source) if source else str(DEMO_MODEL)
     fp_cache = cache_dir / "fingerprints.json" if cache_dir else None
     path = Path(src).expanduser()
     common = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False, use_safetensors=True)
