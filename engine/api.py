@@ -25,7 +25,8 @@ from engine.generate.sampler import decode, sample, to_pil
 from engine.jobs.cancel import Job, JobRegistry
 from engine.models.loading import LoadedModel, load_base_model
 from engine.styles.adapters import AdapterCache
-from engine.styles.store import StyleInfo, apply_trigger, find_style, list_styles
+from engine.styles.library import Library, LibraryStyle, base_model_mismatch
+from engine.styles.store import StyleInfo, apply_trigger
 
 APP_VERSION = "0.1.0"
 
@@ -57,6 +58,8 @@ class Engine:
         self.jobs = JobRegistry()  # queued and running jobs, each with its own cancel token
         self._model: LoadedModel | None = None
         self._adapters: AdapterCache | None = None
+        self._library: Library | None = None
+        self._library_lock = threading.Lock()
 
     # ---- model ---------------------------------------------------------------------------------------------
     @property
@@ -191,16 +194,80 @@ class Engine:
         cfg = from_dict(TrainConfig, run.config)
         return self.train_iter(cfg, run.name, run_dir=self.data_dir / "runs" / run.run_id, user=user, job_id=job_id)
 
-    # ---- styles --------------------------------------------------------------------------------------------
+    # ---- styles and the library ------------------------------------------------------------------------------
+    @property
+    def library(self) -> Library:
+        """The style library (<data_dir>/stylebooth.db); opened, migrated and adopting old folders on first use."""
+        with self._library_lock:
+            if self._library is None:
+                self._library = Library(self.data_dir)
+            return self._library
+
     def list_styles(self) -> list[StyleInfo]:
-        """Trained styles, newest first."""
-        return list_styles(self.data_dir)
+        """The newest version of every style that is neither archived nor in the trash, newest first (the
+        Generate tab's picker; its labels carry id and version, so styles that share a name stay apart)."""
+        return self.library.active()
+
+    def library_list(self, query: str = "", *, tag: str | None = None, preset: str | None = None,
+                     archived: bool | None = False, trashed: bool = False) -> list[LibraryStyle]:
+        """Search the library: `query` matches name, id, tags, trigger words, description; filters by tag, preset
+        ("subject"/"style"), archived (False: hide, True: only archived, None: both); `trashed` lists the trash."""
+        return self.library.list(query, tag=tag, preset=preset, archived=archived, trashed=trashed)
+
+    def get_style(self, style_id: str) -> LibraryStyle:
+        """One style with all its versions (oldest first)."""
+        return self.library.get(style_id)
+
+    def style_versions(self, style_id: str) -> list[StyleInfo]:
+        """Every version of a style, oldest first."""
+        return self.library.versions(style_id)
+
+    def rename_style(self, style_id: str, name: str) -> LibraryStyle:
+        """Rename a style (names need not be unique; labels show the id)."""
+        return self.library.rename(style_id, name)
+
+    def tag_style(self, style_id: str, tags: str | list[str]) -> LibraryStyle:
+        """Replace a style's tags ("a, b" or a list); tags are lower-cased and de-duplicated."""
+        return self.library.set_tags(style_id, tags)
+
+    def describe_style(self, style_id: str, description: str) -> LibraryStyle:
+        """Set a style's description."""
+        return self.library.describe(style_id, description)
+
+    def set_style_trigger(self, style_id: str, version: int, words: str | list[str]) -> StyleInfo:
+        """Edit a version's trigger words ("a, b" or a list; the first is put into prompts)."""
+        return self.library.set_trigger(style_id, version, words)
+
+    def archive_style(self, style_id: str, archived: bool = True) -> LibraryStyle:
+        """Hide a style from the picker and the default list (False brings it back)."""
+        return self.library.archive(style_id, archived)
+
+    def delete_style(self, style_id: str) -> LibraryStyle:
+        """Move a style to the trash (undo with `undo_delete` until `empty_trash`)."""
+        return self.library.delete(style_id)
+
+    def undo_delete(self, style_id: str) -> LibraryStyle:
+        """Restore a style from the trash with all its versions."""
+        return self.library.undo_delete(style_id)
+
+    def empty_trash(self) -> int:
+        """Delete the styles in the trash for good (rows and folders); returns how many."""
+        with self._lock:  # an adapter may be loaded from a folder that is about to go
+            n = self.library.empty_trash()
+            self._adapters = None if n else self._adapters
+            return n
+
+    def style_warning(self, style_id: str) -> str | None:
+        """"trained on X; you are on Y" when the style's newest version was made on another base model."""
+        m = self.model
+        return base_model_mismatch(self.library.find_version(style_id), m.fingerprint, m.name)
 
     def _activate_style(self, style_id: str, strength: float) -> StyleInfo | None:
         """Load (once, then cached) and activate a style's LoRA, or switch LoRA off; call under the lock."""
-        style = find_style(self.data_dir, style_id) if style_id else None
-        if style and style.base_model_fingerprint and style.base_model_fingerprint != self.model.fingerprint:
-            raise ConfigError(f"style {style.name!r} was trained on another base model; load that model first "
+        style = self.library.find_version(style_id) if style_id else None
+        mismatch = base_model_mismatch(style, self.model.fingerprint, self.model.name) if style else None
+        if mismatch:
+            raise ConfigError(f"style {style.name!r} cannot be used here: {mismatch}. Load that model first "
                               f"(fingerprint {style.base_model_fingerprint[:10]})")
         if style is None and self._adapters is None:
             return None
