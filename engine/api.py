@@ -25,6 +25,7 @@ from engine.generate.sampler import decode, sample, to_pil
 from engine.jobs.cancel import Job, JobRegistry
 from engine.models.loading import LoadedModel, load_base_model
 from engine.styles.adapters import AdapterCache
+from engine.styles.interop import ExportResult, ImportResult, export_style, import_file
 from engine.styles.library import Library, LibraryStyle, base_model_mismatch
 from engine.styles.store import StyleInfo, apply_trigger
 
@@ -129,7 +130,8 @@ class Engine:
                             on_progress(Progress(b * n + i + 1, total,
                                                  f"batch {b + 1}/{req.batch_count}, step {i + 1}/{n}", preview))
 
-                    imgs = sample(c, prompts, [req.negative_prompt] * n, seeds,
+                    imgs = sample(c, self._adapters.expand_prompts(prompts) if self._adapters else prompts,
+                                  [req.negative_prompt] * n, seeds,
                                   num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
                                   guidance_rescale=req.guidance_rescale, scheduler=req.scheduler, height=height,
                                   width=width, callback=cb)
@@ -256,6 +258,29 @@ class Engine:
             n = self.library.empty_trash()
             self._adapters = None if n else self._adapters
             return n
+
+    def import_lora(self, path: str | Path, *, name: str = "", trigger: str = "", preset: str = "style",
+                    tags: str | list[str] = ()) -> ImportResult:
+        """Import an uploaded .safetensors LoRA (diffusers/PEFT or kohya/A1111 keys, LoCon included) or textual-
+        inversion embedding as a new library style, matched against the loaded base model.
+
+        `path` is the file Gradio's upload handed the UI. Pickles are refused by content; a file that matches 0 of
+        its N layers is refused ("0 of N layers matched"); a partial match imports with a warning in the result.
+        The trigger word comes from `trigger`, else the file's metadata or name (editable: `set_style_trigger`).
+        """
+        with self._lock:  # reads the loaded model's layers; a model switch must not happen halfway
+            m = self.model
+            return import_file(self.library, path, m.components, model_fingerprint=m.fingerprint,
+                               model_name=m.name, name=name, trigger=trigger, preset=preset, tags=tags)
+
+    def export_style(self, style_id: str, fmt: str = "a1111", *, version: int | None = None,
+                     out_dir: str | Path | None = None) -> ExportResult:
+        """Write a style version as one .safetensors: fmt "a1111" (kohya keys for A1111/ComfyUI, named like the
+        "Lora:" entry in our PNGs) or "diffusers" (PEFT keys). Metadata (trigger words, tags, base model, ss_*
+        training settings) goes in the header. Written to `out_dir`, default <data_dir>/exports/<style id>/
+        (inside the data dir, which Gradio does not serve: the UI copies the file to its upload folder)."""
+        out = Path(out_dir) if out_dir else self.data_dir / "exports" / self.library.get(style_id).id
+        return export_style(self.library, style_id, fmt, out, version=version)
 
     def style_warning(self, style_id: str) -> str | None:
         """"trained on X; you are on Y" when the style's newest version was made on another base model."""
