@@ -227,3 +227,37 @@ def test_edits_are_validated_with_messages(tmp_path):
     v = lib.set_trigger(a.id, 1, "sks, olis")
     assert v.trigger_token == "sks" and v.trigger_words == ("sks", "olis")
     assert json.loads((v.folder / "style.json").read_text())["trigger_token"] == "sks"
+
+
+def test_a_trained_style_appears_in_the_library_with_no_extra_step(tiny_sd, tmp_path, monkeypatch):
+    from PIL import Image, ImageDraw
+
+    from engine.api import Engine
+    from engine.core.config import Settings
+    from engine.core.train_config import TrainConfig, presets
+
+    monkeypatch.setattr("engine.train.output.PREVIEW_STEPS", 2)
+    images = []
+    for i, colour in enumerate(["red", "green", "blue"]):
+        img = Image.new("RGB", (64, 64), "white")
+        ImageDraw.Draw(img).ellipse([8 + i, 8, 56, 56 - i], fill=colour)
+        img.save(tmp_path / f"c{i}.png")
+        images.append(str(tmp_path / f"c{i}.png"))
+    cfg = TrainConfig(**{**presets("subject"), "instance_images": tuple(images), "base_model": str(tiny_sd),
+                         "max_train_steps": 2, "checkpointing_steps": 2, "validation_steps": 0,
+                         "validation_prompts": (), "report_to": "none", "with_prior_preservation": False})
+    engine = Engine(Settings(model=str(tiny_sd), data_dir=str(tmp_path / "data")))
+    assert engine.list_styles() == []  # opens the library before training, as the app does
+    result = engine.train(cfg, "Circle")
+    styles = engine.library_list()
+    assert [s.id for s in styles] == [result.style.id] and styles[0].name == "Circle"
+    v = styles[0].latest
+    assert (v.kind, v.source, v.version, v.trigger_token) == ("lora", "trained", 1, cfg.trigger_token)
+    assert v.base_model_fingerprint == engine.model.fingerprint and v.preview is not None
+    assert engine.list_styles()[0].label == v.label and result.style.id in v.label
+    assert engine.library.file_hashes(v.id, 1).keys() >= {"lora.safetensors", "style.json", "preview.png"}
+    assert engine.style_warning(v.id) is None
+    engine.delete_style(v.id)
+    assert engine.list_styles() == [] and [s.id for s in engine.library_list(trashed=True)] == [v.id]
+    engine.undo_delete(v.id)
+    assert engine.list_styles()[0].id == v.id
