@@ -254,9 +254,11 @@ class Engine:
 
     def empty_trash(self) -> int:
         """Delete the styles in the trash for good (rows and folders); returns how many."""
-        with self._lock:  # an adapter may be loaded from a folder that is about to go
+        with self._lock:  # adapters of the removed styles are unloaded too
+            gone = {s.id for s in self.library.list(trashed=True, archived=None)}
             n = self.library.empty_trash()
-            self._adapters = None if n else self._adapters
+            if self._adapters is not None and gone:
+                self._adapters.forget(gone)
             return n
 
     def import_lora(self, path: str | Path, *, name: str = "", trigger: str = "", preset: str = "style",

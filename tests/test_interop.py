@@ -281,3 +281,16 @@ def test_textual_inversion_embeddings_import_and_apply(engine, tmp_path, layout)
     save_file({"emb_params": torch.randn(1, 768)}, str(f2))
     with pytest.raises(LibraryError, match="0 of 1 layers matched: this embedding is for another architecture"):
         engine.import_lora(f2)
+
+
+def test_emptying_the_trash_unloads_the_removed_styles_and_generation_goes_on(engine, style, tmp_path):
+    exported = engine.export_style(style.id, "diffusers", out_dir=tmp_path).path
+    res = engine.import_lora(exported, name="to be removed")
+    before = _engine_image(engine, res.style.id)
+    engine.delete_style(res.style.id)
+    assert engine.empty_trash() == 1
+    assert res.style.adapter_name not in engine._adapters.loaded
+    assert not res.style.folder.exists()
+    with pytest.raises(LibraryError, match="unknown style"):
+        engine.generate(GenerateRequest(prompt="a red circle", num_inference_steps=1, style=res.style.id))
+    assert np.abs(_engine_image(engine, style.id) - before).max() <= 1  # the original still applies

@@ -59,3 +59,16 @@ class AdapterCache:
         if not self.embeddings:
             return list(prompts)
         return [self.pipe.maybe_convert_prompt(p, self.pipe.tokenizer) for p in prompts]
+
+    def forget(self, style_ids: set[str]) -> None:
+        """Drop the adapters and embedding tokens of styles that no longer exist (the trash was emptied)."""
+        for token, name in list(self.embeddings.items()):
+            if name.rsplit("-v", 1)[0] in style_ids:
+                self.pipe.unload_textual_inversion(token)
+                del self.embeddings[token]
+        names = [n for n in self.loaded if n.rsplit("-v", 1)[0] in style_ids]
+        if names:
+            self.pipe.delete_adapters(names)
+            self.loaded.difference_update(names)
+            if self.loaded:
+                self.pipe.disable_lora()  # delete_adapters activates what is left; the next activate() picks again
