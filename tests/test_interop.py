@@ -294,3 +294,13 @@ def test_emptying_the_trash_unloads_the_removed_styles_and_generation_goes_on(en
     with pytest.raises(LibraryError, match="unknown style"):
         engine.generate(GenerateRequest(prompt="a red circle", num_inference_steps=1, style=res.style.id))
     assert np.abs(_engine_image(engine, style.id) - before).max() <= 1  # the original still applies
+
+
+def test_export_refuses_weights_changed_on_disk(engine, style, tmp_path):
+    res = engine.import_lora(engine.export_style(style.id, "diffusers", out_dir=tmp_path).path, name="tampered")
+    sd = load_file(str(res.style.lora))
+    key = next(iter(sd))
+    sd[key] = sd[key] + 1
+    save_file(sd, str(res.style.lora), metadata={"format": "pt"})
+    with pytest.raises(LibraryError, match="changed on disk"):
+        engine.export_style(res.style.id, "a1111", out_dir=tmp_path / "x")

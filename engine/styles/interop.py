@@ -198,7 +198,11 @@ def export_style(lib: Library, style_id: str, fmt: str, out_dir: Path, *, versio
     v = style.latest if version is None else next((x for x in style.versions if x.version == int(version)), None)
     if v is None:
         raise LibraryError(f"style {style.name!r} has no version {version}")
-    check_model_file(v.lora, "safetensors", check_values=True)  # the stored file is still what we wrote
+    check_model_file(v.lora, "safetensors", check_values=True)
+    recorded = lib.file_hashes(style.id, v.version).get(v.lora.name)
+    if recorded and recorded != _sha(v.lora):
+        raise LibraryError(f"the weights of {style.name!r} v{v.version} changed on disk since they were saved "
+                           f"(sha256 differs from the library's record); re-import or retrain the style")
     with safe_open(str(v.lora), framework="pt") as f:
         stored_meta = f.metadata() or {}
     sd = load_file(str(v.lora))

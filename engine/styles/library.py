@@ -299,6 +299,8 @@ class Library:
         adopted, skipped = [], []
         if not self.styles_dir.is_dir():
             return AdoptReport((), ())
+        for doomed in self.styles_dir.glob(".deleted-*"):  # emptied from the trash, but the process died first
+            shutil.rmtree(doomed, ignore_errors=True)
         for style_json in sorted(self.styles_dir.glob("*/v*/style.json")):
             folder = style_json.parent
             if folder.parent.name.startswith(".") or not _VERSION_DIR.fullmatch(folder.name):
