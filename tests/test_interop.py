@@ -304,3 +304,13 @@ def test_export_refuses_weights_changed_on_disk(engine, style, tmp_path):
     save_file(sd, str(res.style.lora), metadata={"format": "pt"})
     with pytest.raises(LibraryError, match="changed on disk"):
         engine.export_style(res.style.id, "a1111", out_dir=tmp_path / "x")
+
+
+@pytest.mark.parametrize("extra, kind", [({"model.diffusion_model.out.0.weight": torch.ones(4)}, "unknown"),
+                                         ({"lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale": torch.ones(1, 32)},
+                                          "DoRA")])
+def test_keys_outside_the_lora_schema_are_refused(engine, style, tmp_path, extra, kind):
+    sd = {**load_file(str(engine.export_style(style.id, "a1111", out_dir=tmp_path).path)), **extra}
+    save_file(sd, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(LibraryError, match=rf"{kind} keys that Stylebooth cannot apply"):
+        engine.import_lora(tmp_path / "odd.safetensors")

@@ -261,3 +261,21 @@ def test_a_trained_style_appears_in_the_library_with_no_extra_step(tiny_sd, tmp_
     assert engine.list_styles() == [] and [s.id for s in engine.library_list(trashed=True)] == [v.id]
     engine.undo_delete(v.id)
     assert engine.list_styles()[0].id == v.id
+
+
+def test_a_corrupt_database_is_refused_with_what_to_do(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / D.DB_NAME).write_bytes(b"this is not a database" * 100)
+    with pytest.raises(LibraryError, match="Move it away to rebuild the library"):
+        Library(data)
+
+
+def test_archived_styles_in_the_trash_are_listed_there(tmp_path):
+    data = tmp_path / "data"
+    a = _publish(data, tmp_path, "Heart")
+    lib = Library(data)
+    lib.archive(a.id)
+    lib.delete(a.id)
+    assert [s.id for s in lib.list(trashed=True)] == [a.id]
+    assert lib.list(archived=None) == []

@@ -128,11 +128,12 @@ class Library:
     def list(self, query: str = "", *, tag: str | None = None, preset: str | None = None,
              archived: bool | None = False, trashed: bool = False) -> list[LibraryStyle]:
         """Styles newest first. `query` matches name, id, tags, trigger words and description (substring, any
-        case); `archived` False hides archived styles, True shows only them, None both; `trashed` lists the trash."""
+        case); `archived` False hides archived styles, True shows only them, None both; `trashed` lists the
+        whole trash (archived or not)."""
         q = query.strip().lower()
         out = []
         for s in self._load():
-            if s.trashed != trashed or (archived is not None and s.archived != archived):
+            if s.trashed != trashed or (not trashed and archived is not None and s.archived != archived):
                 continue
             if tag and tag.strip().lower() not in s.tags:
                 continue
