@@ -7,8 +7,6 @@ when the library opens.
 """
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
 import json
 import logging
 import re
@@ -20,13 +18,15 @@ from pathlib import Path
 from engine.core.errors import LibraryError
 from engine.core.files import atomic_write_bytes
 from engine.styles.db import DB_NAME, Database
-from engine.styles.store import SCHEMA_VERSION, StyleInfo, _class_noun, _slug
+# base_model_mismatch and new_style_id are re-exported: callers know them as part of the library
+from engine.styles.records import (MAX_DESCRIPTION, base_model_mismatch, clean_name, clean_tags,  # noqa: F401
+                                   new_style_id, now, read_style_json, sha256_file)
+from engine.styles.store import StyleInfo, _class_noun
 
 log = logging.getLogger(__name__)
 
 _ID = re.compile(r"[a-z0-9][a-z0-9-]{0,80}")
 _VERSION_DIR = re.compile(r"v([1-9][0-9]{0,5})")
-MAX_NAME, MAX_TAG, MAX_TAGS, MAX_DESCRIPTION = 120, 40, 32, 4000
 
 
 @dataclass(frozen=True)
@@ -60,56 +60,6 @@ class LibraryStyle:
 class AdoptReport:
     adopted: tuple[str, ...]  # "id@vN" of each folder registered
     skipped: tuple[tuple[str, str], ...]  # (folder relative to the data dir, why)
-
-
-def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def new_style_id(name: str) -> str:
-    return f"{_slug(name)}-{uuid.uuid4().hex[:6]}"
-
-
-def base_model_mismatch(style: StyleInfo, fingerprint: str, model_name: str) -> str | None:
-    """"trained on X; you are on Y" when the style was made on another base model, else None."""
-    if not style.base_model_fingerprint or style.base_model_fingerprint == fingerprint:
-        return None
-    made_on = style.base_model or f"a model with fingerprint {style.base_model_fingerprint[:10]}"
-    verb = "imported for" if style.source == "imported" else "trained on"
-    return f"{verb} {made_on}; you are on {model_name}"
-
-
-def clean_name(name: str) -> str:
-    name = " ".join(str(name).split())
-    if not name:
-        raise LibraryError("give the style a name, e.g. 'my heart shape'")
-    if len(name) > MAX_NAME:
-        raise LibraryError(f"the name is {len(name)} characters long; keep it to {MAX_NAME}")
-    return name
-
-
-def clean_tags(tags) -> tuple[str, ...]:
-    """Tags are lower-case words; commas separate them when one string is given."""
-    items = tags.split(",") if isinstance(tags, str) else list(tags)
-    out: list[str] = []
-    for t in items:
-        t = " ".join(str(t).lower().split())
-        if not t or t in out:
-            continue
-        if len(t) > MAX_TAG:
-            raise LibraryError(f"the tag {t[:20]!r}… is {len(t)} characters long; keep tags to {MAX_TAG}")
-        out.append(t)
-    if len(out) > MAX_TAGS:
-        raise LibraryError(f"{len(out)} tags given; keep it to {MAX_TAGS}")
-    return tuple(sorted(out))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Library:
@@ -265,7 +215,7 @@ class Library:
         """Index a complete styles/<id>/v<N>/ folder (publish, import, adoption); idempotent."""
         folder = Path(folder)
         style_id, version = self._folder_ids(folder)
-        meta = _read_style_json(folder)
+        meta = read_style_json(folder)
         trigger_words = meta.get("trigger_words") or [meta["trigger_token"]]
         created = str(meta.get("created") or now())
         lora_file = str(meta.get("weights_file") or "lora.safetensors")  # the file in this folder
@@ -378,21 +328,3 @@ class Library:
                          kind=v["kind"], lora_file=v["lora_file"], base_model=v["base_model"],
                          prompt_template=v["prompt_template"], recommended_strength=v["recommended_strength"],
                          preview_grid=v["preview_grid"], source=v["source"], trigger_words=words)
-
-
-def _read_style_json(folder: Path) -> dict:
-    try:
-        meta = json.loads((folder / "style.json").read_text("utf-8"))
-    except (OSError, ValueError) as e:
-        raise LibraryError(f"style.json cannot be read ({type(e).__name__}: {str(e)[:120]})") from None
-    if not isinstance(meta, dict):
-        raise LibraryError("style.json is not a JSON object")
-    if int(meta.get("schema_version", 1)) > SCHEMA_VERSION:
-        raise LibraryError(f"style.json has schema {meta.get('schema_version')}, newer than this Stylebooth's "
-                           f"{SCHEMA_VERSION}; update Stylebooth")
-    words = meta.get("trigger_words") or [meta.get("trigger_token")]
-    if not all(isinstance(w, str) and w.strip() for w in words):
-        raise LibraryError("style.json has no trigger_token")
-    if not isinstance(meta.get("training_config", {}), dict):
-        raise LibraryError("style.json's training_config is not an object")
-    return meta
