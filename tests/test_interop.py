@@ -253,20 +253,26 @@ def test_trigger_word_from_kohya_tag_frequency_or_file_name(engine, style, tmp_p
     save_file(sd, str(tmp_path / "tags.safetensors"),
               metadata={"ss_tag_frequency": json.dumps({"10_sks dog": {"sks dog": 12, "grass": 3}})})
     assert engine.import_lora(tmp_path / "tags.safetensors").style.trigger_token == "sks dog"
+    save_file(sd, str(tmp_path / "spec.safetensors"), metadata={"modelspec.trigger_phrase": "zq, zq art",
+                                                                  "modelspec.title": "Zq art"})
+    res = engine.import_lora(tmp_path / "spec.safetensors")
+    assert (res.style.trigger_words, res.style.name) == (("zq", "zq art"), "Zq art")
     save_file(sd, str(tmp_path / "my lora.safetensors"))
     res = engine.import_lora(tmp_path / "my lora.safetensors")
     assert (res.style.trigger_token, res.style.name) == ("my_lora", "my lora")
 
 
-@pytest.mark.parametrize("layout", ["diffusers", "a1111"])
+@pytest.mark.parametrize("layout", ["diffusers", "a1111", "string_to_param"])
 def test_textual_inversion_embeddings_import_and_apply(engine, tmp_path, layout):
     torch.manual_seed(2)
     vectors = torch.randn(2, 32) * 0.5
     f = tmp_path / f"heart-{layout}.safetensors"
-    save_file({"<heart>": vectors[0]} if layout == "diffusers" else {"emb_params": vectors}, str(f))
+    content = {"diffusers": {"<heart>": vectors[0]}, "a1111": {"emb_params": vectors},
+               "string_to_param": {"string_to_param.*": vectors}}[layout]
+    save_file(content, str(f))
     res = engine.import_lora(f, name=f"heart {layout}")
     want = vectors[:1] if layout == "diffusers" else vectors
-    token = "<heart>" if layout == "diffusers" else "heart-a1111"
+    token = "<heart>" if layout == "diffusers" else f"heart-{layout}"
     assert res.kind == "embedding" and res.style.trigger_token == token and res.style.kind == "embedding"
     plain = engine.generate(GenerateRequest(prompt=f"a {token} circle", num_inference_steps=2, seed=1))
     styled = engine.generate(GenerateRequest(prompt=f"a {token} circle", num_inference_steps=2, seed=1,
@@ -314,3 +320,19 @@ def test_keys_outside_the_lora_schema_are_refused(engine, style, tmp_path, extra
     save_file(sd, str(tmp_path / "odd.safetensors"))
     with pytest.raises(LibraryError, match=rf"{kind} keys that Stylebooth cannot apply"):
         engine.import_lora(tmp_path / "odd.safetensors")
+
+
+def test_older_diffusers_keys_import_and_generate_what_the_original_did(engine, style, tmp_path):
+    """unet.X.lora.down.weight / text_encoder.X.lora_linear_layer.up.weight, no alpha (scale 1): the original's
+    alpha/rank is folded into `up` so the same images are expected."""
+    old = {}
+    for k, v in load_file(str(style.lora)).items():
+        comp, rest = k.split(".", 1)
+        mod, ab = rest.rsplit(".lora_", 1)
+        mid = ".lora." if comp == "unet" else ".lora_linear_layer."
+        old[f"{comp}.{mod}{mid}{'down' if ab.startswith('A') else 'up'}.weight"] = v if ab.startswith("A") \
+            else v * (ALPHA / R)
+    save_file(old, str(tmp_path / "old.safetensors"))
+    res = engine.import_lora(tmp_path / "old.safetensors", trigger="olis")
+    assert res.matched == res.total == len(old) // 2 and not res.warnings
+    assert np.abs(_engine_image(engine, res.style.id) - _engine_image(engine, style.id)).max() <= 1
