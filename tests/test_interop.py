@@ -336,3 +336,13 @@ def test_older_diffusers_keys_import_and_generate_what_the_original_did(engine, 
     res = engine.import_lora(tmp_path / "old.safetensors", trigger="olis")
     assert res.matched == res.total == len(old) // 2 and not res.warnings
     assert np.abs(_engine_image(engine, res.style.id) - _engine_image(engine, style.id)).max() <= 1
+
+
+def test_full_model_and_sdxl_embedding_files_are_refused_with_what_they_are(engine, tmp_path):
+    save_file({"model.diffusion_model.out.2.weight": torch.ones(4, 4), "first_stage_model.x": torch.ones(2)},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(LibraryError, match="neither a LoRA .* nor an embedding.*Model tab"):
+        engine.import_lora(tmp_path / "model.safetensors")
+    save_file({"clip_l": torch.ones(1, 768), "clip_g": torch.ones(1, 1280)}, str(tmp_path / "xl.safetensors"))
+    with pytest.raises(LibraryError, match="0 of 2 layers matched: this is an SDXL embedding"):
+        engine.import_lora(tmp_path / "xl.safetensors")

@@ -24,6 +24,7 @@ from engine.styles.records import clean_name, clean_tags, new_style_id, now, sha
 from engine.styles.store import SCHEMA_VERSION, StyleInfo
 
 EXPORT_FORMATS = ("a1111", "diffusers")  # a1111: kohya keys (A1111, ComfyUI, Civitai); diffusers: PEFT keys
+MAX_IMPORT_BYTES = 2 * 2**30  # SD 1/2 LoRAs with LoCon at high rank stay well below this
 _BAD_FILENAME = re.compile(r'[\x00-\x1f/\\:*?"<>|]')
 
 
@@ -62,6 +63,9 @@ def import_file(lib: Library, path: str | os.PathLike, components, *, model_fing
     if preset not in ("subject", "style"):
         raise LibraryError(f"preset must be 'subject' or 'style', not {preset!r}")
     metadata = check_model_file(src, "safetensors", check_values=True)  # pickles, truncation, NaN/Inf
+    if src.stat().st_size > MAX_IMPORT_BYTES:  # every tensor is read into memory below
+        raise LibraryError(f"{src.name} is {src.stat().st_size / 2**30:.1f} GiB; LoRA and embedding files are far "
+                           f"smaller (at most {MAX_IMPORT_BYTES // 2**30} GiB). A full model goes in the Model tab")
     sd = load_file(str(src))
     if not sd:
         raise LibraryError(f"{src.name} holds no tensors")

@@ -256,9 +256,13 @@ def resolve_own(modules: list[LoraModule]) -> list[Resolved]:
 def parse_embedding(sd: dict[str, torch.Tensor]) -> tuple[str | None, torch.Tensor]:
     """(token named by the file or None, vectors [n, dim]) for diffusers {"<tok>": t} and A1111/kohya
     "emb_params" / "string_to_param" single-tensor files; SDXL's clip_l/clip_g pairs and others are refused."""
+    if set(sd) == {"clip_l", "clip_g"}:
+        raise LibraryError("0 of 2 layers matched: this is an SDXL embedding (clip_l + clip_g); it is for another "
+                           "architecture")
     if len(sd) != 1:
-        raise LibraryError(f"0 of {len(sd)} layers matched: an embedding for this model holds exactly one tensor "
-                           f"(this one has {', '.join(sorted(sd)[:4])}); it is for another architecture (e.g. SDXL)")
+        raise LibraryError(f"this file is neither a LoRA (no lora_down/lora_A keys) nor an embedding (one tensor): it "
+                           f"holds {len(sd)} tensors such as {sorted(sd)[0]!r}. A full model file goes in the Model "
+                           "tab, not the library")
     key, t = next(iter(sd.items()))
     if t.ndim == 1:
         t = t.unsqueeze(0)
