@@ -346,3 +346,27 @@ def test_full_model_and_sdxl_embedding_files_are_refused_with_what_they_are(engi
     save_file({"clip_l": torch.ones(1, 768), "clip_g": torch.ones(1, 1280)}, str(tmp_path / "xl.safetensors"))
     with pytest.raises(LibraryError, match="0 of 2 layers matched: this is an SDXL embedding"):
         engine.import_lora(tmp_path / "xl.safetensors")
+
+
+def test_parsing_and_matching_random_key_sets_never_crash(engine):
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    from engine.styles import lora_format as LF
+
+    names = st.sampled_from(["lora_unet_down_blocks_0_attentions_0_proj_in", "unet.conv_in", "text_encoder.x",
+                             "lora_te_text_model_encoder_layers_0_self_attn_q_proj", "lora_te2_a", "weird"])
+    suffixes = st.sampled_from([".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_A.weight",
+                                ".lora_B.weight", ".dora_scale", ".hada_w1_a", ""])
+    shapes = st.lists(st.integers(1, 40), min_size=0, max_size=4)
+    c = engine.model.components
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.dictionaries(st.tuples(names, suffixes), shapes, max_size=6))
+    def check(spec):
+        sd = {n + s: torch.ones(shape) for (n, s), shape in spec.items()}
+        try:
+            LF.match(LF.parse_lora(sd, {}), c.unet, c.text_encoder)
+        except LibraryError:
+            pass
+
+    check()

@@ -279,3 +279,30 @@ def test_archived_styles_in_the_trash_are_listed_there(tmp_path):
     lib.delete(a.id)
     assert [s.id for s in lib.list(trashed=True)] == [a.id]
     assert lib.list(archived=None) == []
+
+
+def test_threads_and_a_second_library_write_at_once(tmp_path):
+    import threading
+
+    data = tmp_path / "data"
+    a = _publish(data, tmp_path, "Heart")
+    lib = Library(data)
+    errors = []
+
+    def edit(i):
+        try:
+            for k in range(15):
+                lib.set_tags(a.id, [f"t{i}", f"k{k}"])
+                lib.rename(a.id, f"Heart {i}.{k}")
+                lib.list("heart")
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=edit, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for n in range(3):  # another connection (a publish from a CLI run) at the same time
+        _publish(data, tmp_path, f"Other {n}")
+    for t in threads:
+        t.join()
+    assert errors == [] and len(lib.list()) == 4 and len(lib.get(a.id).tags) == 2
