@@ -7,7 +7,7 @@ Subpackages by capability, each allowed to import only the ones listed in its ow
     models/    base-model loading (diffusers folder, hub id, single file), file safety, fingerprints
     generate/  the one CFG sampler and the recipes written into every PNG
     train/     the DreamBooth + LoRA trainer: loop, math, data, priors, checkpoints, output, app job, CLI
-    styles/    trained styles on disk and the LoRA adapters that apply them
+    styles/    the style library (SQLite + styles/<id>/v<N>/), import/export, the adapters that apply styles
     jobs/      job state on disk and per-job cancel tokens
     demo/      the demo model's shapes world and its checker
 """

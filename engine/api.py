@@ -27,7 +27,9 @@ from engine.jobs.cancel import Job, JobRegistry
 from engine.jobs.fair import FairScheduler
 from engine.models.loading import LoadedModel, load_base_model
 from engine.styles.adapters import AdapterCache
-from engine.styles.store import StyleInfo, apply_trigger, find_style, list_styles
+from engine.styles.interop import ExportResult, ImportResult, export_style, import_file
+from engine.styles.library import Library, LibraryStyle, base_model_mismatch
+from engine.styles.store import StyleInfo, apply_trigger
 
 APP_VERSION = "0.1.0"
 
@@ -65,6 +67,8 @@ class Engine:
         # another one there. Off for scripts (CLI, benches), which must not quietly run on another model.
         self.fallback_to_demo = fallback_to_demo
         self.load_error: str | None = None
+        self._library: Library | None = None
+        self._library_lock = threading.Lock()
 
     # ---- model ---------------------------------------------------------------------------------------------
     @property
@@ -153,7 +157,8 @@ class Engine:
                             on_progress(Progress(b * n + i + 1, total,
                                                  f"batch {b + 1}/{req.batch_count}, step {i + 1}/{n}", preview))
 
-                    imgs = sample(c, prompts, [req.negative_prompt] * n, seeds,
+                    imgs = sample(c, self._adapters.expand_prompts(prompts) if self._adapters else prompts,
+                                  [req.negative_prompt] * n, seeds,
                                   num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
                                   guidance_rescale=req.guidance_rescale, scheduler=req.scheduler, height=height,
                                   width=width, callback=cb)
@@ -221,16 +226,105 @@ class Engine:
         cfg = from_dict(TrainConfig, run.config)
         return self.train_iter(cfg, run.name, run_dir=self.data_dir / "runs" / run.run_id, user=user, job_id=job_id)
 
-    # ---- styles --------------------------------------------------------------------------------------------
+    # ---- styles and the library ------------------------------------------------------------------------------
+    @property
+    def library(self) -> Library:
+        """The style library (<data_dir>/stylebooth.db); opened, migrated and adopting old folders on first use."""
+        with self._library_lock:
+            if self._library is None:
+                self._library = Library(self.data_dir)
+            return self._library
+
     def list_styles(self) -> list[StyleInfo]:
-        """Trained styles, newest first."""
-        return list_styles(self.data_dir)
+        """The newest version of every style that is neither archived nor in the trash, newest first (the
+        Generate tab's picker; its labels carry id and version, so styles that share a name stay apart)."""
+        return self.library.active()
+
+    def library_list(self, query: str = "", *, tag: str | None = None, preset: str | None = None,
+                     archived: bool | None = False, trashed: bool = False) -> list[LibraryStyle]:
+        """Search the library: `query` matches name, id, tags, trigger words, description; filters by tag, preset
+        ("subject"/"style"), archived (False: hide, True: only archived, None: both); `trashed` lists the trash."""
+        return self.library.list(query, tag=tag, preset=preset, archived=archived, trashed=trashed)
+
+    def get_style(self, style_id: str) -> LibraryStyle:
+        """One style with all its versions (oldest first)."""
+        return self.library.get(style_id)
+
+    def style_versions(self, style_id: str) -> list[StyleInfo]:
+        """Every version of a style, oldest first."""
+        return self.library.versions(style_id)
+
+    def rename_style(self, style_id: str, name: str) -> LibraryStyle:
+        """Rename a style (names need not be unique; labels show the id)."""
+        return self.library.rename(style_id, name)
+
+    def tag_style(self, style_id: str, tags: str | list[str]) -> LibraryStyle:
+        """Replace a style's tags ("a, b" or a list); tags are lower-cased and de-duplicated."""
+        return self.library.set_tags(style_id, tags)
+
+    def describe_style(self, style_id: str, description: str) -> LibraryStyle:
+        """Set a style's description."""
+        return self.library.describe(style_id, description)
+
+    def set_style_trigger(self, style_id: str, version: int, words: str | list[str]) -> StyleInfo:
+        """Edit a version's trigger words ("a, b" or a list; the first is put into prompts)."""
+        return self.library.set_trigger(style_id, version, words)
+
+    def archive_style(self, style_id: str, archived: bool = True) -> LibraryStyle:
+        """Hide a style from the picker and the default list (False brings it back)."""
+        return self.library.archive(style_id, archived)
+
+    def delete_style(self, style_id: str) -> LibraryStyle:
+        """Move a style to the trash (undo with `undo_delete` until `empty_trash`)."""
+        return self.library.delete(style_id)
+
+    def undo_delete(self, style_id: str) -> LibraryStyle:
+        """Restore a style from the trash with all its versions."""
+        return self.library.undo_delete(style_id)
+
+    def empty_trash(self) -> int:
+        """Delete the styles in the trash for good (rows and folders); returns how many."""
+        with self._lock:  # adapters of the removed styles are unloaded too
+            gone = {s.id for s in self.library.list(trashed=True, archived=None)}
+            n = self.library.empty_trash()
+            if self._adapters is not None and gone:
+                self._adapters.forget(gone)
+            return n
+
+    def import_lora(self, path: str | Path, *, name: str = "", trigger: str = "", preset: str = "style",
+                    tags: str | list[str] = ()) -> ImportResult:
+        """Import an uploaded .safetensors LoRA (diffusers/PEFT or kohya/A1111 keys, LoCon included) or textual-
+        inversion embedding as a new library style, matched against the loaded base model.
+
+        `path` is the file Gradio's upload handed the UI. Pickles are refused by content; a file that matches 0 of
+        its N layers is refused ("0 of N layers matched"); a partial match imports with a warning in the result.
+        The trigger word comes from `trigger`, else the file's metadata or name (editable: `set_style_trigger`).
+        """
+        with self._lock:  # reads the loaded model's layers; a model switch must not happen halfway
+            m = self.model
+            return import_file(self.library, path, m.components, model_fingerprint=m.fingerprint,
+                               model_name=m.name, name=name, trigger=trigger, preset=preset, tags=tags)
+
+    def export_style(self, style_id: str, fmt: str = "a1111", *, version: int | None = None,
+                     out_dir: str | Path | None = None) -> ExportResult:
+        """Write a style version as one .safetensors: fmt "a1111" (kohya keys for A1111/ComfyUI, named like the
+        "Lora:" entry in our PNGs) or "diffusers" (PEFT keys). Metadata (trigger words, tags, base model, ss_*
+        training settings) goes in the header. Written to `out_dir`, default <data_dir>/exports/<style id>/
+        (inside the data dir, which Gradio does not serve: the UI copies the file to its upload folder)."""
+        out = Path(out_dir) if out_dir else self.data_dir / "exports" / self.library.get(style_id).id
+        return export_style(self.library, style_id, fmt, out, version=version)
+
+    def style_warning(self, style_id: str) -> str | None:
+        """"trained on X; you are on Y" when the style's newest version was made on another base model."""
+        m = self.model
+        return base_model_mismatch(self.library.find_version(style_id), m.fingerprint, m.name)
 
     def _activate_style(self, style_id: str, strength: float) -> StyleInfo | None:
         """Load (once, then cached) and activate a style's LoRA, or switch LoRA off; call under the lock."""
-        style = find_style(self.data_dir, style_id) if style_id else None
-        if style and style.base_model_fingerprint and style.base_model_fingerprint != self.model.fingerprint:
-            raise ConfigError(f"style {style.name!r} was trained on another base model; load that model first "
+        style = self.library.find_version(style_id) if style_id else None
+        mismatch = base_model_mismatch(style, self.model.fingerprint, self.model.name) if style else None
+        if mismatch:
+            raise ConfigError(f"style {style.name!r} cannot be used here: {mismatch}. Load that model first "
                               f"(fingerprint {style.base_model_fingerprint[:10]})")
         if style is None and self._adapters is None:
             return None

@@ -13,6 +13,7 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from .generate_tab import build_generate_tab
+from .library_tab import build_library_tab
 from .train_tab import build_train_tab
 
 # Layout of the data directory (DESIGN.md); blocked even before they exist, so a file created after launch is
@@ -106,7 +107,8 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
                 gen = build_generate_tab(engine)
             with gr.Tab("Train", id="train", elem_id="tab-train") as train_tab:
                 train = build_train_tab(engine)
-            # Library tab goes here: `with gr.Tab("Library"): build_library_tab(engine)`, one file each.
+            with gr.Tab("Library", id="library", elem_id="tab-library") as lib_tab:
+                library = build_library_tab(engine)
         # Loading a model competes with generation for the GPU: same concurrency id as Generate.
         load.click(h.switch_model, [source], [header], concurrency_id="gpu", concurrency_limit=1,
                    api_visibility="private")
@@ -119,6 +121,9 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
         gen_tab.select(**style)
         train.train_event.then(**style)
         train.resume_event.then(**style)
+        # The Library lists styles trained or imported since the page was built.
+        demo.load(**library.refresh)
+        lib_tab.select(**library.refresh)
         # Runs interrupted by a crash (or cancelled) while the page was closed show up in the Train tab.
         runs = dict(fn=train.handlers.runs_dropdown, inputs=None, outputs=[train.runs], queue=False,
                     api_visibility="private")

@@ -6,22 +6,20 @@ names for the form, "gallery"/"preview"/"files"/"status" for results), so tests 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import gradio as gr
-from gradio.utils import get_upload_folder
 from PIL import UnidentifiedImageError
 
 from engine.core.config import SCHEDULER_LABELS, SCHEDULERS, ConfigError, GenerateRequest
 from engine.core.events import GenerateResult
+
+from .downloads import copy_for_download
 
 from .forms import int_fields, whole_numbers
 
@@ -30,7 +28,6 @@ FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GenerateRequest) if f.nam
 # The form shows every int field with a Slider or a Number, which send floats (build_generate_tab checks this).
 INT_FIELDS = tuple(f.name for f in dataclasses.fields(GenerateRequest) if f.type == "int" and f.name in FIELD_NAMES)
 MAX_SEED = 2**32 - 1
-COPY_MAX_AGE_S = 3600
 STATUS_EVERY_S = 0.25  # a websocket message per denoising step is wasteful; the progress bar shows every step
 
 
@@ -97,7 +94,7 @@ class GenerateHandlers:
             raise gr.Error("Out of memory: lower the batch size or the image size, then try again.") from None
 
     def _result(self, result, req: GenerateRequest) -> dict[str, Any]:
-        paths = _copy_for_download([img.path for img in result.images])
+        paths = copy_for_download([img.path for img in result.images])
         gallery = [(str(p), f"seed {img.recipe.get('seed', '?')}") for p, img in zip(paths, result.images)]
         n = len(result.images)
         if result.cancelled:
@@ -162,27 +159,6 @@ def _as_field_type(name: str, value: Any) -> Any:
     if name == "scheduler" and value not in SCHEDULERS:
         return None
     return value if isinstance(value, str) else None
-
-
-def _copy_for_download(paths: list[Path]) -> list[Path]:
-    """Copies of the PNGs (with their recipe) in Gradio's upload folder: the data dir is in blocked_paths."""
-    if not paths:
-        return []
-    folder = Path(get_upload_folder())
-    folder.mkdir(parents=True, exist_ok=True)
-    # Gradio copies results into its own cache (cleaned by delete_cache) but not ours: drop copies older than an
-    # hour, long after Gradio has taken its copy.
-    for old in folder.glob("stylebooth-*"):
-        with contextlib.suppress(OSError):  # another process may be tidying up the same folder
-            if time.time() - old.stat().st_mtime > COPY_MAX_AGE_S:
-                shutil.rmtree(old, ignore_errors=True)
-    run_dir = Path(tempfile.mkdtemp(prefix="stylebooth-", dir=folder))
-    out = []
-    for p in paths:
-        dst = run_dir / Path(p).name
-        shutil.copyfile(p, dst)
-        out.append(dst)
-    return out
 
 
 @dataclass

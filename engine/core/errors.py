@@ -68,3 +68,7 @@ class CheckpointError(RuntimeError):
 
 class DiskFullError(RuntimeError):
     """Not enough free disk space; the last valid checkpoint is kept."""
+
+
+class LibraryError(ConfigError):
+    """A style-library request that cannot be done (unknown id, database from a newer version, refused import)."""

@@ -1,5 +1,12 @@
-"""Styles: trained LoRA styles on disk (store.py) and applying them to the loaded model (adapters.py).
+"""Styles: the library and everything a style is made of.
 
-Owns: styles/<id>/v<N>/ folders. The library (SQLite, import/export, blending) grows here.
+Owns: styles/<id>/v<N>/ folders and the library tables of <data_dir>/stylebooth.db.
+  store.py        StyleInfo, publish (atomic folder, then a library row), trigger insertion
+  db.py           the SQLite connection (WAL, foreign keys) and schema migrations
+  library.py      styles, versions, tags, trash, search, adoption of folders the database does not know
+  lora_format.py  LoRA/embedding key formats (PEFT, diffusers, kohya/A1111), matching against the loaded model
+  interop.py      import (safetensors only, matched, MF-3/4/7/8) and export (diffusers, A1111) of styles
+  adapters.py     applying a style to the loaded model (LoRA adapters, embedding tokens)
+Blending grows here.
 May import: engine.core, engine.models.
 """

@@ -31,15 +31,24 @@ class StyleInfo:
     base_model_fingerprint: str
     created: str
     folder: Path
+    # Library fields (engine/styles/library.py); defaults keep folder-only readers and older callers working.
+    kind: str = "lora"  # "lora" | "embedding" (textual inversion); "instant" and "blend" come later
+    lora_file: str = "lora.safetensors"  # the weights file in `folder` (an embedding's too)
+    base_model: str = ""  # the base model's name when it was trained or imported, for "trained on X" messages
+    prompt_template: str = ""
+    recommended_strength: float = 1.0
+    preview_grid: str = "preview.png"
+    source: str = "trained"  # "trained" | "imported"
+    trigger_words: tuple[str, ...] = ()  # all trigger words; `trigger_token` is the one put into prompts
 
     @property
     def lora(self) -> Path:
-        return self.folder / "lora.safetensors"
+        return self.folder / self.lora_file
 
     @property
     def preview(self) -> Path | None:
-        p = self.folder / "preview.png"
-        return p if p.is_file() else None
+        p = self.folder / self.preview_grid if self.preview_grid else None
+        return p if p and p.is_file() else None
 
     @property
     def adapter_name(self) -> str:
@@ -47,7 +56,8 @@ class StyleInfo:
 
     @property
     def label(self) -> str:
-        return f"{self.name} (v{self.version}, {self.preset}, trigger '{self.trigger_token}')"
+        # Two styles may share a name: the id and version always tell them apart.
+        return f"{self.name} ({self.id} v{self.version}, {self.preset}, trigger '{self.trigger_token}')"
 
 
 def _slug(name: str) -> str:
@@ -62,7 +72,11 @@ def _class_noun(style: dict) -> str:
 
 
 def publish(data_dir: Path, name: str, lora_path: Path, style_json: Path, preview: Path | None = None) -> StyleInfo:
-    """Copy a training result into the library as a new style (version 1), atomically."""
+    """Copy a training result into the library as a new style (version 1), atomically.
+
+    The folder is complete under a temporary name, renamed into place, and only then registered in the library
+    database (TR-10); a crash in between leaves a folder that the library adopts when it next opens.
+    """
     styles = data_dir / "styles"
     styles.mkdir(parents=True, exist_ok=True)
     style_id = f"{_slug(name)}-{uuid.uuid4().hex[:6]}"
@@ -83,7 +97,13 @@ def publish(data_dir: Path, name: str, lora_path: Path, style_json: Path, previe
         fsync_dir(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _read(final)
+    from engine.styles.library import Library  # late: the library builds on this module
+
+    lib = Library(data_dir)
+    try:
+        return lib.register_folder(final)
+    finally:
+        lib.close()
 
 
 def _read(folder: Path) -> StyleInfo:
