@@ -7,6 +7,7 @@ library (tags, import/export, blending) builds on these folders.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -17,6 +18,15 @@ from pathlib import Path
 from .config import ConfigError
 
 SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+# style.json fields the library reads: (type, required). Anything else in the file is provenance, kept unread.
+_FIELDS = {"id": (str, True), "trigger_token": (str, True), "name": (str, False), "version": (int, False),
+           "preset": (str, False), "base_model_fingerprint": (str, False), "created": (str, False),
+           "training_config": (dict, False)}
+
+
+class StyleFileError(ValueError):
+    """A style.json that does not match the schema; the message names the problem."""
 
 
 @dataclass(frozen=True)
@@ -93,8 +103,36 @@ def publish(data_dir: Path, name: str, lora_path: Path, style_json: Path, previe
     return _read(final)
 
 
+def _validate(m) -> None:
+    """Check a parsed style.json against `_FIELDS`: one hand-edited or half-synced file must not crash the list."""
+    if not isinstance(m, dict):
+        raise StyleFileError(f"style.json must hold a JSON object, not {type(m).__name__}")
+    for key, (kind, required) in _FIELDS.items():
+        if key not in m:
+            if required:
+                raise StyleFileError(f"style.json lacks the required key {key!r}")
+            continue
+        v = m[key]
+        if not isinstance(v, kind) or isinstance(v, bool):  # JSON true is an int to Python
+            raise StyleFileError(f"{key!r} must be a {kind.__name__} but is {json.dumps(v)[:60]}")
+    for key in ("id", "trigger_token"):
+        if not m[key].strip():
+            raise StyleFileError(f"{key!r} is empty")
+    if m.get("version", 1) < 1:
+        raise StyleFileError(f"'version' must be 1 or more but is {m['version']}")
+    if m.get("preset", "style") not in ("subject", "style"):
+        raise StyleFileError(f"'preset' must be 'subject' or 'style' but is {m['preset']!r}")
+    class_prompt = m.get("training_config", {}).get("class_prompt", "")
+    if not isinstance(class_prompt, str):
+        raise StyleFileError(f"'training_config.class_prompt' must be a string but is {json.dumps(class_prompt)[:60]}")
+
+
 def _read(folder: Path) -> StyleInfo:
-    m = json.loads((folder / "style.json").read_text("utf-8"))
+    try:
+        m = json.loads((folder / "style.json").read_text("utf-8"))
+    except RecursionError:  # deeply nested JSON: a ValueError like any other unreadable file
+        raise StyleFileError("style.json is nested too deeply") from None
+    _validate(m)
     return StyleInfo(id=m["id"], name=m.get("name", m["id"]), version=int(m.get("version", 1)),
                      trigger_token=m["trigger_token"], preset=m.get("preset", "style"), class_noun=_class_noun(m),
                      base_model_fingerprint=m.get("base_model_fingerprint", ""), created=m.get("created", ""),
@@ -102,12 +140,14 @@ def _read(folder: Path) -> StyleInfo:
 
 
 def list_styles(data_dir: Path) -> list[StyleInfo]:
-    """Every published style version, newest first; unreadable folders are skipped."""
+    """Every published style version, newest first; an unreadable or malformed folder is skipped with a warning
+    (one bad style.json must not empty the style picker)."""
     out = []
     for f in (data_dir / "styles").glob("*/v*/style.json"):
         try:
             out.append(_read(f.parent))
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError) as e:  # ValueError covers invalid JSON, bad UTF-8 and StyleFileError
+            log.warning("skipped style folder %s: %s. Fix or remove its style.json to list it again.", f.parent, e)
             continue
     return sorted(out, key=lambda s: (s.created, s.version), reverse=True)
 
