@@ -2,11 +2,16 @@
 failed on the code before its fix (points 2, 4, 7, 8, 9, 10, 11, 12)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import threading
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from engine.models import DEMO_MODEL
 
@@ -43,3 +48,47 @@ def test_p07_malformed_style_json_is_skipped_with_a_warning(tmp_path, caplog, ba
         styles = list_styles(tmp_path / "data")
     assert [s.id for s in styles] == [good.id]
     assert any("broken-1" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+# ---- 9: a FIFO (or any non-regular file) named .png must not hang image intake ---------------------------------
+def _call_with_deadline(fn, fifo: Path, seconds: float = 20.0):
+    """Run fn in a thread; if it blocks (the old code: open() on a FIFO waits for a writer), unblock it by opening
+    the FIFO for writing, then fail. Returns fn's result or raises its exception."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # gives the blocked reader EOF
+        t.join(5)
+        pytest.fail(f"image intake blocked for {seconds} s on a FIFO")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+@pytest.mark.timeout(60)
+def test_p09_fifo_and_other_non_regular_files_are_refused(tmp_path):
+    from engine.images import ImageRejected, ingest_dataset, load_image
+
+    fifo = tmp_path / "evil.png"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    link = tmp_path / "link.png"
+    link.symlink_to(fifo)
+    good = tmp_path / "good.png"
+    Image.new("RGB", (16, 16), "red").save(good)
+    for bad, kind in ((fifo, "pipe"), (link, "pipe"), (folder, "folder")):
+        with pytest.raises(ImageRejected, match=f"{kind}.*Pick a regular PNG"):
+            _call_with_deadline(lambda b=bad: load_image(b), fifo)
+    report = _call_with_deadline(lambda: ingest_dataset([fifo, good, folder], tmp_path / "out", resolution=16), fifo)
+    assert len(report.kept) == 1 and [n for n, _ in report.rejected] == ["evil.png", "folder.png"]
