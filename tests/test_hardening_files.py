@@ -6,12 +6,16 @@ import contextlib
 import json
 import logging
 import os
+import struct
 import threading
+import time
+import zlib
 from pathlib import Path
 
+import gradio as gr
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from engine.models import DEMO_MODEL
 
@@ -92,3 +96,123 @@ def test_p09_fifo_and_other_non_regular_files_are_refused(tmp_path):
             _call_with_deadline(lambda b=bad: load_image(b), fifo)
     report = _call_with_deadline(lambda: ingest_dataset([fifo, good, folder], tmp_path / "out", resolution=16), fifo)
     assert len(report.kept) == 1 and [n for n, _ in report.rejected] == ["evil.png", "folder.png"]
+
+
+# ---- 2: a crafted PNG must not freeze the server ----------------------------------------------------------------
+def _png_with_text(path: Path, key: str, text: str, size=(8, 8)) -> Path:
+    info = PngImagePlugin.PngInfo()
+    info.add_text(key, text)
+    Image.new("RGB", size).save(path, pnginfo=info)
+    return path
+
+
+def _png_header_only(path: Path, width: int, height: int, key: str, text: str) -> Path:
+    """A PNG that declares width x height but carries almost no pixel data (a few hundred bytes on disk)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"tEXt", key.encode() + b"\0" + text.encode())
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    path.write_bytes(body)
+    return path
+
+
+# The old regex needed minutes to hours for these; a linear parser needs milliseconds. CPU time (not wall time)
+# keeps the bound meaningful on a busy machine.
+_BOUND_S = 2.0
+
+
+@pytest.mark.timeout(120, method="thread")  # the old regex held the GIL: only this method stops it
+def test_p02_megabyte_parameters_text_is_handled_quickly(tmp_path):
+    from engine import outputs
+
+    evil = "a photo\nSteps: 20, " + "a" * 1_000_000  # no ": " after the run of word characters: worst case
+    # The parser itself is linear (the old one: 3.8 s CPU for 28 KB, quadratic, so hours for these).
+    for text in (evil, "p\nSteps: 1, " + "a," * 500_000 + ": x", 'p\nSteps: 1, K: "' + "\\x" * 500_000):
+        t0 = time.process_time()
+        assert outputs.parse_a1111(text)["num_inference_steps"] in (1, 20)
+        assert time.process_time() - t0 < _BOUND_S
+    # And a PNG carrying it is refused by length, as a second line of defence.
+    png = _png_with_text(tmp_path / "evil.png", "parameters", evil)
+    t0 = time.process_time()
+    with pytest.raises(outputs.RecipeError, match="over the 64 KB limit"):
+        outputs.read_recipe(png)
+    assert time.process_time() - t0 < _BOUND_S
+
+
+def test_p02_a1111_quoted_values_and_long_real_recipe(tmp_path):
+    from engine.outputs import parse_a1111, read_recipe
+
+    out = parse_a1111('a cat\nNegative prompt: ugly\nSteps: 12, Sampler: Euler a, Lora hashes: "a: 1, b: 2", '
+                      'CFG scale: 6.5, Seed: 42, Size: 64x48')
+    assert out == {"prompt": "a cat", "negative_prompt": "ugly", "num_inference_steps": 12, "guidance_scale": 6.5,
+                   "seed": 42, "width": 64, "height": 48, "scheduler": "euler_a"}
+    long_prompt = ", ".join(["a very detailed painting"] * 1500)  # ~38 KB: under the cap, parsed
+    png = _png_with_text(tmp_path / "long.png", "parameters", f"{long_prompt}\nSteps: 5, Seed: 1")
+    assert read_recipe(png)["prompt"] == long_prompt
+
+
+@pytest.mark.timeout(60)
+def test_p02_image_size_is_capped_before_decoding(tmp_path):
+    from engine.outputs import RecipeError, read_recipe
+
+    png = _png_header_only(tmp_path / "big.png", 9000, 9000, "parameters", "a cat\nSteps: 5, Seed: 1")
+    t0 = time.process_time()
+    with pytest.raises(RecipeError, match="9000x9000 pixels, too large"):
+        read_recipe(png)
+    assert time.process_time() - t0 < _BOUND_S
+
+
+# ---- 10: recipe drop with hostile values: a clear message, never a traceback ----------------------------------
+@pytest.mark.parametrize("recipe, message", [
+    ('{"prompt": "a cat", "width": 1000000000}', "`width` must be divisible by 8"),
+    ('{"prompt": "a cat", "guidance_scale": 1e400}', "`guidance_scale` must be between 0 and 30 but is inf"),
+    ('{"prompt": "a cat", "seed": 1e400}', "`seed` must be a whole number but is inf"),
+    ('{"prompt": "a cat", "num_inference_steps": 7.5}', "`num_inference_steps` must be a whole number"),
+    ('{"prompt": "a cat", "guidance_scale": NaN}', "`guidance_scale` must be between 0 and 30 but is nan"),
+    ('{"prompt": "a cat", "seed": -1}', "`seed` must be between 0"),
+    ('{"prompt": "' + "x" * 3000 + '"}', "prompts are limited to 2000 characters"),
+    ('{"prompt": ' + "[" * 20_000 + "]" * 20_000 + "}", "nested too deeply"),
+    ('{"prompt": "' + "x" * 70_000 + '"}', "over the 64 KB limit"),
+], ids=["huge-width", "inf-float", "inf-int", "fraction-int", "nan", "negative-seed", "long-prompt", "deep",
+        "long-text"])
+def test_p10_recipe_drop_refuses_bad_values_with_a_message(tmp_path, recipe, message):
+    from ui.generate_tab import GenerateHandlers
+
+    png = _png_with_text(tmp_path / "r.png", "stylebooth", recipe)
+    with pytest.raises(gr.Error) as e:
+        GenerateHandlers(engine=None).load_recipe(str(png))
+    assert message in str(e.value)
+
+
+def test_p10_recipe_drop_a1111_huge_size_and_wrong_types(tmp_path):
+    from ui.generate_tab import GenerateHandlers
+
+    h = GenerateHandlers(engine=None)
+    png = _png_with_text(tmp_path / "a.png", "parameters", "a cat\nSteps: 5, Size: 1000000000x8, Seed: 1")
+    with pytest.raises(gr.Error, match="`width` must be divisible by 8"):
+        h.load_recipe(str(png))
+    wrong = json.dumps({"prompt": "a cat", "width": "wide", "num_inference_steps": {"a": 1}, "negative_prompt": [1],
+                        "prompt_per_line": "yes", "guidance_scale": True, "seed": "12", "steps": 4})
+    out = h.load_recipe(str(_png_with_text(tmp_path / "w.png", "stylebooth", wrong)))
+    assert out["prompt"] == "a cat" and out["seed"] == 12
+    assert {"width", "num_inference_steps", "negative_prompt", "prompt_per_line", "guidance_scale"}.isdisjoint(out)
+    assert "Ignored setting(s) of the wrong type: guidance_scale, negative_prompt, num_inference_steps, " \
+           "prompt_per_line, width" in out["status"]
+
+
+@pytest.mark.timeout(60)
+def test_p10_read_recipe_refuses_fifo_and_crafted_json(tmp_path):
+    from engine.outputs import RecipeError, read_recipe
+    from ui.generate_tab import GenerateHandlers
+
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    with pytest.raises(RecipeError, match="not a regular file"):
+        _call_with_deadline(lambda: read_recipe(fifo), fifo)
+    with pytest.raises(gr.Error, match="not a regular file"):
+        _call_with_deadline(lambda: GenerateHandlers(engine=None).load_recipe(str(fifo)), fifo)
+    deep = _png_with_text(tmp_path / "d.png", "stylebooth", "[" * 30_000)
+    with pytest.raises(RecipeError, match="nested too deeply"):
+        read_recipe(deep)
