@@ -6,6 +6,8 @@ import contextlib
 import json
 import logging
 import os
+import pickle
+import shutil
 import struct
 import threading
 import time
@@ -216,3 +218,102 @@ def test_p10_read_recipe_refuses_fifo_and_crafted_json(tmp_path):
     deep = _png_with_text(tmp_path / "d.png", "stylebooth", "[" * 30_000)
     with pytest.raises(RecipeError, match="nested too deeply"):
         read_recipe(deep)
+
+
+# ---- 4: shard index files are checked like the files they list ------------------------------------------------
+class _Canary:
+    """Unpickling this would create the canary file (the technique of tests/test_models.py)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _sharded_unet(tiny_sd: Path, dest: Path, shard_names: list[str], *, decoy: bool = True) -> tuple[Path, dict]:
+    """A copy of tiny_sd whose UNet is loaded through diffusion_pytorch_model.safetensors.index.json."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(tiny_sd, dest)
+    unet = dest / "unet"
+    single = unet / "diffusion_pytorch_model.safetensors"
+    sd = load_file(single)
+    if decoy:  # check_folder wants a *.safetensors; the index decides what is really loaded
+        single.rename(unet / "decoy.safetensors")
+    else:
+        single.unlink()
+    keys = sorted(sd)
+    weight_map = {k: shard_names[i * len(shard_names) // len(keys)] for i, k in enumerate(keys)}
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    return unet, {name: {k: sd[k] for k in keys if weight_map[k] == name} for name in shard_names}
+
+
+def _no_torch_load(monkeypatch) -> list:
+    calls: list = []
+
+    def spy(*a, **k):
+        calls.append(a[:1])
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", spy)
+    return calls
+
+
+def test_p04_index_naming_pickle_shards_is_refused_and_nothing_is_unpickled(tiny_sd, tmp_path, monkeypatch):
+    from engine.models import ModelLoadError, load_base_model
+
+    calls = _no_torch_load(monkeypatch)
+    unet, parts = _sharded_unet(tiny_sd, tmp_path / "m", ["diffusion_pytorch_model-00001-of-00002.bin",
+                                                          "diffusion_pytorch_model-00002-of-00002.bin"])
+    canary = tmp_path / "canary"
+    for name in parts:
+        (unet / name).write_bytes(pickle.dumps(_Canary(canary), protocol=4))
+    with pytest.raises(ModelLoadError, match=r"index\.json names the shard .*\.bin', which is not a \.safetensors"):
+        load_base_model(tmp_path / "m")
+    assert calls == [] and not canary.exists()
+
+
+@pytest.mark.parametrize("variant", ["traversal", "absolute", "symlink-out", "pickle-renamed", "missing"])
+def test_p04_index_shards_must_be_checked_safetensors_inside_the_folder(tiny_sd, tmp_path, monkeypatch, variant):
+    from safetensors.torch import save_file
+
+    from engine.models import load_base_model
+    from engine.safety import UnsafeModelFile
+
+    calls = _no_torch_load(monkeypatch)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    names = {"traversal": "../../outside/s.safetensors", "absolute": str(outside / "s.safetensors")}
+    name = names.get(variant, "s.safetensors")
+    unet, parts = _sharded_unet(tiny_sd, tmp_path / "m", [name])
+    save_file(parts[name], outside / "s.safetensors")
+    if variant == "symlink-out":
+        (unet / name).symlink_to(outside / "s.safetensors")
+    elif variant == "pickle-renamed":
+        (unet / name).write_bytes(pickle.dumps(_Canary(tmp_path / "canary"), protocol=4))
+    expected = {"traversal": "outside its folder", "absolute": "outside its folder", "missing": "which is missing",
+                "symlink-out": "a link to a file outside the model folder", "pickle-renamed": "pickle"}[variant]
+    with pytest.raises((ValueError, UnsafeModelFile), match=expected):
+        load_base_model(tmp_path / "m")
+    assert calls == [] and not (tmp_path / "canary").exists()
+
+
+def test_p04_fingerprint_covers_every_shard_the_index_loads(tiny_sd, tmp_path):
+    from safetensors.torch import save_file
+
+    from engine.models import load_base_model, weight_files
+
+    names = ["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors"]
+    unet, parts = _sharded_unet(tiny_sd, tmp_path / "m", names, decoy=False)
+    for name, sd in parts.items():
+        save_file(sd, unet / name)
+    assert {unet / n for n in names} <= set(weight_files(tmp_path / "m"))
+    a = load_base_model(tmp_path / "m")  # a real sharded model loads
+    assert a.components.unet is not None
+    sd = dict(parts[names[1]])
+    k = next(iter(sd))
+    sd[k] = sd[k] + 1
+    save_file(sd, unet / names[1])
+    assert load_base_model(tmp_path / "m").fingerprint != a.fingerprint
