@@ -339,3 +339,29 @@ def test_p04_fingerprint_covers_every_shard_the_index_loads(tiny_sd, tmp_path):
     sd[k] = sd[k] + 1
     save_file(sd, unet / names[1])
     assert load_base_model(tmp_path / "m").fingerprint != a.fingerprint
+
+
+# ---- 8: a base model with NaN/Inf weights is refused at load ------------------------------------------------
+@pytest.mark.parametrize("part, bad", [("unet", float("nan")), ("text_encoder", float("inf"))])
+def test_p08_model_with_nan_or_inf_weights_is_refused(tiny_sd, tmp_path, part, bad):
+    from safetensors.torch import load_file, save_file
+
+    from engine.config import Settings
+    from engine.engine import Engine
+    from engine.models import ModelLoadError, load_base_model
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sd, broken)
+    f = next((broken / part).glob("*.safetensors"))
+    sd = load_file(f)
+    key = sorted(k for k, v in sd.items() if v.is_floating_point() and v.numel() > 1)[0]
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[1] = bad
+    save_file(sd, f)
+    with pytest.raises(ModelLoadError, match=rf"{part} weights contain 1 NaN or Inf value.*black images"):
+        load_base_model(broken)
+    eng = Engine(Settings(model=str(tiny_sd), data_dir=str(tmp_path / "data")))
+    before = eng.model.fingerprint
+    with pytest.raises(ModelLoadError):
+        eng.load_model(str(broken))
+    assert eng.model.fingerprint == before  # the working model stays loaded
