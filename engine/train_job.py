@@ -16,7 +16,7 @@ from .config import ConfigError
 from .images import ingest_dataset
 from .priors import PriorSpec, ensure_prior_set
 from .styles import publish
-from .train_config import TrainConfig
+from .train_config import TrainConfig, check_trigger_token
 from .events import TrainJobResult, TrainLog, TrainProgress
 from .training import train
 
@@ -33,6 +33,8 @@ def run_training(model, data_dir: Path, cfg: TrainConfig, name: str, *, run_dir:
     name = name.strip()
     if not name:
         raise ConfigError("give the style a name, e.g. 'my heart shape'")
+    # Before any file is written: the model's tokenizer knows far more common words than TrainConfig's list.
+    check_trigger_token(cfg.trigger_token, model.components.tokenizer)
     resuming = run_dir is not None
     run_dir = run_dir or new_run_dir(data_dir, name)
     run_dir.mkdir(parents=True, exist_ok=True)

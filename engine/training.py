@@ -24,7 +24,7 @@ from . import jobs
 from .config import ConfigError
 from .events import (TrainCheckpoint, TrainEvent, TrainingDiverged, TrainingError, TrainingOOM,  # noqa: F401
                      TrainLog, TrainPreview, TrainProgress, TrainResult)
-from .train_config import TrainConfig
+from .train_config import TrainConfig, check_trigger_token
 
 __all__ = ["train", "TrainingError", "TrainingDiverged", "TrainingOOM", "TrainCheckpoint", "TrainLog", "TrainPreview",
            "TrainProgress", "TrainResult"]
@@ -124,6 +124,7 @@ def step1_load(run: Run) -> None:
     cfg, acc = run.cfg, run.acc
     run.model = load_base_model(cfg.base_model or None, device=str(acc.device))
     c = run.model.components
+    check_trigger_token(cfg.trigger_token, c.tokenizer)  # TrainConfig knows only a word list; this model knows more
     run.noise_scheduler = DDPMScheduler.from_config(c.scheduler.config)
     run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
     for m in (c.vae, c.unet, c.text_encoder):

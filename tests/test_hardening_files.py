@@ -365,3 +365,63 @@ def test_p08_model_with_nan_or_inf_weights_is_refused(tiny_sd, tmp_path, part, b
     with pytest.raises(ModelLoadError):
         eng.load_model(str(broken))
     assert eng.model.fingerprint == before  # the working model stays loaded
+
+
+# ---- 11: a trigger that is a common word is refused, with a rare suggestion ---------------------------------
+def _train_config(token: str):
+    from engine.train_config import TrainConfig, presets
+
+    return TrainConfig(instance_images=("a.png",), **presets("subject", token=token))
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(DEMO_MODEL / "tokenizer")
+
+
+@pytest.mark.parametrize("word", ["car", "girl", "anime", "red", "dog", "Dog"])
+def test_p11_common_word_trigger_is_refused_with_a_suggestion(word, demo_tokenizer):
+    from engine.config import ConfigError
+    from engine.train_config import check_trigger_token
+
+    with pytest.raises(ConfigError, match=rf"{word!r} is a common word.*such as 'olis'"):
+        _train_config(word)  # TrainConfig alone: the embedded word list
+    with pytest.raises(ConfigError, match=r"is a common word.*such as 'olis'"):
+        check_trigger_token(word, demo_tokenizer)
+
+
+@pytest.mark.parametrize("word", ["olis", "ohwx", "phol", "zyk"])
+def test_p11_rare_triggers_are_accepted(word, demo_tokenizer):
+    from engine.train_config import check_trigger_token
+
+    assert _train_config(word).trigger_token == word
+    check_trigger_token(word, demo_tokenizer)
+
+
+def test_p11_the_tokenizer_knows_more_common_words_than_the_list(demo_tokenizer, tiny_sd):
+    """Words missing from the embedded list but among CLIP's first merges are refused once the model is known."""
+    from transformers import CLIPTokenizer
+
+    from engine.train_config import is_common_word
+
+    for word in ("pokemon", "nike", "bmw", "guitar", "castle"):
+        assert not is_common_word(word) and is_common_word(word, demo_tokenizer), word
+    for word in ("olis", "ohwx", "photorealisticx", "zwx"):  # rare, or several tokens
+        assert not is_common_word(word, demo_tokenizer), word
+    tiny = CLIPTokenizer.from_pretrained(tiny_sd / "tokenizer")  # no merges: only the list counts
+    assert is_common_word("car", tiny) and not is_common_word("guitar", tiny)
+
+
+def test_p11_training_start_checks_the_trigger_with_the_models_tokenizer(demo_tokenizer, tmp_path):
+    from types import SimpleNamespace
+
+    from engine.config import ConfigError
+    from engine.train_job import run_training
+
+    model = SimpleNamespace(components=SimpleNamespace(tokenizer=demo_tokenizer), source="demo")
+    cfg = _train_config("guitar")  # not in the embedded list: TrainConfig accepts it
+    with pytest.raises(ConfigError, match=r"'guitar' is a common word.*such as 'olis'"):
+        run_training(model, tmp_path / "data", cfg, "my style")
+    assert not (tmp_path / "data").exists()  # refused before any file was written
