@@ -85,6 +85,12 @@ def read_recipe(path_or_image) -> dict | None:
         except Image.DecompressionBombError:
             raise RecipeError("that image is too large to read safely; drop the PNG that Stylebooth or A1111 "
                               "saved") from None
+        with img:  # close the file we opened, whatever happens
+            return _recipe_from(img)
+    return _recipe_from(path_or_image)
+
+
+def _recipe_from(img: Image.Image) -> dict | None:
     w, h = img.size  # from the header: nothing decoded yet
     if w * h > MAX_RECIPE_PIXELS or max(w, h) > MAX_RECIPE_SIDE:
         raise RecipeError(f"that image is {w}x{h} pixels, too large to read safely (at most "

@@ -89,6 +89,7 @@ def publish(data_dir: Path, name: str, lora_path: Path, style_json: Path, previe
     try:
         meta = json.loads(Path(style_json).read_text("utf-8"))
         meta.update(name=name, id=style_id, version=1, schema_version=SCHEMA_VERSION)
+        _validate(meta)  # before the rename: a published folder that the library would skip helps nobody
         shutil.copyfile(lora_path, tmp / "lora.safetensors")
         if preview and Path(preview).is_file():
             shutil.copyfile(preview, tmp / "preview.png")
@@ -103,6 +104,11 @@ def publish(data_dir: Path, name: str, lora_path: Path, style_json: Path, previe
     return _read(final)
 
 
+def _show(v) -> str:
+    """A short rendering of a JSON value for a message (containers by type: they may be nested arbitrarily)."""
+    return json.dumps(v)[:60] if v is None or isinstance(v, (str, int, float)) else f"a {type(v).__name__}"
+
+
 def _validate(m) -> None:
     """Check a parsed style.json against `_FIELDS`: one hand-edited or half-synced file must not crash the list."""
     if not isinstance(m, dict):
@@ -114,7 +120,7 @@ def _validate(m) -> None:
             continue
         v = m[key]
         if not isinstance(v, kind) or isinstance(v, bool):  # JSON true is an int to Python
-            raise StyleFileError(f"{key!r} must be a {kind.__name__} but is {json.dumps(v)[:60]}")
+            raise StyleFileError(f"{key!r} must be a {kind.__name__} but is {_show(v)}")
     for key in ("id", "trigger_token"):
         if not m[key].strip():
             raise StyleFileError(f"{key!r} is empty")
@@ -124,7 +130,7 @@ def _validate(m) -> None:
         raise StyleFileError(f"'preset' must be 'subject' or 'style' but is {m['preset']!r}")
     class_prompt = m.get("training_config", {}).get("class_prompt", "")
     if not isinstance(class_prompt, str):
-        raise StyleFileError(f"'training_config.class_prompt' must be a string but is {json.dumps(class_prompt)[:60]}")
+        raise StyleFileError(f"'training_config.class_prompt' must be a string but is {_show(class_prompt)}")
 
 
 def _read(folder: Path) -> StyleInfo:
@@ -146,7 +152,7 @@ def list_styles(data_dir: Path) -> list[StyleInfo]:
     for f in (data_dir / "styles").glob("*/v*/style.json"):
         try:
             out.append(_read(f.parent))
-        except (OSError, ValueError) as e:  # ValueError covers invalid JSON, bad UTF-8 and StyleFileError
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: invalid JSON, bad UTF-8, StyleFileError
             log.warning("skipped style folder %s: %s. Fix or remove its style.json to list it again.", f.parent, e)
             continue
     return sorted(out, key=lambda s: (s.created, s.version), reverse=True)

@@ -39,8 +39,9 @@ def test_p12_demo_model_runs_in_plain_diffusers_without_dtype():
     "[]", '{"id": "x", "trigger_token": "olis", "version": null}',
     '{"id": "x", "trigger_token": "olis", "created": 20260101}', '{"trigger_token": "olis"}', "{not json",
     '{"id": "x", "trigger_token": "olis", "training_config": []}', '{"id": "x", "trigger_token": "olis", "version": true}',
-    "[" * 100_000,
-], ids=["list", "version-null", "created-int", "no-id", "invalid-json", "config-list", "version-bool", "deep"])
+    "[" * 100_000, '{"id": "x", "trigger_token": "olis", "version": ' + "[" * 900 + "]" * 900 + "}",
+], ids=["list", "version-null", "created-int", "no-id", "invalid-json", "config-list", "version-bool", "deep",
+        "deep-value"])
 def test_p07_malformed_style_json_is_skipped_with_a_warning(tmp_path, caplog, bad):
     from engine.styles import list_styles, publish
 
