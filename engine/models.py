@@ -242,8 +242,9 @@ def download_from_hub(repo_id: str) -> Path:
 
     patterns = ["model_index.json", "*/*.json", "*/*.txt", "unet/*.safetensors", "vae/*.safetensors",
                 "text_encoder/*.safetensors"]
-    # *.bin.index.json lists pickle shards that are never fetched; check_folder would refuse the folder for it.
-    skip = ["*.fp16.safetensors", "*ema*", "*non_ema*", "*.bin.index.json"]
+    # Indexes of shards that are never fetched (pickle .bin shards, skipped fp16 variants): check_folder would
+    # refuse the folder for naming missing or pickle shards.
+    skip = ["*.fp16.safetensors", "*ema*", "*non_ema*", "*.bin.index.json", "*.fp16.safetensors.index.json"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=skip, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached yet: download below
