@@ -91,7 +91,8 @@ def _require_regular_file(path: str | Path, name: str) -> None:
     try:
         st = os.stat(path)
     except OSError as e:
-        raise ImageRejected(name, f"cannot be read ({e.strerror or e})", "Check the file and upload it again.") from None
+        advice = "Check the file and upload it again."
+        raise ImageRejected(name, f"cannot be read ({e.strerror or e})", advice) from None
     if not stat.S_ISREG(st.st_mode):
         kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a pipe (FIFO)" if stat.S_ISFIFO(st.st_mode)
                 else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode)

@@ -38,7 +38,8 @@ def test_p12_demo_model_runs_in_plain_diffusers_without_dtype():
 @pytest.mark.parametrize("bad", [
     "[]", '{"id": "x", "trigger_token": "olis", "version": null}',
     '{"id": "x", "trigger_token": "olis", "created": 20260101}', '{"trigger_token": "olis"}', "{not json",
-    '{"id": "x", "trigger_token": "olis", "training_config": []}', '{"id": "x", "trigger_token": "olis", "version": true}',
+    '{"id": "x", "trigger_token": "olis", "training_config": []}',
+    '{"id": "x", "trigger_token": "olis", "version": true}',
     "[" * 100_000, '{"id": "x", "trigger_token": "olis", "version": ' + "[" * 900 + "]" * 900 + "}",
 ], ids=["list", "version-null", "created-int", "no-id", "invalid-json", "config-list", "version-bool", "deep",
         "deep-value"])
