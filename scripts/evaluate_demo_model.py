@@ -76,7 +76,8 @@ Captions in 8 phrasings ("a red circle on a blue background", "a photo of a circ
 - UNet `UNet2DConditionModel`: {json.dumps(UNET_CONFIG)}
 - VAE `AutoencoderKL` (32x32x3 -> 16x16x4): {json.dumps(VAE_CONFIG)}
 - Scheduler: {json.dumps(SCHEDULER_CONFIG)} — v-prediction on DDPM's linear schedule (near-zero terminal SNR).
-- Weights: fp16 safetensors.
+- Weights: fp32 safetensors (every component, so `StableDiffusionPipeline.from_pretrained(folder)` needs no dtype argument;
+  fp16 files made transformers keep the text encoder in fp16 while diffusers loads the UNet in fp32).
 
 ## Training
 `python scripts/train_demo_model.py --work WORK --out assets/demo-model` (deterministic, resumable): VAE first

@@ -7,7 +7,7 @@ Stages (each resumable from its own checkpoint in --work):
   4. diffusion  CLIP text encoder + UNet trained jointly from scratch, v-prediction (Salimans & Ho 2022),
                 min-SNR-5 loss weighting (Hang et al. 2023, eq. 9 for v), 10% caption dropout for
                 classifier-free guidance (Ho & Salimans 2022), EMA weights shipped
-  5. export     fp16 safetensors folder loadable by StableDiffusionPipeline.from_pretrained
+  5. export     fp32 safetensors folder loadable by StableDiffusionPipeline.from_pretrained
 
 Deterministic for a given --seed on CPU. Usage:
   python scripts/train_demo_model.py --work /tmp/demo-work --out assets/demo-model
@@ -201,7 +201,12 @@ def export(out: Path, tok_dir: Path, vae, unet, te, scaling: float) -> None:
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
                                    unet=unet, scheduler=DPMSolverMultistepScheduler.from_config(SCHEDULER_CONFIG),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    # fp32 on disk, every component: transformers 5 loads the text encoder in its stored dtype while diffusers
+    # loads the UNet and VAE in fp32, so fp16 files made plain `from_pretrained(folder)` fail with "mat1 and mat2
+    # must have the same dtype". The tiny model is ~40 MB in fp32, small enough to ship. The values are rounded
+    # through fp16 first so a rerun reproduces the shipped weights (first shipped as fp16) and their measurements.
     pipe.to(torch.float16)
+    pipe.to(torch.float32)
     pipe.save_pretrained(out, safe_serialization=True)
     # keep the SD1.5 tokenizer layout (vocab.json + merges.txt, smaller than tokenizer.json) and the licence
     for f in (out / "tokenizer").iterdir():

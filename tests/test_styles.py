@@ -1,4 +1,4 @@
-"""Styles on disk: atomic publish, newest first, trigger insertion, lookup by id only."""
+"""Styles on disk: atomic publish into the library, newest first, trigger insertion, lookup by id only."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from engine.core.config import ConfigError
-from engine.styles.store import StyleInfo, apply_trigger, find_style, list_styles, publish
+from engine.styles.library import Library
+from engine.styles.store import StyleInfo, apply_trigger, publish
 
 
 def _style(preset, noun="shape"):
@@ -32,9 +33,10 @@ def test_publish_list_and_find(tmp_path):
         meta.write_text(json.dumps({"trigger_token": "olis", "preset": "subject", "created": f"2026-01-0{i + 1}",
                                     "training_config": {"class_prompt": "a shape"}}))
         publish(tmp_path / "data", name, lora, meta)
-    styles = list_styles(tmp_path / "data")
+    lib = Library(tmp_path / "data")
+    styles = [s.latest for s in lib.list()]
     assert [s.name for s in styles] == ["Second", "First"] and styles[0].class_noun == "shape"
-    assert find_style(tmp_path / "data", styles[1].id).name == "First"
+    assert lib.find_version(styles[1].id).name == "First"
     assert not list((tmp_path / "data" / "styles").glob("*/.tmp-*"))
-    with pytest.raises(ConfigError, match="unknown style"):
-        find_style(tmp_path / "data", "../../etc/passwd")
+    with pytest.raises(ConfigError):
+        lib.find_version("../../etc/passwd")

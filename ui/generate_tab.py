@@ -127,35 +127,74 @@ class GenerateHandlers:
         return gr.Dropdown(choices=self.style_choices())
 
     def load_recipe(self, path: str | Path | None) -> dict[str, Any]:
-        """Form values (by field name) from a dropped PNG's recipe, plus a status line."""
+        """Form values (by field name) from a dropped PNG's recipe, plus a status line.
+
+        The file is untrusted: values of the wrong type are ignored (and named in the status), and the rest must
+        make a valid GenerateRequest, or a gr.Error says what is wrong and the form stays as it was.
+        """
         if not path:
             return {}
         try:
             recipe = self.engine.read_recipe(path)
         except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL raises SyntaxError on broken PNG chunks
             raise gr.Error(f"Could not read that image ({type(e).__name__}); drop a PNG file.") from None
+        except ValueError as e:  # RecipeError: too large, not a regular file, over-long or over-nested text
+            raise gr.Error(f"Could not use that image's recipe: {e}.") from None
         if not recipe:
             return {"status": "That image carries no Stylebooth or A1111 recipe; the form is unchanged."}
-        out = {k: _as_field_type(k, v) for k, v in recipe.items() if k in FIELD_NAMES}
-        out = {k: v for k, v in out.items() if v is not None}
+        out, ignored = {}, []
+        for k, v in recipe.items():
+            if k in FIELD_NAMES:
+                value = _as_field_type(k, v)
+                (ignored.append(k) if value is None else out.__setitem__(k, value))
+        if isinstance(out.get("prompt"), str) and not out["prompt"].strip():
+            del out["prompt"]  # an empty prompt (A1111 allows it) would only blank the form's prompt
         note = ""
         if out.get("style") and out["style"] not in {sid for _, sid in self.style_choices()}:
             # The dropdown would refuse an unknown id at Generate time; say so now instead.
             note = f" Its style {out.pop('style')!r} is not in this library, so no style is selected."
             out["style"] = ""
+        # The same checks as Generate (engine/config.py), so a recipe that fills the form can be generated.
+        # A placeholder prompt stands in when the recipe has none; the form keeps its own.
+        try:
+            req = GenerateRequest(**{**default_values(), "prompt": "-", **out})
+        except (ConfigError, TypeError) as e:
+            raise gr.Error(f"That image's recipe cannot be used: {str(e)[:300]}. The form is unchanged.") from None
+        out = {k: getattr(req, k) for k in out}  # validated and coerced (20.0 -> 20)
+        if ignored:
+            note += f" Ignored setting(s) of the wrong type: {', '.join(sorted(ignored))}."
         out["status"] = f"Recipe loaded: {len(out)} setting(s) from the image.{note} Press Generate to reuse it."
         return out
 
+
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(GenerateRequest)}
+
+
 def _as_field_type(name: str, value: Any) -> Any:
-    """Recipes come from files other tools wrote: keep only values of the field's type (None drops the value)."""
-    kind = {f.name: f.type for f in dataclasses.fields(GenerateRequest)}[name]
-    try:
-        if kind in ("int", int):
-            return int(value)
-        if kind in ("float", float):
-            return float(value)
-    except (TypeError, ValueError):
+    """Recipes come from files other tools wrote: keep only values of the field's type (None drops the value).
+
+    Numbers keep their value (no silent int(7.5) -> 7, no OverflowError on a JSON 1e400 = inf); GenerateRequest
+    then refuses what is out of range or not whole, with a message.
+    """
+    kind = _FIELD_TYPES[name]
+    if kind in ("bool", bool):
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool):  # JSON true is an int to Python, but never a number here
         return None
+    if kind in ("int", int, "float", float):
+        if isinstance(value, str):
+            try:
+                value = float(value.strip()) if kind in ("float", float) else int(value.strip())
+            except ValueError:
+                return None
+        if not isinstance(value, (int, float)):
+            return None
+        if kind in ("float", float):
+            try:
+                return float(value)
+            except OverflowError:  # an integer too large for a float
+                return float("inf")  # GenerateRequest names the field and the range
+        return value
     if name == "scheduler" and value not in SCHEDULERS:
         return None
     return value if isinstance(value, str) else None

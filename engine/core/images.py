@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import mmap
+import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +70,22 @@ def _jpeg_has_end(path: str | Path) -> bool:
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         sos = mm.rfind(b"\xff\xda")  # entropy-coded data never contains FF DA or FF D9 (FF is stuffed)
         return sos >= 0 and mm.find(b"\xff\xd9", sos) >= 0
+
+
+def _require_regular_file(path: str | Path, name: str) -> None:
+    """Refuse FIFOs, devices, sockets and directories before opening: open() on a FIFO blocks until a writer
+    appears (forever), and a device such as /dev/zero never ends. os.stat follows symlinks, so a link to one of
+    those is refused too."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        advice = "Check the file and upload it again."
+        raise ImageRejected(name, f"cannot be read ({e.strerror or e})", advice) from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a pipe (FIFO)" if stat.S_ISFIFO(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode)
+                or stat.S_ISBLK(st.st_mode) else "not a regular file")
+        raise ImageRejected(name, f"is {kind}, not an image file", "Pick a regular PNG, JPEG or WEBP file.")
 
 
 def _to_l(arr: np.ndarray) -> Image.Image:
@@ -146,6 +164,7 @@ def load_image(
     if animated not in _ANIMATED_POLICIES:
         raise ValueError(f"animated must be one of {_ANIMATED_POLICIES}, not {animated!r}")
     name = Path(path).name
+    _require_regular_file(path, name)
     try:
         with open(path, "rb") as fp:
             head = fp.read(64)

@@ -15,7 +15,8 @@ from typing import Any
 
 from engine.core.config import ConfigError, _check, _coerce, from_dict, load_toml, save_toml
 
-__all__ = ["ConfigError", "TrainConfig", "presets", "demo_settings", "suggest_trigger_token", "config_hash", "load_train_config",
+__all__ = ["ConfigError", "TrainConfig", "presets", "demo_settings", "suggest_trigger_token", "check_trigger_token",
+           "is_common_word", "config_hash", "load_train_config",
            "save_train_config", "PRESETS", "LR_SCHEDULERS", "TRIGGER_CANDIDATES"]
 
 PRESETS = ("subject", "style")
@@ -27,8 +28,32 @@ REPORT_TO = ("tensorboard", "wandb", "none")
 # is a rifle model and drags guns into pictures.
 TRIGGER_CANDIDATES = ("olis", "ohwx", "phol", "zyk")  # "zwx", often suggested, is two CLIP tokens
 # Words a trigger must not be: they carry meaning the model already has, so the new concept would blur with it.
-_COMMON_WORDS = {"a", "an", "the", "of", "in", "on", "and", "photo", "style", "shape", "painting", "picture",
-                 "image", "art", "drawing", "dog", "cat", "person", "man", "woman"}
+# Embedded so TrainConfig can check without a model: the most frequent English words, plus the words image prompts
+# use most (colours, subjects, styles, media). With the model's tokenizer, `check_trigger_token` also refuses any
+# whole-word token among CLIP's most frequent merges (see FREQUENT_TOKEN_RANK), which covers far more words.
+_COMMON_WORDS = frozenset("""
+a about above after again against all also am an and any are art as at back be because been before being below
+between both but by can could day did do does doing down during each even few first for from further get give go
+good great had has have having he her here hers herself him himself his how i if in into is it its itself just
+know like little long look make man many me more most much my myself new no nor not now of off old on once one
+only or other our ours ourselves out over own people say see she should so some such take than that the their
+theirs them themselves then there these they thing think this those through time to too two under until up us
+use very want was way we well were what when where which while who whom why will with woman work would year you
+your yours yourself yourselves
+red orange yellow green blue purple pink brown black white gray grey gold golden silver dark light bright color
+colour colors colours
+dog dogs cat cats bird birds horse fish bear lion tiger wolf fox rabbit cow pig sheep duck owl deer monkey
+dragon animal animals pet puppy kitten
+person persons men women girl girls boy boys child children kid kids baby lady guy face faces head eye eyes hair
+hand hands body portrait selfie
+car cars truck bike bus train plane boat ship house home building city street road tree trees flower flowers
+forest mountain mountains sea ocean beach river lake sky cloud clouds sun moon star stars water fire snow rain
+photo photos photograph picture pictures image images painting paintings drawing drawings sketch illustration
+render rendering style styles anime manga cartoon comic comics realistic photorealistic digital oil watercolor
+watercolour pencil ink poster logo icon shape shapes circle square triangle
+big small large tiny beautiful cute pretty happy sad new old young high low best top
+""".split())
+FREQUENT_TOKEN_RANK = 10_000  # CLIP's vocabulary is in BPE merge order: ids below this are its most frequent words
 # Fields that do not change the trained weights: changing them must not block a resume.
 _NON_TRAINING_FIELDS = {"validation_prompts", "validation_steps", "checkpointing_steps", "checkpoints_total_limit",
                         "report_to", "output_name"}
@@ -101,9 +126,7 @@ class TrainConfig:
         _check(bool(re.fullmatch(r"[A-Za-z0-9]{2,16}", tok or "")),
                f"`trigger_token` must be one short word of letters/digits (2-16 chars) but is {tok!r}; "
                f"try {TRIGGER_CANDIDATES[0]!r}")
-        _check(tok.lower() not in _COMMON_WORDS,
-               f"`trigger_token` {tok!r} is a common word the model already knows; use a rare token such as "
-               f"{TRIGGER_CANDIDATES[0]!r} (see suggest_trigger_token)")
+        check_trigger_token(tok)  # the embedded word list; training start repeats it with the model's tokenizer
         word = re.compile(rf"(?<![A-Za-z0-9]){re.escape(tok)}(?![A-Za-z0-9])")
         _check(bool(word.search(self.instance_prompt)),
                f"`instance_prompt` {self.instance_prompt!r} must contain the trigger token {tok!r} as a word, "
@@ -231,6 +254,34 @@ def demo_settings(kind: str) -> dict[str, Any]:
     return dict(learning_rate=1e-3, text_encoder_lr=2e-4, text_encoder_stop_fraction=1.0,
                 max_train_steps=300 if kind == "subject" else 900, lora_rank=8, lora_alpha=8, snr_gamma=0.0,
                 cache_latents=True)
+
+
+def is_common_word(token: str, tokenizer=None) -> bool:
+    """True if `token` is a word the model already knows: in the embedded list, or (given a CLIP tokenizer) one
+    whole-word token among the first FREQUENT_TOKEN_RANK entries of the vocabulary.
+
+    CLIP's vocab.json lists the 512 byte tokens, then every BPE merge in the order it was learned, i.e. by frequency
+    in CLIP's training captions: "red</w>" is 736, "car</w>" 1615, "anime</w>" 6469, while "olis</w>" is 49397.
+    A tokenizer without merges (tiny test models) splits every word into characters and adds nothing here.
+    """
+    word = token.lower()
+    if word in _COMMON_WORDS:
+        return True
+    if tokenizer is None:
+        return False
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if len(ids) != 1 or ids[0] >= FREQUENT_TOKEN_RANK:
+        return False
+    return tokenizer.convert_ids_to_tokens(ids[0]) == f"{word}</w>"  # a whole word, not a piece of one
+
+
+def check_trigger_token(token: str, tokenizer=None) -> None:
+    """Raise ConfigError with a rare suggestion if `token` is a common word (see `is_common_word`)."""
+    if is_common_word(token, tokenizer):
+        suggestion = suggest_trigger_token(tokenizer, avoid=(token.lower(),)) if tokenizer is not None else next(
+            t for t in TRIGGER_CANDIDATES if t != token.lower())
+        raise ConfigError(f"`trigger_token` {token!r} is a common word the model already knows, so the new concept "
+                          f"would blur with it; use a rare token such as {suggestion!r} (it has no meaning yet)")
 
 
 def suggest_trigger_token(tokenizer, avoid: tuple[str, ...] = ()) -> str:

@@ -6,7 +6,9 @@ parsing `parameters` so that images from those tools refill the form too. No EXI
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
@@ -19,6 +21,16 @@ RECIPE_SCHEMA = 1
 _A1111_SAMPLERS = {"dpmpp_2m": ("DPM++ 2M", None), "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
                    "euler": ("Euler", None), "euler_a": ("Euler a", None), "ddim": ("DDIM", None),
                    "unipc": ("UniPC", None)}
+# A dropped PNG is untrusted. A1111's and our recipe texts are a few KB; 64 KB leaves room for long prompts while
+# keeping parsing instant. Pixels are capped from the header (reading the text may decode the image) like uploads.
+MAX_RECIPE_TEXT = 64 * 1024
+MAX_RECIPE_PIXELS = 40_000_000
+MAX_RECIPE_SIDE = 8192
+_RECIPE_FORMATS = ["PNG", "JPEG", "WEBP"]
+
+
+class RecipeError(ValueError):
+    """A dropped image whose recipe cannot be read safely; the message says what is wrong and what to do."""
 
 
 def a1111_parameters(r: dict) -> str:
@@ -53,18 +65,58 @@ def save_png(image: Image.Image, recipe: dict, path: Path, *, embed: bool = True
 
 
 def read_recipe(path_or_image) -> dict | None:
-    """The recipe stored in a PNG (ours, or A1111's `parameters`), or None when there is none."""
-    img = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
-    text = getattr(img, "text", None) or img.info
+    """The recipe stored in a PNG (ours, or A1111's `parameters`), or None when there is none.
+
+    Raises RecipeError for files that are not regular files, images too large to decode, recipe texts over
+    MAX_RECIPE_TEXT and JSON nested too deeply; PIL's own errors (UnidentifiedImageError, OSError) pass through.
+    The values are not validated here: build a GenerateRequest from them for that.
+    """
+    if isinstance(path_or_image, Image.Image):
+        img = path_or_image
+    else:
+        try:
+            mode = os.stat(path_or_image).st_mode
+        except OSError as e:
+            raise RecipeError(f"cannot read that file ({e.strerror or e}); drop a PNG file") from None
+        if not stat.S_ISREG(mode):  # open() on a FIFO would block this request forever
+            raise RecipeError("that is not a regular file (a pipe, device or folder); drop a PNG file")
+        try:
+            img = Image.open(path_or_image, formats=_RECIPE_FORMATS)
+        except Image.DecompressionBombError:
+            raise RecipeError("that image is too large to read safely; drop the PNG that Stylebooth or A1111 "
+                              "saved") from None
+        with img:  # close the file we opened, whatever happens
+            return _recipe_from(img)
+    return _recipe_from(path_or_image)
+
+
+def _recipe_from(img: Image.Image) -> dict | None:
+    w, h = img.size  # from the header: nothing decoded yet
+    if w * h > MAX_RECIPE_PIXELS or max(w, h) > MAX_RECIPE_SIDE:
+        raise RecipeError(f"that image is {w}x{h} pixels, too large to read safely (at most "
+                          f"{MAX_RECIPE_PIXELS // 1_000_000} MP, {MAX_RECIPE_SIDE} px per side); drop the PNG that "
+                          "Stylebooth or A1111 saved")
+    # Text chunks before the pixel data are in `info` without decoding; `.text` decodes the image to find chunks
+    # that come after it (the size is capped above).
+    text = img.info
+    if RECIPE_KEY not in text and "parameters" not in text:
+        text = getattr(img, "text", None) or img.info
+    for key in (RECIPE_KEY, "parameters"):
+        value = text.get(key)
+        if isinstance(value, (str, bytes)) and len(value) > MAX_RECIPE_TEXT:
+            raise RecipeError(f"its {key!r} recipe text is {len(value) // 1024} KB, over the "
+                              f"{MAX_RECIPE_TEXT // 1024} KB limit (real recipes are a few KB); the form is unchanged")
     if RECIPE_KEY in text:
         try:
             data = json.loads(text[RECIPE_KEY])
-        except ValueError:
+        except RecursionError:
+            raise RecipeError("its recipe JSON is nested too deeply to be a recipe; the form is unchanged") from None
+        except (ValueError, TypeError):
             data = None
         if isinstance(data, dict):
             data.pop("schema_version", None)
             return data
-    if "parameters" in text:
+    if isinstance(text.get("parameters"), str):
         return parse_a1111(text["parameters"])
     return None
 
@@ -79,7 +131,7 @@ def parse_a1111(text: str) -> dict:
         if line.startswith("Negative prompt:"):
             in_neg, line = True, line[len("Negative prompt:"):].strip()
         (negative if in_neg else prompt).append(line)
-    kv = dict(m.groups() for m in re.finditer(r"\s*([\w ]+): ([^,]+)", settings_line))
+    kv = _settings(settings_line)
     out: dict = {"prompt": "\n".join(prompt).strip(), "negative_prompt": "\n".join(negative).strip()}
     conv = {"Steps": ("num_inference_steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
             "CFG rescale": ("guidance_rescale", float)}
@@ -96,6 +148,44 @@ def parse_a1111(text: str) -> dict:
         if name == sampler and (sch or "") == ("Karras" if schedule == "Karras" else ""):
             out["scheduler"] = key
     return out
+
+
+def _settings(line: str) -> dict[str, str]:
+    """A1111's 'Key: value, Key: "quoted, value", ...' line as a dict, in one linear pass.
+
+    A regex like r"\\s*([\\w ]+): ([^,]+)" backtracks quadratically on a long line without ": " (a crafted 28 KB
+    PNG blocked the server for 6.6 s). Every search here is bounded by the next comma or closing quote, so each
+    character is looked at a fixed number of times. Quoted values are JSON strings, as A1111 writes them.
+    """
+    kv: dict[str, str] = {}
+    i, n = 0, len(line)
+    while i < n:
+        comma = line.find(",", i)
+        stop = n if comma < 0 else comma
+        colon = line.find(":", i, stop)
+        if colon < 0:  # a piece without "Key:": skip it
+            i = stop + 1
+            continue
+        key, k = line[i:colon].strip(), colon + 1
+        while k < n and line[k] == " ":
+            k += 1
+        if k < n and line[k] == '"':
+            m = k + 1
+            while m < n and line[m] != '"':
+                m += 2 if line[m] == "\\" else 1
+            raw = line[k:m + 1]
+            try:
+                value = json.loads(raw)
+            except ValueError:  # an unterminated or odd quote: keep the text as it is
+                value = raw.strip('"')
+            comma = line.find(",", m + 1)
+            stop = n if comma < 0 else comma
+        else:
+            value = line[k:stop]
+        if key:
+            kv[key] = str(value).strip()
+        i = stop + 1
+    return kv
 
 
 def scheduler_label(key: str) -> str:

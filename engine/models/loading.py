@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODEL = ROOT / "assets" / "demo-model"
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+MAX_INDEX_BYTES = 16 * 2**20  # a real shard index is a few hundred KB (one line per tensor)
 
 
 @dataclass
@@ -48,6 +49,63 @@ def _is_hub_id(source: str) -> bool:
     return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~")) and not Path(source).exists()
 
 
+def index_shards(d: Path) -> list[Path]:
+    """Every shard file named by any `*.index.json` in component folder `d`, each checked like a weight file.
+
+    diffusers and transformers load sharded weights through these indexes, by the names they list: a folder with a
+    decoy `model.safetensors` and an index naming `.bin` shards would reach torch.load. So every shard must be a
+    safetensors file (by content, MF-4) directly in `d`: no other extension, no path, no symlink leading out.
+    Raises ModelLoadError naming the index and the shard.
+    """
+    shards: dict[Path, None] = {}
+    if not d.is_dir():
+        return []
+    real_dir = d.resolve()
+    for index in sorted(d.glob("*.index.json")):
+        where = f"{d.name}/{index.name}"
+
+        def refuse(problem: str) -> ModelLoadError:
+            return ModelLoadError(f"{where} {problem}. Only safetensors shards inside the model folder are loaded "
+                                  "(pickle weights can run code): re-download the model or convert it to "
+                                  "safetensors.")
+
+        try:
+            if index.stat().st_size > MAX_INDEX_BYTES:
+                raise refuse(f"is over {MAX_INDEX_BYTES // 2**20} MB, too large to be a shard index")
+            data = json.loads(index.read_text("utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise refuse(f"cannot be read ({type(e).__name__}: {str(e)[:120]})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise refuse("has no valid weight_map (tensor name -> shard file name)")
+        for name in sorted(set(weight_map.values())):
+            shown = name[:100]
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise refuse(f"names the shard {shown!r} outside its folder")
+            if not name.endswith(".safetensors"):
+                raise refuse(f"names the shard {shown!r}, which is not a .safetensors file")
+            shard = d / name
+            if not shard.is_file():
+                raise refuse(f"names the shard {shown!r}, which is missing")
+            if shard.resolve().parent != real_dir:
+                raise refuse(f"names the shard {shown!r}, a link to a file outside the model folder")
+            check_model_file(shard, check_values=False)  # a pickle renamed .safetensors is refused here
+            shards[shard] = None
+    return list(shards)
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a diffusers folder that loading can read: each component's safetensors files and
+    every shard its index files name (checked by `index_shards`). The fingerprint covers all of them."""
+    files: dict[Path, None] = {}
+    for part in WEIGHT_FILES:
+        for f in sorted((path / part).glob("*.safetensors")):
+            files[f] = None
+        for f in index_shards(path / part):
+            files[f] = None
+    return list(files)
+
+
 def check_folder(path: Path) -> None:
     """Raise ModelLoadError naming every missing part of a diffusers folder, and refuse pickle weights."""
     if not (path / "model_index.json").is_file():
@@ -69,6 +127,9 @@ def check_folder(path: Path) -> None:
                 missing.append(f"{part}/{WEIGHT_FILES[part]}.safetensors{hint}")
             for f in st:
                 check_model_file(f, check_values=False)  # reading 4 GB to look for NaN is too slow here
+    # Index files anywhere in the folder (model_index.json can name more components than the three above).
+    for d in sorted(p for p in path.iterdir() if p.is_dir()):
+        index_shards(d)
     if missing:
         raise ModelLoadError(f"{path} is incomplete; missing: {', '.join(missing)}")
 
@@ -113,6 +174,23 @@ def _prepare(pipe, device: str, dtype: torch.dtype):
     return pipe
 
 
+def check_finite_weights(components: Components) -> None:
+    """Refuse a model with NaN or Inf in any floating weight: it would load fine and make only black images.
+
+    Checks the loaded tensors (every format and shard ends up here), one torch.isfinite per tensor: about a second
+    for SD 1.5 on CPU, much less on a GPU. Raises ModelLoadError naming the component and the tensor.
+    """
+    for part in ("unet", "vae", "text_encoder"):
+        module = getattr(components, part)
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise ModelLoadError(
+                    f"the model's {part} weights contain {bad} NaN or Inf value(s) (tensor {name[:120]!r}), so it "
+                    "would only make black images. The file is damaged or was saved from a diverged training run: "
+                    "re-download it or pick another model.")
+
+
 def load_base_model(source: str | os.PathLike | None = None, *, device: str = "cpu",
                     dtype: torch.dtype = torch.float32, cache_dir: Path | None = None,
                     prediction_type: str | None = None) -> LoadedModel:
@@ -155,7 +233,7 @@ def _load(src: str, *, device: str, dtype: torch.dtype, cache_dir: Path | None,
     if path.is_dir():
         check_folder(path)
         pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **common)
-        files = [p for part in WEIGHT_FILES for p in (path / part).glob("*.safetensors")]
+        files = weight_files(path)
         kind, name = "folder", path.name
     elif path.is_file():
         check_model_file(path, check_values=False)  # refuses pickles whatever the extension, and lying names
@@ -171,7 +249,9 @@ def _load(src: str, *, device: str, dtype: torch.dtype, cache_dir: Path | None,
         raise ModelLoadError(f"model {src!r} not found: give a diffusers folder, a .safetensors file, or a hub id "
                              "like 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
     _prepare(pipe, device, dtype)
-    return LoadedModel(_components(pipe), src, kind, fingerprint(files, fp_cache), name)
+    components = _components(pipe)
+    check_finite_weights(components)
+    return LoadedModel(components, src, kind, fingerprint(files, fp_cache), name)
 
 
 def download_from_hub(repo_id: str) -> Path:
@@ -183,7 +263,9 @@ def download_from_hub(repo_id: str) -> Path:
 
     patterns = ["model_index.json", "*/*.json", "*/*.txt", "unet/*.safetensors", "vae/*.safetensors",
                 "text_encoder/*.safetensors"]
-    skip = ["*.fp16.safetensors", "*ema*", "*non_ema*"]
+    # Indexes of shards that are never fetched (pickle .bin shards, skipped fp16 variants): check_folder would
+    # refuse the folder for naming missing or pickle shards.
+    skip = ["*.fp16.safetensors", "*ema*", "*non_ema*", "*.bin.index.json", "*.fp16.safetensors.index.json"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=skip, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached yet: download below
@@ -198,4 +280,4 @@ def download_from_hub(repo_id: str) -> Path:
 
 
 __all__ = ["LoadedModel", "ModelLoadError", "ModelFileError", "load_base_model", "check_folder", "fingerprint",
-           "DEMO_MODEL"]
+           "index_shards", "weight_files", "check_finite_weights", "DEMO_MODEL"]

@@ -177,7 +177,7 @@ def _write_version(lib: Library, name: str, files: dict[str, tuple[dict, dict]],
         for fname, (tensors, file_meta) in files.items():
             save_file(tensors, str(tmp / fname), metadata=file_meta)
             check_model_file(tmp / fname, "safetensors", check_values=False)  # what we wrote parses
-        (tmp / "style.json").write_text(json.dumps(meta, indent=1), "utf-8")
+        (tmp / "style.json").write_text(json.dumps({**meta, "id": style_id, "version": 1}, indent=1), "utf-8")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 from engine.core.errors import LibraryError
-from engine.styles.store import SCHEMA_VERSION, StyleInfo, _slug
+from engine.styles.store import SCHEMA_VERSION, StyleInfo, _slug, validate_style_json
 
 MAX_NAME, MAX_TAG, MAX_TAGS, MAX_DESCRIPTION = 120, 40, 32, 4000
 
@@ -64,18 +64,20 @@ def sha256_file(path: Path) -> str:
 
 
 def read_style_json(folder: Path) -> dict:
+    """A version folder's style.json, checked against its schema (store.validate_style_json): a hand-edited or
+    half-synced file is a LibraryError naming the problem, never a crash of the whole list."""
     try:
         meta = json.loads((folder / "style.json").read_text("utf-8"))
+    except RecursionError:  # deeply nested JSON
+        raise LibraryError("style.json is nested too deeply") from None
     except (OSError, ValueError) as e:
         raise LibraryError(f"style.json cannot be read ({type(e).__name__}: {str(e)[:120]})") from None
-    if not isinstance(meta, dict):
-        raise LibraryError("style.json is not a JSON object")
-    if int(meta.get("schema_version", 1)) > SCHEMA_VERSION:
+    if isinstance(meta, dict) and isinstance(meta.get("schema_version", 1), int) \
+            and meta.get("schema_version", 1) > SCHEMA_VERSION:
         raise LibraryError(f"style.json has schema {meta.get('schema_version')}, newer than this Stylebooth's "
                            f"{SCHEMA_VERSION}; update Stylebooth")
+    validate_style_json(meta)
     words = meta.get("trigger_words") or [meta.get("trigger_token")]
     if not all(isinstance(w, str) and w.strip() for w in words):
         raise LibraryError("style.json has no trigger_token")
-    if not isinstance(meta.get("training_config", {}), dict):
-        raise LibraryError("style.json's training_config is not an object")
     return meta

@@ -7,6 +7,7 @@ library (tags, import/export, blending) builds on these folders.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -14,10 +15,20 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.core.config import ConfigError
+from engine.core.errors import LibraryError
 from engine.core.files import fsync_dir
 
 SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+# style.json fields the library reads: (type, required). Anything else in the file is provenance, kept unread.
+# The id and version come from the folder (styles/<id>/v<N>/); the file may repeat them.
+_FIELDS = {"id": (str, False), "trigger_token": (str, True), "name": (str, False), "version": (int, False),
+           "preset": (str, False), "base_model_fingerprint": (str, False), "created": (str, False),
+           "training_config": (dict, False)}
+
+
+class StyleFileError(LibraryError):
+    """A style.json that does not match the schema; the message names the problem."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,7 @@ def publish(data_dir: Path, name: str, lora_path: Path, style_json: Path, previe
     try:
         meta = json.loads(Path(style_json).read_text("utf-8"))
         meta.update(name=name, id=style_id, version=1, schema_version=SCHEMA_VERSION)
+        validate_style_json(meta)  # before the rename: a published folder that the library would skip helps nobody
         shutil.copyfile(lora_path, tmp / "lora.safetensors")
         if preview and Path(preview).is_file():
             shutil.copyfile(preview, tmp / "preview.png")
@@ -106,31 +118,33 @@ def publish(data_dir: Path, name: str, lora_path: Path, style_json: Path, previe
         lib.close()
 
 
-def _read(folder: Path) -> StyleInfo:
-    m = json.loads((folder / "style.json").read_text("utf-8"))
-    return StyleInfo(id=m["id"], name=m.get("name", m["id"]), version=int(m.get("version", 1)),
-                     trigger_token=m["trigger_token"], preset=m.get("preset", "style"), class_noun=_class_noun(m),
-                     base_model_fingerprint=m.get("base_model_fingerprint", ""), created=m.get("created", ""),
-                     folder=folder)
+def _show(v) -> str:
+    """A short rendering of a JSON value for a message (containers by type: they may be nested arbitrarily)."""
+    return json.dumps(v)[:60] if v is None or isinstance(v, (str, int, float)) else f"a {type(v).__name__}"
 
 
-def list_styles(data_dir: Path) -> list[StyleInfo]:
-    """Every published style version, newest first; unreadable folders are skipped."""
-    out = []
-    for f in (data_dir / "styles").glob("*/v*/style.json"):
-        try:
-            out.append(_read(f.parent))
-        except (OSError, ValueError, KeyError):
+def validate_style_json(m) -> None:
+    """Check a parsed style.json against `_FIELDS`: one hand-edited or half-synced file must not crash the list."""
+    if not isinstance(m, dict):
+        raise StyleFileError(f"style.json must hold a JSON object, not {type(m).__name__}")
+    for key, (kind, required) in _FIELDS.items():
+        if key not in m:
+            if required:
+                raise StyleFileError(f"style.json lacks the required key {key!r}")
             continue
-    return sorted(out, key=lambda s: (s.created, s.version), reverse=True)
-
-
-def find_style(data_dir: Path, style_id: str) -> StyleInfo:
-    """Resolve an id (or "id@vN") through the library, never by building a path from the client's string."""
-    for s in list_styles(data_dir):
-        if style_id in (s.id, f"{s.id}@v{s.version}", s.adapter_name):
-            return s
-    raise ConfigError(f"unknown style {style_id!r}; pick one from the list of trained styles")
+        v = m[key]
+        if not isinstance(v, kind) or isinstance(v, bool):  # JSON true is an int to Python
+            raise StyleFileError(f"{key!r} must be a {kind.__name__} but is {_show(v)}")
+    for key in ("id", "trigger_token"):  # the folder names the id; a style.json that states one must agree
+        if key in m and not m[key].strip():
+            raise StyleFileError(f"{key!r} is empty")
+    if m.get("version", 1) < 1:
+        raise StyleFileError(f"'version' must be 1 or more but is {m['version']}")
+    if m.get("preset", "style") not in ("subject", "style"):
+        raise StyleFileError(f"'preset' must be 'subject' or 'style' but is {m['preset']!r}")
+    class_prompt = m.get("training_config", {}).get("class_prompt", "")
+    if not isinstance(class_prompt, str):
+        raise StyleFileError(f"'training_config.class_prompt' must be a string but is {_show(class_prompt)}")
 
 
 def apply_trigger(prompt: str, style: StyleInfo) -> str:

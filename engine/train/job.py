@@ -17,7 +17,7 @@ from engine.core.config import ConfigError
 from engine.core.events import ResumableRun, TrainJobResult, TrainLog, TrainProgress
 from engine.core.files import atomic_write_bytes
 from engine.core.images import ingest_dataset
-from engine.core.train_config import TrainConfig
+from engine.core.train_config import TrainConfig, check_trigger_token
 from engine.jobs import state as jobs
 from engine.styles.store import publish
 from engine.train.checkpoints import latest_step
@@ -37,6 +37,8 @@ def run_training(model, data_dir: Path, cfg: TrainConfig, name: str, *, run_dir:
     name = name.strip()
     if not name:
         raise ConfigError("give the style a name, e.g. 'my heart shape'")
+    # Before any file is written: the model's tokenizer knows far more common words than TrainConfig's list.
+    check_trigger_token(cfg.trigger_token, model.components.tokenizer)
     resuming = run_dir is not None
     run_dir = run_dir or new_run_dir(data_dir, name)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ import torch
 from engine.core.config import ConfigError
 from engine.core.errors import TrainingDiverged, TrainingError, TrainingOOM
 from engine.core.events import TrainCheckpoint, TrainEvent, TrainLog, TrainProgress, TrainResult
-from engine.core.train_config import TrainConfig
+from engine.core.train_config import TrainConfig, check_trigger_token
 from engine.jobs import state as jobs
 from engine.train import checkpoints as ck
 from engine.train.data import DreamBoothData, EpochSampler
@@ -69,6 +69,7 @@ def step1_load(setup: Setup) -> Models:
     # Loaded straight in the compute dtype: no fp32 copy of the whole model on the GPU, even for a moment.
     base = load_base_model(cfg.base_model or None, device=str(acc.device), dtype=weight_dtype)
     c = base.components
+    check_trigger_token(cfg.trigger_token, c.tokenizer)  # TrainConfig knows only a word list; this model knows more
     for m in (c.vae, c.unet, c.text_encoder):
         m.requires_grad_(False)
         if weight_dtype != torch.float32:
