@@ -1,8 +1,21 @@
-"""Applying styles to the loaded base model: LoRA adapters loaded once, switched by name (diffusers + peft)."""
+"""Applying styles to the loaded base model: LoRA adapters loaded once, switched and blended by name (diffusers +
+peft).
+
+Several styles at once are one `set_adapters(names, adapter_weights=...)` call: peft then adds every adapter's
+update, each times its weight, so the model computes W x + sum_i w_i (alpha_i/r_i) B_i A_i x (Hu et al. 2021,
+eq. 3, summed over adapters). Weights may be one number per style or per component
+({"unet": w, "text_encoder": w}, LIBRARY-NOTES §2).
+"""
 from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
 
 from engine.models.safety import check_model_file
 from engine.styles.store import StyleInfo
+
+Weight = Union[float, dict]  # one strength, or {"unet": w, "text_encoder": w}
 
 
 class AdapterCache:
@@ -10,9 +23,14 @@ class AdapterCache:
 
     It wraps the same UNet/text-encoder objects in a diffusers pipeline only to use its LoRA loader and
     `set_adapters`; call it under the engine's lock (adapter changes and denoising must not interleave, MU-6).
+
+    With `fuse=True` a single style at one strength is folded into the base weights (`fuse_lora`), which removes
+    the LoRA layers' extra matmuls from every step. The base weights it changes are copied first and copied back
+    on the next change, so unfusing restores them bit for bit (peft's own unmerge subtracts the update again,
+    which leaves rounding drift that grows with every switch).
     """
 
-    def __init__(self, components):
+    def __init__(self, components, *, fuse: bool = False):
         from diffusers import StableDiffusionPipeline
 
         c = components
@@ -20,15 +38,81 @@ class AdapterCache:
                                             unet=c.unet, scheduler=c.scheduler, safety_checker=None,
                                             feature_extractor=None, requires_safety_checker=False)
         self.loaded: set[str] = set()
+        self.fuse = fuse
+        self._fused: tuple[str, float] | None = None
+        self._backup: list[tuple[torch.Tensor, torch.Tensor]] = []  # (live base weight, its pre-fuse copy)
+        self.active: tuple[tuple[str, object], ...] = ()  # what set_adapters last applied, for callers/tests
+
+    def load(self, style: StyleInfo) -> str:
+        """Load a style's LoRA once (file checked first); returns its adapter name."""
+        name = style.adapter_name
+        if name not in self.loaded:
+            check_model_file(style.lora)
+            self._unfuse()  # loading into fused layers would merge into already-changed weights
+            self.pipe.load_lora_weights(str(style.lora), adapter_name=name, use_safetensors=True)
+            self.loaded.add(name)
+        return name
 
     def activate(self, style: StyleInfo | None, strength: float = 1.0) -> None:
-        if style is None:
+        """One style at `strength`, or none (LoRA off)."""
+        self.activate_many([(style, strength)] if style else [])
+
+    def activate_many(self, weighted: Sequence[tuple[StyleInfo, Weight]]) -> None:
+        """Make exactly these styles active with these weights, in one `set_adapters` call (no reloading)."""
+        names = [self.load(s) for s, _ in weighted]
+        weights = [_weight(w) for _, w in weighted]
+        if not names:
+            self._unfuse()
             if self.loaded:
                 self.pipe.disable_lora()
+            self.active = ()
             return
-        if style.adapter_name not in self.loaded:
-            check_model_file(style.lora)
-            self.pipe.load_lora_weights(str(style.lora), adapter_name=style.adapter_name, use_safetensors=True)
-            self.loaded.add(style.adapter_name)
+        single = len(names) == 1 and not isinstance(weights[0], dict)
+        if self.fuse and single and self._fused == (names[0], weights[0]):
+            return  # already folded into the weights
+        self._unfuse()
         self.pipe.enable_lora()
-        self.pipe.set_adapters([style.adapter_name], adapter_weights=[strength])
+        self.pipe.set_adapters(names, adapter_weights=weights)
+        self.active = tuple(zip(names, weights))
+        if self.fuse and single:
+            self._fuse(names[0], weights[0])
+
+    def unload_all(self) -> None:
+        """Remove every adapter (the base model is exactly as loaded afterwards)."""
+        self._unfuse()
+        if self.loaded:
+            self.pipe.unload_lora_weights()
+        self.loaded.clear()
+        self.active = ()
+
+    # ---- fusing -------------------------------------------------------------------------------------------------
+    def _fuse(self, name: str, weight: float) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        self._backup = []
+        for model in (self.pipe.unet, self.pipe.text_encoder):
+            for m in model.modules():
+                if isinstance(m, LoraLayer) and name in m.lora_A:
+                    w = m.get_base_layer().weight
+                    self._backup.append((w, w.detach().clone()))
+        # set_adapters already put `weight` into peft's scaling, which merging uses; lora_scale stays 1.
+        self.pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0, adapter_names=[name])
+        self._fused = (name, weight)
+
+    def _unfuse(self) -> None:
+        if self._fused is None:
+            return
+        self.pipe.unfuse_lora(components=["unet", "text_encoder"])
+        with torch.no_grad():
+            for live, saved in self._backup:
+                live.copy_(saved)  # exact, whatever rounding unmerge left
+        self._backup, self._fused = [], None
+
+
+def _weight(w: Weight) -> Weight:
+    if isinstance(w, dict):
+        unknown = set(w) - {"unet", "text_encoder"}
+        if unknown:
+            raise ValueError(f"per-component weights take 'unet' and 'text_encoder', not {sorted(unknown)}")
+        return {k: float(v) for k, v in w.items()}
+    return float(w)
