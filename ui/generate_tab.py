@@ -20,7 +20,7 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 from PIL import UnidentifiedImageError
 
-from engine.core.config import SCHEDULER_LABELS, SCHEDULERS, ConfigError, GenerateRequest
+from engine.core.config import SCHEDULER_LABELS, SCHEDULERS, ConfigError, GenerateRequest, style_pairs
 from engine.core.events import GenerateResult
 
 # Every GenerateRequest field the user sets; schema_version belongs to the file format, not to the form.
@@ -134,13 +134,25 @@ class GenerateHandlers:
             raise gr.Error(f"Could not read that image ({type(e).__name__}); drop a PNG file.") from None
         if not recipe:
             return {"status": "That image carries no Stylebooth or A1111 recipe; the form is unchanged."}
-        out = {k: _as_field_type(k, v) for k, v in recipe.items() if k in FIELD_NAMES}
+        out = {k: _as_field_type(k, v) for k, v in recipe.items() if k in FIELD_NAMES and k != "styles"}
         out = {k: v for k, v in out.items() if v is not None}
         note = ""
-        if out.get("style") and out["style"] not in {sid for _, sid in self.style_choices()}:
-            # The dropdown would refuse an unknown id at Generate time; say so now instead.
-            note = f" Its style {out.pop('style')!r} is not in this library, so no style is selected."
-            out["style"] = ""
+        if isinstance(recipe.get("styles"), list):
+            # A recipe lists every style it applied; the first goes to the Style dropdown, the rest ride along.
+            try:
+                listed = list(style_pairs(recipe["styles"], "recipe styles"))
+            except ConfigError:
+                listed = []
+            known = {sid for _, sid in self.style_choices()}
+            missing = [sid for sid, _ in listed if sid not in known]
+            if missing:
+                # The dropdown would refuse an unknown id at Generate time; say so now instead.
+                note = "".join(f" Its style {m!r} is not in this library, so it is not selected." for m in missing)
+            kept = [(sid, w) for sid, w in listed if sid in known]
+            out["style"], out["style_strength"] = kept[0] if kept else ("", listed[0][1] if listed else 1.0)
+            out["styles"] = tuple(kept[1:])
+            if kept[1:]:
+                note += f" Plus {len(kept) - 1} more style(s): {', '.join(f'{s} ({w:g})' for s, w in kept[1:])}."
         out["status"] = f"Recipe loaded: {len(out)} setting(s) from the image.{note} Press Generate to reuse it."
         return out
 
@@ -208,6 +220,9 @@ def _form(d: dict[str, Any], styles: list[tuple[str, str]]) -> dict[str, gr.comp
                                  info="a trained style; its trigger word is added to the prompt if missing")
         f["style_strength"] = gr.Slider(-2, 2, value=d["style_strength"], step=0.05, label="Style strength",
                                         scale=3)
+    # More styles at once, (id, strength) pairs: filled by a dropped recipe for now (a visible editor comes with
+    # the blending UI); the status line names them when a recipe sets them.
+    f["styles"] = gr.State(value=d["styles"])
     with gr.Row():
         f["num_inference_steps"] = gr.Slider(1, 150, value=d["num_inference_steps"], step=1, label="Steps",
                                              elem_id="steps")
