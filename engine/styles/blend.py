@@ -138,8 +138,7 @@ def bake(loras: list[LoraFile], weights: list[tuple[float, float]], method: str 
                 b_new[:, :k] = (u[:, :k] * root).float().reshape(out_dim, k, *b0.shape[2:])
             sd[f"{name}.lora_A.weight"] = a_new.contiguous()
             sd[f"{name}.lora_B.weight"] = b_new.contiguous()
-        cfg = dict(next(lo.configs[comp] for lo in loras if lo.configs[comp]) if any(
-            lo.configs[comp] for lo in loras) else {})
+        cfg = dict(next((lo.configs[comp] for lo in loras if lo.configs[comp]), {}))  # dropout, bias, ...
         targets = sorted(set().union(*(set(lo.configs[comp].get("target_modules") or []) for lo in loras)))
         cfg.update(r=r_out, lora_alpha=r_out, rank_pattern={}, alpha_pattern={}, use_rslora=False, use_dora=False,
                    init_lora_weights=True, target_modules=targets or sorted({n.rsplit(".", 1)[-1] for n in names}))
