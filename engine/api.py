@@ -299,13 +299,15 @@ class Engine:
             for sid in set(req.styles) - {""}:
                 find_style(self.data_dir, sid)  # an unknown id fails before any image is made
 
+            current: list = []  # the styles of the group being sampled, for its recipes
+
             def activate(style: str, strength: float):
-                styles = self._activate_styles(((style, strength),) if style else ())
-                activate.styles = styles
+                current[:] = self._activate_styles(((style, strength),) if style else ())
+                styles = list(current)
                 return lambda p: _with_triggers(p, styles)
 
             def recipe(gen, seed, width, height, prompt):
-                return self._recipe(gen, seed, width, height, prompt, activate.styles)
+                return self._recipe(gen, seed, width, height, prompt, current)
 
             out = self._out_dir(user) / f"batch-{dt.datetime.now().strftime('%H%M%S')}-{job.id[:6]}"
             return run_batch(req, self.model.components, out, activate=activate, recipe=recipe,
