@@ -185,8 +185,8 @@ def bench_styles(a) -> None:
     """Throughput with styles vs the bare model, interleaved so that machine noise hits every variant alike."""
     data = tempfile.mkdtemp(prefix="sb-bench-styles-")
     bare = Engine(Settings(model=a.model, data_dir=data))  # never loads a LoRA: truly bare layers
-    plain = Engine(Settings(model=a.model, data_dir=data))
-    fused = Engine(Settings(model=a.model, data_dir=data), fuse_single_style=True)
+    plain = Engine(Settings(model=a.model, data_dir=data), fuse_styles=False)
+    fused = Engine(Settings(model=a.model, data_dir=data))  # the default: active styles are fused
     (sa, sb), how = _make_styles(a, plain)
     common = dict(prompt="a red circle on a blue background", batch_size=a.batch, num_inference_steps=a.steps,
                   guidance_scale=a.guidance, scheduler=a.scheduler, seed=1)
@@ -198,12 +198,14 @@ def bench_styles(a) -> None:
         return engine.generate(one_a if flip[key] % 2 else one_b)
     variants = {
         "bare base model": lambda: bare.generate(GenerateRequest(**common)),
-        "one style (LoRA layers)": lambda: plain.generate(one_a),
-        "one style, fused": lambda: fused.generate(one_a),
-        "two styles blended 0.5/0.5": lambda: plain.generate(
+        "one style, fused (default)": lambda: fused.generate(one_a),
+        "one style, LoRA layers (no fuse)": lambda: plain.generate(one_a),
+        "two styles blended 0.5/0.5, fused": lambda: fused.generate(
             GenerateRequest(styles=((sa.id, 0.5), (sb.id, 0.5)), **common)),
-        "switch A/B each request": lambda: switching(plain, "plain"),
+        "two styles blended, no fuse": lambda: plain.generate(
+            GenerateRequest(styles=((sa.id, 0.5), (sb.id, 0.5)), **common)),
         "switch A/B each request, fused": lambda: switching(fused, "fused"),
+        "switch A/B each request, no fuse": lambda: switching(plain, "plain"),
     }
     for fn in variants.values():
         fn()  # warm-up: loads the LoRAs once (then cached)

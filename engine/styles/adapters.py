@@ -8,6 +8,7 @@ eq. 3, summed over adapters). Weights may be one number per style or per compone
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence, Union
 
 import torch
@@ -24,8 +25,8 @@ class AdapterCache:
     It wraps the same UNet/text-encoder objects in a diffusers pipeline only to use its LoRA loader and
     `set_adapters`; call it under the engine's lock (adapter changes and denoising must not interleave, MU-6).
 
-    With `fuse=True` a single style at one strength is folded into the base weights (`fuse_lora`), which removes
-    the LoRA layers' extra matmuls from every step. The base weights it changes are copied first and copied back
+    With `fuse=True` the active styles at their weights are folded into the base weights (`fuse_lora`), which
+    removes the LoRA layers' extra matmuls from every denoising step; a change of styles or weights unfuses first. The base weights it changes are copied first and copied back
     on the next change, so unfusing restores them bit for bit (peft's own unmerge subtracts the update again,
     which leaves rounding drift that grows with every switch).
     """
@@ -39,7 +40,7 @@ class AdapterCache:
                                             feature_extractor=None, requires_safety_checker=False)
         self.loaded: set[str] = set()
         self.fuse = fuse
-        self._fused: tuple[str, float] | None = None
+        self._fused: tuple | None = None  # the (names, weights) folded into the base weights
         self._backup: list[tuple[torch.Tensor, torch.Tensor]] = []  # (live base weight, its pre-fuse copy)
         self.active: tuple[tuple[str, object], ...] = ()  # what set_adapters last applied, for callers/tests
 
@@ -67,15 +68,15 @@ class AdapterCache:
                 self.pipe.disable_lora()
             self.active = ()
             return
-        single = len(names) == 1 and not isinstance(weights[0], dict)
-        if self.fuse and single and self._fused == (names[0], weights[0]):
+        key = (tuple(names), repr(weights))
+        if self.fuse and self._fused == key:
             return  # already folded into the weights
         self._unfuse()
         self.pipe.enable_lora()
         self.pipe.set_adapters(names, adapter_weights=weights)
         self.active = tuple(zip(names, weights))
-        if self.fuse and single:
-            self._fuse(names[0], weights[0])
+        if self.fuse:
+            self._fuse(names, key)
 
     def unload_all(self) -> None:
         """Remove every adapter (the base model is exactly as loaded afterwards)."""
@@ -86,26 +87,30 @@ class AdapterCache:
         self.active = ()
 
     # ---- fusing -------------------------------------------------------------------------------------------------
-    def _fuse(self, name: str, weight: float) -> None:
+    def _fuse(self, names: list[str], key: tuple) -> None:
         from peft.tuners.lora import LoraLayer
 
         self._backup = []
         for model in (self.pipe.unet, self.pipe.text_encoder):
             for m in model.modules():
-                if isinstance(m, LoraLayer) and name in m.lora_A:
+                if isinstance(m, LoraLayer) and any(n in m.lora_A for n in names):
                     w = m.get_base_layer().weight
-                    self._backup.append((w, w.detach().clone()))
-        # set_adapters already put `weight` into peft's scaling, which merging uses; lora_scale stays 1.
-        self.pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0, adapter_names=[name])
-        self._fused = (name, weight)
+                    # kept in host memory: on a GPU the copy of every targeted weight would cost as much VRAM
+                    # as those layers; copying back on a switch is one host-to-device transfer
+                    self._backup.append((w, w.detach().to("cpu", copy=True)))
+        # set_adapters already put the weights into peft's scaling, which merging uses; lora_scale stays 1.
+        self.pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0, adapter_names=names)
+        self._fused = key
 
     def _unfuse(self) -> None:
         if self._fused is None:
             return
-        self.pipe.unfuse_lora(components=["unet", "text_encoder"])
+        with warnings.catch_warnings():  # layers where only some of the fused adapters live say "already unmerged"
+            warnings.filterwarnings("ignore", message="Already unmerged")
+            self.pipe.unfuse_lora(components=["unet", "text_encoder"])
         with torch.no_grad():
             for live, saved in self._backup:
-                live.copy_(saved)  # exact, whatever rounding unmerge left
+                live.copy_(saved.to(live.device))  # exact, whatever rounding unmerge left
         self._backup, self._fused = [], None
 
 
