@@ -216,7 +216,7 @@ def bench_styles(a) -> None:
     n = a.batch
     print(f"\nstyles ({how}); {a.steps} steps, batch {n}; best of {a.rounds} interleaved rounds:")
     for k, t in best.items():
-        print(f"  {k:32s} {n / t:8.2f} images/s  ratio vs bare {best['bare base model'] / t:6.3f}  "
+        print(f"  {k:34s} {n / t:8.2f} images/s  ratio vs bare {best['bare base model'] / t:6.3f}  "
               f"(cost {100 * (t / best['bare base model'] - 1):+6.1f}%)")
 
 
