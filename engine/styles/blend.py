@@ -32,6 +32,8 @@ from engine.core.config import ConfigError
 from engine.models.safety import check_model_file
 from engine.styles.store import StyleInfo, publish
 
+__all__ = ["BakeRequest", "BlendRequest", "BlendStripRequest", "LoraFile", "bake", "bake_style", "check_same_base",
+           "read_lora"]
 COMPONENTS = ("unet", "text_encoder")
 
 
