@@ -12,6 +12,7 @@ from typing import Any
 import gradio as gr
 from gradio.utils import get_upload_folder
 
+from .blend_tab import build_blend_tab
 from .generate_tab import build_generate_tab
 from .library_tab import build_library_tab
 from .train_tab import build_train_tab
@@ -109,14 +110,19 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
                 train = build_train_tab(engine)
             with gr.Tab("Library", id="library", elem_id="tab-library") as lib_tab:
                 library = build_library_tab(engine)
+            with gr.Tab("Blend", id="blend", elem_id="tab-blend") as blend_tab:
+                blend = build_blend_tab(engine)
         # Loading a model competes with generation for the GPU: same concurrency id as Generate.
         load.click(h.switch_model, [source], [header], concurrency_id="gpu", concurrency_limit=1,
                    api_visibility="private")
         demo.load(lambda: h.header, None, [header], queue=False, api_visibility="private")
         # Styles trained since the app started (Train tab, CLI) show up on the next page load, when a training
         # run ends, and whenever the Generate tab is opened.
-        style = dict(fn=gen.handlers.style_dropdown, inputs=None, outputs=[gen.fields["style"]], queue=False,
-                     api_visibility="private")
+        pickers = gen.style_dropdowns
+
+        def style_dropdown():
+            return gen.handlers.style_dropdowns(len(pickers))
+        style = dict(fn=style_dropdown, inputs=None, outputs=pickers, queue=False, api_visibility="private")
         demo.load(**style)
         gen_tab.select(**style)
         train.train_event.then(**style)
@@ -124,6 +130,8 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
         # The Library lists styles trained or imported since the page was built.
         demo.load(**library.refresh)
         lib_tab.select(**library.refresh)
+        demo.load(**blend.refresh)
+        blend_tab.select(**blend.refresh)
         # Runs interrupted by a crash (or cancelled) while the page was closed show up in the Train tab.
         runs = dict(fn=train.handlers.runs_dropdown, inputs=None, outputs=[train.runs], queue=False,
                     api_visibility="private")
