@@ -11,6 +11,7 @@ import datetime as dt
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -63,6 +64,7 @@ class Engine:
         self.device, self.dtype = device or auto_device, dtype or auto_dtype
         self._lock = threading.RLock()  # held by every piece of model work
         self.jobs = JobRegistry()  # queued and running jobs, each with its own cancel token
+        self._png_writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stylebooth-png")
         self.fair = FairScheduler()  # whose job runs next on the one GPU: round-robin across users
         self._model: LoadedModel | None = None
         self._adapters: AdapterCache | None = None
@@ -150,7 +152,8 @@ class Engine:
             total = req.num_inference_steps * req.batch_count
             preview_every = max(1, req.num_inference_steps // 4)
             out_dir = self.data_dir / "outputs" / user / dt.date.today().isoformat()
-            done: list[GeneratedImage] = []
+            writes: list = []  # (image, recipe, future of its path), in order
+            cancelled = False
             try:
                 for b in range(req.batch_count):
                     seeds = [req.seed + b * n + i for i in range(n)]
@@ -172,10 +175,14 @@ class Engine:
                     for seed, prompt, img in zip(seeds, prompts, to_pil(imgs)):
                         recipe = self._recipe(req, seed, width, height, prompt, styles)
                         path = out_dir / f"{int(time.time() * 1000)}-{seed}.png"
-                        done.append(GeneratedImage(img, recipe, recipes.save_png(img, recipe, path)))
+                        # Written in the background (PNG encoding releases the GIL), so the next batch starts at
+                        # once; every file is on disk before this job reports done (see `finally`).
+                        writes.append((img, recipe, self._png_writer.submit(recipes.save_png, img, recipe, path)))
             except Cancelled:
-                return GenerateResult(done, cancelled=True, seconds=time.perf_counter() - t0)
-            return GenerateResult(done, seconds=time.perf_counter() - t0)
+                cancelled = True
+            finally:
+                done = [GeneratedImage(img, recipe, fut.result()) for img, recipe, fut in writes]
+            return GenerateResult(done, cancelled=cancelled, seconds=time.perf_counter() - t0)
 
     def generate_iter(self, req: GenerateRequest, *, user: str = "local",
                       job_id: str | None = None) -> Iterator[Progress | GenerateResult]:
