@@ -6,6 +6,12 @@
     python bench/train.py --gpu-sd15 [--steps 20] [--warmup 5]
         the SD 1.5 architecture with random weights built from assets/configs/sd15 (no download), 512 px, fp16,
         batch 1: gradient checkpointing off vs on (needs a CUDA GPU)
+    python bench/train.py --reference PATH/train_dreambooth_lora.py [--gpu-sd15] [--train-text-encoder]
+        diffusers' DreamBooth LoRA script (../shared/anchors/, run by path, unchanged; it needs torchvision) against
+        our trainer on the same model, images (assets/examples/heart), prompt and settings: UNet LoRA on attention
+        (to_q/k/v/out.0, its targets), rank 4, constant LR 1e-4, batch 1, no priors, seed 0, fp16 on a GPU. Steps
+        are timed from inside both (bench/reference_timer.py hooks the reference's optimizer steps); prints the
+        ratio ours/reference and both first/last losses.
 
 Each setting runs `engine.train.loop.train` in its own subprocess, so the memory of one run cannot leak into the
 next (CPU allocators rarely hand memory back to the OS). Only training steps are timed: from the TrainProgress
@@ -120,6 +126,38 @@ def report(title: str, labels: tuple[str, str], results: tuple[dict, dict], rati
           f"memory {b['peak_mib'] / max(a['peak_mib'], 1e-9):.3f}x")
 
 
+REFERENCE_PROMPT = "a photo of olis shape"
+
+
+def reference_settings(model: str, steps: int, resolution: int, fp16: bool, te: bool) -> tuple[dict, list[str]]:
+    """Our TrainConfig overrides and the reference script's arguments for one and the same run."""
+    ours = {"instance_prompt": REFERENCE_PROMPT, "unet_target_modules": ("to_q", "to_k", "to_v", "to_out.0"),
+            "lora_rank": 4, "lora_alpha": 4, "learning_rate": 1e-4, "text_encoder_lr": 1e-4, "lr_scheduler": "constant",
+            "lr_warmup_steps": 0, "train_batch_size": 1, "snr_gamma": 0.0, "noise_offset": 0.0, "random_flip": False,
+            "train_text_encoder": te, "text_encoder_stop_fraction": 1.0, "mixed_precision": "fp16" if fp16 else "no",
+            "resolution": resolution, "cache_latents": True}
+    ref = ["--pretrained_model_name_or_path", model, "--instance_prompt", REFERENCE_PROMPT, "--resolution",
+           str(resolution), "--train_batch_size", "1", "--max_train_steps", str(steps), "--learning_rate", "1e-4",
+           "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--rank", "4", "--seed", "0",
+           "--checkpointing_steps", str(steps + 100), "--mixed_precision", "fp16" if fp16 else "no"]
+    return ours, ref + (["--train_text_encoder"] if te else [])
+
+
+def run_reference(script: Path, args: list[str], warmup: int, tmp: Path) -> dict:
+    """The reference script in its own process, timed from inside by bench/reference_timer.py."""
+    images = tmp / "instance-images"
+    images.mkdir()
+    for p in EXAMPLES:  # images only: the reference reads every file in the folder as an image
+        (images / Path(p).name).write_bytes(Path(p).read_bytes())
+    out = tmp / "reference-result.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "reference_timer.py"), str(out), str(warmup), str(script), *args,
+           "--instance_data_dir", str(images), "--output_dir", str(tmp / "reference-out")]
+    proc = subprocess.run(cmd, cwd=tmp, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if proc.returncode != 0 or not out.is_file():
+        sys.exit(f"the reference run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="", help="diffusers folder (default: the bundled demo model)")
@@ -128,6 +166,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="training steps per run (default 30; 20 with --gpu-sd15)")
     ap.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the runs (0: torch's default)")
+    ap.add_argument("--reference", type=Path, help="diffusers' train_dreambooth_lora.py: time it against ours")
+    ap.add_argument("--train-text-encoder", action="store_true", help="with --reference: LoRA on the text encoder too")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -144,8 +184,23 @@ def main() -> None:
             if not torch.cuda.is_available():
                 sys.exit("--gpu-sd15 needs a CUDA GPU (SD 1.5 at 512 px trains at seconds per step on a CPU)")
             t0 = time.perf_counter()
-            model = str(build_sd15(Path(tmp) / "sd15-random"))
-            print(f"built SD 1.5 (random weights) in {time.perf_counter() - t0:.1f} s")
+            model = a.model or str(build_sd15(Path(tmp) / "sd15-random"))  # --model: one built before, reused
+            print(f"SD 1.5 (random weights) ready in {time.perf_counter() - t0:.1f} s")
+        if a.reference:
+            import torch
+
+            model = model if a.gpu_sd15 else (a.model or str(ROOT / "assets" / "demo-model"))
+            fp16 = torch.cuda.is_available()
+            resolution = 512 if a.gpu_sd15 else 32
+            ours, ref_args = reference_settings(model, steps, resolution, fp16, a.train_text_encoder)
+            ref = run_reference(a.reference.resolve(), ref_args, a.warmup, Path(tmp))
+            mine = in_subprocess({**spec, "model": model, "over": ours})
+            report(f"diffusers' train_dreambooth_lora.py vs Stylebooth, {Path(model).name}, {resolution} px, "
+                   f"{'fp16' if fp16 else 'fp32'}, batch 1, {steps} steps, UNet LoRA (attention) rank 4"
+                   + (" + text-encoder LoRA" if a.train_text_encoder else ""),
+                   ("diffusers (reference)", "Stylebooth"), (ref, mine), "ours/reference")
+            return
+        if a.gpu_sd15:
             over = {"resolution": 512, "mixed_precision": "fp16", "train_batch_size": 1,
                     "cache_latents": True}  # the VAE encodes before the timed steps: its peak would hide the UNet's
             runs = [in_subprocess({**spec, "model": model, "over": {**over, "gradient_checkpointing": gc}})
