@@ -100,3 +100,14 @@ class GenerateResult:
     images: list[GeneratedImage] = field(default_factory=list)
     cancelled: bool = False
     seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Queued:
+    """A job waits for its turn on the GPU: `ahead` jobs run before it (round-robin across users)."""
+
+    ahead: int
+
+    @property
+    def message(self) -> str:
+        return f"Waiting in the queue: {self.ahead} job(s) before yours."
