@@ -198,3 +198,61 @@ def test_runs_are_listed_for_their_owner_only(studio_engine, monkeypatch):
     assert [r.run_id for r in e.resumable_runs(user="boss")] == ["run-ann", "run-bob", "run-old"]
     with pytest.raises(ConfigError, match="no longer resumable"):
         e.resume_iter("run-bob", user="ann")
+
+
+def test_a_waiting_job_reports_its_place_in_the_queue(studio_engine):
+    """Each user sees the queue position of their waiting job (Engine.queue_position, Queued events)."""
+    from engine.core.events import Queued
+
+    e = studio_engine
+    e.outcome = "ok"
+    e.studio.quotas.set_monthly_free("ann", 5)
+    release = threading.Event()
+    started = threading.Event()
+
+    def bob_job():
+        with e._job("train", "bob", "bob-job"):
+            started.set()
+            release.wait(30)
+
+    t = threading.Thread(target=bob_job)
+    t.start()
+    started.wait(10)
+    events = e.generate_iter(GenerateRequest(prompt="x"), user="ann", job_id="ann-job")
+    first = next(events)
+    assert first == Queued(1) and "1 job(s) before yours" in first.message
+    assert e.queue_position("ann-job", user="ann") == 1 and e.queue_position("ann-job", user="bob") is None
+    release.set()
+    assert isinstance(list(events)[-1], GenerateResult)
+    t.join(10)
+
+
+class FakeTrainer(FakeJobs):
+    @_charged("train")
+    def train(self, cfg, name, on_event=None, *, run_dir=None, user="local", job_id=None):
+        from engine.core.events import TrainJobResult
+
+        if self.outcome == "fail":
+            raise RuntimeError("diverged")
+        style = self.library.find_version(self.ids["new"]) if self.outcome == "ok" else None
+        return TrainJobResult(self.data_dir / "runs" / "run-x", None, style, [], [])
+
+
+def test_training_is_charged_once_and_its_run_and_style_belong_to_the_trainer(studio_engine, tmp_path):
+    from engine.studio.quota import Policy
+
+    e = FakeTrainer(Settings(data_dir=str(studio_engine.data_dir)))
+    e.enable_studio()
+    e.ids = {"new": _publish(e.data_dir, tmp_path, "New style", "local")}
+    q = e.studio.quotas
+    q.add_credits("ann", Policy().train_price + 10)
+    e.outcome = "fail"
+    with pytest.raises(RuntimeError):
+        e.train(None, "x", user="ann")
+    assert q.balance("ann").credits == Policy().train_price + 10  # refunded
+    e.outcome = "ok"
+    e.train(None, "x", user="ann")
+    assert q.balance("ann").credits == 10
+    assert e.library.get(e.ids["new"]).owner == "ann" and e.library.run_owners()["run-x"] == "ann"
+    with pytest.raises(QuotaExceeded, match="credit"):
+        e.train(None, "x", user="ann")

@@ -147,7 +147,8 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
             demo.load(studio.visible_for, None, [studio_tab], queue=False, api_visibility="private")
             studio_tab.select(studio.refresh, None, [studio.components["users"], studio.components["usage"]],
                               queue=False, api_visibility="private")
-    demo.queue(default_concurrency_limit=1, max_size=16)
+    # A studio's users each may have a job waiting for the one GPU (fair turns in the engine); alone, 16 is plenty.
+    demo.queue(default_concurrency_limit=1, max_size=64 if getattr(engine, "studio", None) is not None else 16)
     return demo
 
 
