@@ -333,7 +333,8 @@ class Engine:
                 return TrainJobResult(run_dir, TrainResult(None, None, 0, [], True, None, 0, cfg.train_batch_size, 1),
                                       None, [], [])
             return run_training(self.model, self.data_dir, cfg, name, run_dir=run_dir, on_event=on_event,
-                                stop_event=job.token)
+                                stop_event=job.token,
+                                on_run_dir=lambda d: self.library.set_run_owner(d.name, user))
 
     def train_iter(self, cfg: TrainConfig, name: str, *, run_dir: Path | None = None, user: str = "local",
                    job_id: str | None = None) -> Iterator:

@@ -256,3 +256,27 @@ def test_training_is_charged_once_and_its_run_and_style_belong_to_the_trainer(st
     assert e.library.get(e.ids["new"]).owner == "ann" and e.library.run_owners()["run-x"] == "ann"
     with pytest.raises(QuotaExceeded, match="credit"):
         e.train(None, "x", user="ann")
+
+
+def test_admin_operations_check_the_role_and_the_usage_report_sums_the_ledger(studio_engine):
+    s = studio_engine.studio
+    ann, boss = s.caller("ann"), s.caller("boss")
+    for op in (lambda: s.users(ann), lambda: s.usage(ann), lambda: s.add_user(ann, "eve", "eve-password"),
+               lambda: s.set_monthly_free(ann, "ann", 99), lambda: s.add_credits(ann, "ann", 99),
+               lambda: s.remove_user(ann, "bob"), lambda: s.set_password(ann, "bob", "new-password")):
+        with pytest.raises(AccessDenied, match="admin"):
+            op()
+    s.set_password(ann, "ann", "ann-new-password")  # one's own password: allowed
+    with pytest.raises(ConfigError, match="names the single user"):
+        s.add_user(boss, "LOCAL", "long-enough")
+    with pytest.raises(ConfigError, match="your own account"):
+        s.remove_user(boss, "boss")
+    s.add_credits(boss, "ann", 5)
+    s.quotas.reserve("ann", "r1", "generate", 3)
+    s.quotas.commit("r1")
+    s.quotas.reserve("ann", "r2", "generate", 1)
+    s.quotas.refund("r2")
+    (row,) = [r for r in s.usage(boss) if r["user"] == "ann"]
+    assert (row["credits_added"], row["credits_spent"], row["refunds"]) == (5, 3, 1)
+    users = {u["name"]: u for u in s.users(boss)}
+    assert users["ann"]["credits"] == 2 and "pw_hash" not in users["ann"] and "scrypt" not in repr(users)
