@@ -2,6 +2,12 @@
 
     python bench/generate.py [--model PATH] [--steps 20] [--batch 4] [--repeats 3] [--scheduler dpmpp_2m]
 
+Then the cost of styles, same run, same model: bare base model, one style (plain LoRA layers, and fused into the
+weights), two styles blended, and switching between two cached styles on every request; images/s and the ratio
+to bare (goal: one style costs <= 5%). The styles are random-B LoRAs in the trainer's format on the subject
+preset's layers (attention, feed-forward, ResNet convs; rank 4; text encoder too), or with --train-steps N two
+LoRAs trained for N steps on the bundled examples. --skip-styles leaves that part out.
+
 Prints images/s and peak memory of both and their ratios (ours / diffusers: > 1.0 means we are faster; memory
 ratio < 1.0 means we use less), plus the demo-model latency check "4 images of 4 prompts". Memory: on CUDA,
 torch.cuda.max_memory_allocated; on CPU, the peak resident set size above the idle baseline, sampled every 2 ms.
@@ -18,7 +24,8 @@ from pathlib import Path
 import psutil
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from engine.core.config import GenerateRequest, Settings  # noqa: E402
 from engine.api import Engine  # noqa: E402
 from engine.generate.sampler import make_scheduler  # noqa: E402
@@ -103,6 +110,10 @@ def main() -> None:
     ap.add_argument("--scheduler", default="dpmpp_2m")
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--skip-styles", action="store_true", help="leave out the styles part")
+    ap.add_argument("--train-steps", type=int, default=0,
+                    help="styles part: train two LoRAs this many steps (0: random-B LoRAs, no training)")
+    ap.add_argument("--rounds", type=int, default=5, help="styles part: interleaved rounds per variant")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -140,6 +151,73 @@ def main() -> None:
     apart = min(_timed(lambda: [engine.generate(r) for r in reqs]) for _ in range(a.repeats))
     print(f"4 images of 4 prompts (20 steps each) through the engine, best of {a.repeats}: {batched:.2f} s as one "
           f"request (one prompt per line; goal <= 2 s), {apart:.2f} s as four requests")
+    if not a.skip_styles:
+        bench_styles(a)
+
+
+def _make_styles(a, eng) -> tuple[list, str]:
+    """Two styles on the engine's model: trained for a few steps, or random-B LoRAs (say which)."""
+    if a.train_steps:
+        from engine.core.captions import read_captions
+        from engine.core.train_config import TrainConfig, demo_settings, presets
+        from engine.styles.store import publish
+        from engine.train.loop import train
+
+        out = []
+        for kind, folder in (("subject", "heart"), ("style", "checkered")):
+            p = {**presets(kind, token="olis", class_noun="shape"), **demo_settings(kind)}
+            p.update(max_train_steps=a.train_steps, validation_steps=0, report_to="none",
+                     checkpointing_steps=10_000, with_prior_preservation=False)
+            images = sorted((ROOT / "assets" / "examples" / folder).glob("*.png"))
+            caps, _ = read_captions(images, "olis", p["instance_prompt"])
+            cfg = TrainConfig(instance_images=tuple(map(str, images)), instance_captions=caps, **p)
+            r = train(cfg, eng.data_dir / "runs" / folder, resume=False)
+            out.append(publish(eng.data_dir, folder, r.lora_path, r.style_json_path))
+        return out, f"two LoRAs trained {a.train_steps} steps each (heart subject rank 8, checkered style rank 8)"
+    from tests.lora_support import make_random_style
+
+    out = [make_random_style(eng.model, eng.data_dir, n, seed=k, rank=4, alpha=4, scale=0.3)
+           for k, n in enumerate(("A", "B"))]
+    return out, "two random-B LoRAs (subject-preset layers incl. ResNet convs, rank 4, UNet + text encoder)"
+
+
+def bench_styles(a) -> None:
+    """Throughput with styles vs the bare model, interleaved so that machine noise hits every variant alike."""
+    data = tempfile.mkdtemp(prefix="sb-bench-styles-")
+    bare = Engine(Settings(model=a.model, data_dir=data))  # never loads a LoRA: truly bare layers
+    plain = Engine(Settings(model=a.model, data_dir=data), fuse_styles=False)
+    fused = Engine(Settings(model=a.model, data_dir=data))  # the default: active styles are fused
+    (sa, sb), how = _make_styles(a, plain)
+    common = dict(prompt="a red circle on a blue background", batch_size=a.batch, num_inference_steps=a.steps,
+                  guidance_scale=a.guidance, scheduler=a.scheduler, seed=1)
+    one_a, one_b = GenerateRequest(style=sa.id, **common), GenerateRequest(style=sb.id, **common)
+    flip = {"plain": 0, "fused": 0}
+
+    def switching(engine, key):
+        flip[key] += 1
+        return engine.generate(one_a if flip[key] % 2 else one_b)
+    variants = {
+        "bare base model": lambda: bare.generate(GenerateRequest(**common)),
+        "one style, fused (default)": lambda: fused.generate(one_a),
+        "one style, LoRA layers (no fuse)": lambda: plain.generate(one_a),
+        "two styles blended 0.5/0.5, fused": lambda: fused.generate(
+            GenerateRequest(styles=((sa.id, 0.5), (sb.id, 0.5)), **common)),
+        "two styles blended, no fuse": lambda: plain.generate(
+            GenerateRequest(styles=((sa.id, 0.5), (sb.id, 0.5)), **common)),
+        "switch A/B each request, fused": lambda: switching(fused, "fused"),
+        "switch A/B each request, no fuse": lambda: switching(plain, "plain"),
+    }
+    for fn in variants.values():
+        fn()  # warm-up: loads the LoRAs once (then cached)
+    best = {k: float("inf") for k in variants}
+    for _ in range(a.rounds):
+        for k, fn in variants.items():
+            best[k] = min(best[k], _timed(fn))
+    n = a.batch
+    print(f"\nstyles ({how}); {a.steps} steps, batch {n}; best of {a.rounds} interleaved rounds:")
+    for k, t in best.items():
+        print(f"  {k:34s} {n / t:8.2f} images/s  ratio vs bare {best['bare base model'] / t:6.3f}  "
+              f"(cost {100 * (t / best['bare base model'] - 1):+6.1f}%)")
 
 
 def _timed(fn) -> float:

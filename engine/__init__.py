@@ -5,9 +5,9 @@ Subpackages by capability, each allowed to import only the ones listed in its ow
 
     core/      requests, settings, events, results, errors, durable file writes, image intake (torch-free)
     models/    base-model loading (diffusers folder, hub id, single file), file safety, fingerprints
-    generate/  the one CFG sampler and the recipes written into every PNG
+    generate/  the one CFG sampler, the recipes written into every PNG, batches with X/Y grids
     train/     the DreamBooth + LoRA trainer: loop, math, data, priors, checkpoints, output, app job, CLI
-    styles/    the style library (SQLite + styles/<id>/v<N>/), import/export, the adapters that apply styles
+    styles/    the style library (SQLite + styles/<id>/v<N>/), import/export, adapters, blending and bakes
     jobs/      job state on disk and per-job cancel tokens
     demo/      the demo model's shapes world and its checker
 """

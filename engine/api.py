@@ -19,18 +19,22 @@ from typing import Callable, Iterator
 
 import torch
 
+from engine.core.batch_config import BatchRequest
+from engine.core.blend_config import BakeRequest, BlendStripRequest
 from engine.core.caller import LOCAL, Caller
 from engine.core.config import ConfigError, GenerateRequest, Settings, from_dict
 from engine.core.errors import AccessDenied, Cancelled, LibraryError
-from engine.core.events import (GeneratedImage, GenerateResult, Progress, Queued, ResumableRun, TrainJobResult,
-                                TrainResult)
+from engine.core.events import (BakeResult, BatchResult, BlendStripResult, GeneratedImage, GenerateResult, Progress,
+                                Queued, ResumableRun, TrainJobResult, TrainResult)
 from engine.core.train_config import TrainConfig
 from engine.generate import recipes
+from engine.generate.batch import Grid, run_batch
 from engine.generate.sampler import decode, sample, to_pil
 from engine.jobs.cancel import Job, JobRegistry
 from engine.jobs.fair import FairScheduler
 from engine.models.loading import LoadedModel, load_base_model
 from engine.styles.adapters import AdapterCache
+from engine.styles.blend import check_same_base
 from engine.styles.interop import ExportResult, ImportResult, export_style, import_file
 from engine.styles.library import Library, LibraryStyle, base_model_mismatch
 from engine.styles.store import StyleInfo, apply_trigger
@@ -54,24 +58,31 @@ def pick_device() -> tuple[str, torch.dtype]:
 
 
 def _charged(kind: str):
-    """Wrap a job method (generate, train): resolve the caller, check the styles it uses, reserve the price before
-    any GPU work (studio mode), run, then commit on success or refund exactly once on failure or cancel (MU-2).
+    """Wrap a job method: resolve the caller, check the styles it uses, reserve the price before any GPU work
+    (studio mode), run, then commit on success or refund exactly once on failure or cancel (MU-2).
 
-    A decorator, so the job bodies stay as they are: ownership and quotas sit around them, not inside."""
+    kind: "generate" (generate, blend strips, batches: one unit per image), "train" (one run), "bake" (no charge;
+    the new style belongs to the caller). A decorator, so the job bodies stay as they are: ownership and quotas sit
+    around them, not inside."""
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(self, req, *args, user: str | Caller = LOCAL, job_id: str | None = None, **kw):
             caller = self.caller(user)
-            if kind == "generate":
+            if kind != "train":
                 self._check_style_refs(caller, req)
             request_id = job_id or uuid.uuid4().hex
-            charged = self._reserve(caller, kind, _image_count(req) if kind == "generate" else 1, request_id)
+            charged = kind in ("generate", "train") and self._reserve(
+                caller, kind, _image_count(req) if kind == "generate" else 1, request_id)
+            if job_id is not None:
+                kw["job_id"] = job_id
             ok = False
             try:
-                result = fn(self, req, *args, user=caller.name, job_id=job_id, **kw)
+                result = fn(self, req, *args, user=caller.name, **kw)
                 ok = not _was_cancelled(result)
                 if kind == "train":
                     self._own_training(caller, result)
+                if kind == "bake" and getattr(result, "style", None) is not None and caller.name != LOCAL:
+                    self.library.set_owner(result.style.id, caller.name)
                 return result
             finally:
                 if charged:
@@ -89,8 +100,12 @@ def _image_count(req) -> int:
 
 
 def _was_cancelled(result) -> bool:
-    if isinstance(result, GenerateResult):
+    if isinstance(result, (GenerateResult, BlendStripResult)):
         return bool(result.cancelled) or not result.images
+    if isinstance(result, BatchResult):
+        return bool(result.cancelled) or not result.paths
+    if isinstance(result, BakeResult):
+        return False
     inner = getattr(result, "result", None)
     return bool(getattr(inner, "cancelled", False)) or getattr(result, "style", None) is None
 
@@ -99,7 +114,7 @@ class Engine:
     """Everything that touches models and files. Thread-safe: model work runs one job at a time."""
 
     def __init__(self, settings: Settings | None = None, *, device: str | None = None,
-                 dtype: torch.dtype | None = None, fallback_to_demo: bool = False):
+                 dtype: torch.dtype | None = None, fallback_to_demo: bool = False, fuse_styles: bool = True):
         self.settings = settings or Settings()
         self.data_dir = Path(self.settings.data_dir).expanduser() if self.settings.data_dir else default_data_dir()
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -117,6 +132,9 @@ class Engine:
         self.load_error: str | None = None
         self._library: Library | None = None
         self._library_lock = threading.Lock()
+        # Fold the active styles into the base weights while they stay selected: LoRA layers cost ~33% throughput
+        # on the demo model with one style, fused ~0% (bench/generate.py); a change of styles unfuses first (exactly).
+        self.fuse_styles = fuse_styles
         # Studio mode (--listen/--share): accounts, ownership and quotas. None: one local user, who owns everything
         # and pays nothing.
         self.studio: Studio | None = None
@@ -165,10 +183,11 @@ class Engine:
 
     def _check_style_refs(self, caller: Caller, req) -> None:
         """Every style a generation request names must be one the caller may use."""
-        refs = [getattr(req, "style", "")]
-        for item in getattr(req, "styles", ()) or ():  # multi-style requests: ids, or (id, strength) pairs
-            refs.append(item if isinstance(item, str) else (getattr(item, "style", None) or
-                                                             (item[0] if isinstance(item, (tuple, list)) else "")))
+        refs = [getattr(req, "style", ""), getattr(req, "style_a", ""), getattr(req, "style_b", "")]
+        items = [*(getattr(req, "styles", ()) or ()), *(getattr(req, "active_styles", ()) or ()),
+                 *(getattr(getattr(req, "blend", None), "styles", ()) or ())]
+        for item in items:  # ids, or (id, strength[, text-encoder strength]) tuples
+            refs.append(item if isinstance(item, str) else (item[0] if isinstance(item, (tuple, list)) else ""))
         for ref in filter(None, refs):
             self._style_for(caller, self.library.find_version(str(ref)).id)
 
@@ -255,8 +274,8 @@ class Engine:
                 return GenerateResult([], cancelled=True, seconds=time.perf_counter() - t0)
             m = self.model
             c = m.components
-            style = self._activate_style(req.style, req.style_strength)
-            prompts = [apply_trigger(p, style) if style else p for p in req.prompts]
+            styles = self._activate_styles(req.active_styles)
+            prompts = [_with_triggers(p, styles) for p in req.prompts]
             n = len(prompts)
             width, height = req.width or c.default_size, req.height or c.default_size
             total = req.num_inference_steps * req.batch_count
@@ -282,7 +301,7 @@ class Engine:
                                   guidance_rescale=req.guidance_rescale, scheduler=req.scheduler, height=height,
                                   width=width, callback=cb)
                     for seed, prompt, img in zip(seeds, prompts, to_pil(imgs)):
-                        recipe = self._recipe(req, seed, width, height, prompt, style)
+                        recipe = self._recipe(req, seed, width, height, prompt, styles)
                         path = out_dir / f"{int(time.time() * 1000)}-{seed}.png"
                         done.append(GeneratedImage(img, recipe, recipes.save_png(img, recipe, path)))
             except Cancelled:
@@ -332,6 +351,8 @@ class Engine:
             if job.token.is_set():  # cancelled while it waited: nothing ran, nothing to resume
                 return TrainJobResult(run_dir, TrainResult(None, None, 0, [], True, None, 0, cfg.train_batch_size, 1),
                                       None, [], [])
+            if self._adapters is not None:  # prior images come from the base model, not the last style used
+                self._adapters.activate_many([])
             return run_training(self.model, self.data_dir, cfg, name, run_dir=run_dir, on_event=on_event,
                                 stop_event=job.token,
                                 on_run_dir=lambda d: self.library.set_run_owner(d.name, user))
@@ -475,32 +496,141 @@ class Engine:
         m = self.model
         return base_model_mismatch(v, m.fingerprint, m.name)
 
-    def _activate_style(self, style_id: str, strength: float) -> StyleInfo | None:
-        """Load (once, then cached) and activate a style's LoRA, or switch LoRA off; call under the lock."""
-        style = self.library.find_version(style_id) if style_id else None
-        mismatch = base_model_mismatch(style, self.model.fingerprint, self.model.name) if style else None
-        if mismatch:
-            raise ConfigError(f"style {style.name!r} cannot be used here: {mismatch}. Load that model first "
-                              f"(fingerprint {style.base_model_fingerprint[:10]})")
-        if style is None and self._adapters is None:
-            return None
+    def _activate_styles(self, weighted) -> list[tuple[StyleInfo, float, float]]:
+        """Activate exactly these styles ((id, strength) or (id, UNet weight, text-encoder weight)), loading each
+        LoRA once (then cached) and setting all weights in one set_adapters call; none switches LoRA off.
+        A style at weight 0 is off (no adapter, no trigger word; its w * dW is zero anyway), so a blend at 1/0
+        is the first style alone, bit for bit. Returns every style given, for the recipe.
+        Styles are looked up in the library by id (never a path); one made on another base model is refused.
+        Call under the model lock: adapter changes must not interleave with another job's denoising (MU-6)."""
+        out = []
+        for item in weighted:
+            sid, wu, wt = (item[0], item[1], item[1]) if len(item) == 2 else item
+            out.append((self.library.find_version(sid), float(wu), float(wt)))
+        check_same_base([s for s, _, _ in out], self.model.fingerprint, self.model.name)
+        if not out and self._adapters is None:
+            return out
         if self._adapters is None:
-            self._adapters = AdapterCache(self.model.components)
-        self._adapters.activate(style, strength)
-        return style
+            self._adapters = AdapterCache(self.model.components, fuse=self.fuse_styles)
+        self._adapters.activate_many([(s, wu if wu == wt else {"unet": wu, "text_encoder": wt})
+                                      for s, wu, wt in out if (wu, wt) != (0.0, 0.0)])
+        return out
 
     def _recipe(self, req: GenerateRequest, seed: int, width: int, height: int, prompt: str,
-                style: StyleInfo | None) -> dict:
+                styles: list[tuple[StyleInfo, float, float]]) -> dict:
+        """Everything that remakes the image; `styles` lists every applied style (recipe schema 2)."""
         m = self._model
-        styles = [{"id": style.id, "version": style.version, "name": style.name, "strength": req.style_strength,
-                   "trigger_token": style.trigger_token}] if style else []
+        listed = [{"id": s.id, "version": s.version, "name": s.name, "strength": wu, "trigger_token": s.trigger_token,
+                   **({"text_encoder_strength": wt} if wt != wu else {})} for s, wu, wt in styles]
         return {"prompt": prompt, "negative_prompt": req.negative_prompt,
                 "num_inference_steps": req.num_inference_steps, "guidance_scale": req.guidance_scale,
                 "guidance_rescale": req.guidance_rescale, "width": width, "height": height, "seed": seed,
                 "scheduler": req.scheduler, "model": m.name, "model_fingerprint": m.fingerprint,
-                "prediction_type": m.prediction_type, "styles": styles,
-                "style": req.style, "style_strength": req.style_strength, "app": f"Stylebooth {APP_VERSION}",
+                "prediction_type": m.prediction_type, "styles": listed, "app": f"Stylebooth {APP_VERSION}",
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+    def _out_dir(self, user: str) -> Path:
+        return self.data_dir / "outputs" / user / dt.date.today().isoformat()
+
+    # ---- blends --------------------------------------------------------------------------------------------
+    @_charged("generate")
+    def blend_strip(self, req: BlendStripRequest, on_progress: Callable[[Progress], None] | None = None, *,
+                    user: str = "local", job_id: str | None = None) -> BlendStripResult:
+        """K images of one prompt and seed, weights from all style A to all style B, as one job: both LoRAs are
+        loaded once, then only their weights change (set_adapters) between images. Also writes a labelled strip."""
+        t0 = time.perf_counter()
+        weights = req.weights
+        with self._job("blend", user, job_id) as job:
+            c = self.model.components
+            size = (req.width or c.default_size, req.height or c.default_size)
+            steps, total = req.num_inference_steps, req.num_inference_steps * len(weights)
+            done: list[GeneratedImage] = []
+            stamp = int(time.time() * 1000)
+            strip = Grid([req.prompt], [f"A {wa:.2f} / B {wb:.2f}" for wa, wb in weights], size)
+            try:
+                job.token.check()
+                for k, w in enumerate(weights):
+                    gen = req.generate_request(w)
+                    styles = self._activate_styles(gen.active_styles)
+                    prompt = _with_triggers(req.prompt, styles)
+
+                    def cb(i, n, latents, k=k):
+                        job.token.check()
+                        if on_progress:
+                            on_progress(Progress(k * steps + i + 1, total, f"image {k + 1}/{len(weights)}, "
+                                                                           f"step {i + 1}/{n}"))
+
+                    img = to_pil(sample(c, [prompt], [req.negative_prompt], [req.seed], num_inference_steps=steps,
+                                        guidance_scale=req.guidance_scale, guidance_rescale=req.guidance_rescale,
+                                        scheduler=req.scheduler, width=size[0], height=size[1], callback=cb))[0]
+                    recipe = self._recipe(gen, req.seed, size[0], size[1], prompt, styles)
+                    path = self._out_dir(user) / f"{stamp}-blend-{k:02d}.png"
+                    done.append(GeneratedImage(img, recipe, recipes.save_png(img, recipe, path)))
+                    strip.paste(_Cell(0, k), img)
+            except Cancelled:
+                return BlendStripResult(done, weights[:len(done)], None, True, time.perf_counter() - t0)
+            strip_path = strip.save(self._out_dir(user) / f"{stamp}-blend-strip.png")
+            return BlendStripResult(done, weights, strip_path, False, time.perf_counter() - t0)
+
+    def blend_strip_iter(self, req: BlendStripRequest, *, user: str = "local",
+                         job_id: str | None = None) -> Iterator[Progress | BlendStripResult]:
+        """`blend_strip` in a worker thread: yields Progress, then the BlendStripResult."""
+        return _iterate(lambda emit: self.blend_strip(req, emit, user=user, job_id=job_id), BlendStripResult)
+
+    @_charged("bake")
+    def bake_blend(self, req: BakeRequest, *, user: str = "local") -> BakeResult:
+        """Save a blend as a new style (exact rank concatenation, or truncated SVD to `req.rank`)."""
+        from engine.styles.blend import bake_style
+
+        styles = [self.library.find_version(sid) for sid in req.blend.styles]
+        with self._job("blend", user, None):
+            check_same_base(styles, self.model.fingerprint, self.model.name)
+            info, rank, rel = bake_style(self.data_dir, req, styles)
+        return BakeResult(info, req.method, rank, rel)
+
+    # ---- batches -------------------------------------------------------------------------------------------
+    @_charged("generate")
+    def generate_batch(self, req: BatchRequest, on_progress: Callable[[Progress], None] | None = None, *,
+                       user: str = "local", job_id: str | None = None) -> BatchResult:
+        """Prompts x seeds x styles (or strengths) as one job: PNGs with recipes written as they are made, an X/Y
+        grid and a zip, under outputs/<user>/<date>/batch-<time>/. Progress counts images over the whole batch."""
+        with self._job("batch", user, job_id) as job:
+            for sid in set(req.styles) - {""}:
+                self.library.find_version(sid)  # an unknown id fails before any image is made
+
+            current: list = []  # the styles of the group being sampled, for its recipes
+
+            def activate(style: str, strength: float):
+                current[:] = self._activate_styles(((style, strength),) if style else ())
+                styles = list(current)
+                return lambda p: _with_triggers(p, styles)
+
+            def recipe(gen, seed, width, height, prompt):
+                return self._recipe(gen, seed, width, height, prompt, current)
+
+            out = self._out_dir(user) / f"batch-{dt.datetime.now().strftime('%H%M%S')}-{job.id[:6]}"
+            return run_batch(req, self.model.components, out, activate=activate, recipe=recipe,
+                             check=job.token.check, on_progress=on_progress)
+
+    def generate_batch_iter(self, req: BatchRequest, *, user: str = "local",
+                            job_id: str | None = None) -> Iterator[Progress | BatchResult]:
+        """`generate_batch` in a worker thread: yields Progress (images done / total), then the BatchResult."""
+        return _iterate(lambda emit: self.generate_batch(req, emit, user=user, job_id=job_id), BatchResult)
+
+
+def _with_triggers(prompt: str, styles) -> str:
+    """The prompt with every applied style's trigger word (each added only where missing; none for weight 0)."""
+    for s, wu, wt in styles:
+        if (wu, wt) != (0.0, 0.0):
+            prompt = apply_trigger(prompt, s)
+    return prompt
+
+
+class _Cell:
+    """Where an image goes in a one-row strip (the fields engine.generate.batch.Grid.paste reads)."""
+
+    def __init__(self, row: int, col: int):
+        self.row, self.col = row, col
 
 
 def _iterate(job: Callable[[Callable], object], result_type, poll: Callable[[], object] | None = None) -> Iterator:

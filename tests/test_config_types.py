@@ -27,6 +27,7 @@ WRONG = {
     "float": [True, "0.5", None],
     "str": [1, True, 1.5, None, ["a"]],
     "tuple[str, ...]": ["a, b", 1, [1, 2], None],
+    "tuple[tuple[str, float], ...]": ["a:1", 1, None],
 }
 CASES = [(cls, f.name, f.type, bad) for cls in VALID for f in dataclasses.fields(cls) for bad in WRONG[f.type]]
 

@@ -280,3 +280,28 @@ def test_admin_operations_check_the_role_and_the_usage_report_sums_the_ledger(st
     assert (row["credits_added"], row["credits_spent"], row["refunds"]) == (5, 3, 1)
     users = {u["name"]: u for u in s.users(boss)}
     assert users["ann"]["credits"] == 2 and "pw_hash" not in users["ann"] and "scrypt" not in repr(users)
+
+
+def test_blends_bakes_and_batches_check_ownership_and_charge_before_any_model_work(studio_engine):
+    """The multi-style jobs (blend strips, bakes, batches) go through the same checks as Generate: another user's
+    style is "unknown", and the quota is reserved (and refused) before the model is even loaded."""
+    from engine.core.batch_config import BatchRequest
+    from engine.core.blend_config import BakeRequest, BlendRequest, BlendStripRequest
+
+    e, ids = studio_engine, studio_engine.ids
+    calls = [lambda: e.blend_strip(BlendStripRequest(prompt="x", style_a=ids["ann"], style_b=ids["bob"]), user="ann"),
+             lambda: e.bake_blend(BakeRequest(name="mix", blend=BlendRequest(styles=(ids["ann"], ids["bob"]),
+                                                                             weights=(0.5, 0.5))), user="ann"),
+             lambda: e.generate_batch(BatchRequest(prompts="x", styles=(ids["bob"],)), user="ann"),
+             lambda: e.generate(GenerateRequest(prompt="x", styles=((ids["ann"], 1.0), (ids["bob"], 0.5))),
+                                user="ann")]
+    for call in calls:
+        with pytest.raises(LibraryError, match="unknown style"):
+            call()
+    e.studio.quotas.set_monthly_free("ann", 3)
+    with pytest.raises(QuotaExceeded, match="needs 4 images"):
+        e.generate_batch(BatchRequest(prompts="x", seeds_per_prompt=4, styles=(ids["shared"],)), user="ann")
+    with pytest.raises(QuotaExceeded, match="needs 9 images"):
+        e.blend_strip(BlendStripRequest(prompt="x", style_a=ids["ann"], style_b=ids["shared"]), user="ann")
+    assert e._model is None  # refused before the model was touched
+    assert e.studio.quotas.balance("ann").free_left == 3 and e.studio.quotas.ledger("ann") == []

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import gradio as gr
 from PIL import UnidentifiedImageError
 
-from engine.core.config import SCHEDULER_LABELS, SCHEDULERS, ConfigError, GenerateRequest
+from engine.core.config import SCHEDULER_LABELS, SCHEDULERS, ConfigError, GenerateRequest, style_pairs
 from engine.core.events import GenerateResult, Queued
 
 from .downloads import copy_for_download
@@ -154,17 +154,33 @@ class GenerateHandlers:
             return {"status": "That image carries no Stylebooth or A1111 recipe; the form is unchanged."}
         out, ignored = {}, []
         for k, v in recipe.items():
-            if k in FIELD_NAMES:
+            if k in FIELD_NAMES and k != "styles":
                 value = _as_field_type(k, v)
                 (ignored.append(k) if value is None else out.__setitem__(k, value))
         if isinstance(out.get("prompt"), str) and not out["prompt"].strip():
             del out["prompt"]  # an empty prompt (A1111 allows it) would only blank the form's prompt
         note = ""
+        if isinstance(recipe.get("styles"), list):
+            # A recipe lists every style it applied; the first goes to the Style dropdown, the rest ride along.
+            try:
+                listed = list(style_pairs(recipe["styles"], "recipe styles"))
+            except ConfigError:
+                listed = []
+            known = {sid for _, sid in self.style_choices()}
+            missing = [sid for sid, _ in listed if sid not in known]
+            if missing:
+                # The dropdown would refuse an unknown id at Generate time; say so now instead.
+                note = "".join(f" Its style {m!r} is not in this library, so it is not selected." for m in missing)
+            kept = [(sid, w) for sid, w in listed if sid in known]
+            out["style"], out["style_strength"] = kept[0] if kept else ("", listed[0][1] if listed else 1.0)
+            out["styles"] = tuple(kept[1:])
+            if kept[1:]:
+                note += f" Plus {len(kept) - 1} more style(s): {', '.join(f'{s} ({w:g})' for s, w in kept[1:])}."
         if out.get("style") and out["style"] not in {sid for _, sid in self.style_choices()}:
             # The dropdown would refuse an unknown id at Generate time; say so now instead.
-            note = f" Its style {out.pop('style')!r} is not in this library, so no style is selected."
+            note += f" Its style {out.pop('style')!r} is not in this library, so no style is selected."
             out["style"] = ""
-        # The same checks as Generate (engine/config.py), so a recipe that fills the form can be generated.
+        # The same checks as Generate (engine/core/config.py), so a recipe that fills the form can be generated.
         # A placeholder prompt stands in when the recipe has none; the form keeps its own.
         try:
             req = GenerateRequest(**{**default_values(), "prompt": "-", **out})
@@ -238,6 +254,9 @@ def _form(d: dict[str, Any], styles: list[tuple[str, str]]) -> dict[str, gr.comp
                                  info="a trained style; its trigger word is added to the prompt if missing")
         f["style_strength"] = gr.Slider(-2, 2, value=d["style_strength"], step=0.05, label="Style strength",
                                         scale=3)
+    # More styles at once, (id, strength) pairs: filled by a dropped recipe for now (a visible editor comes with
+    # the blending UI); the status line names them when a recipe sets them.
+    f["styles"] = gr.State(value=d["styles"])
     with gr.Row():
         f["num_inference_steps"] = gr.Slider(1, 150, value=d["num_inference_steps"], step=1, label="Steps",
                                              elem_id="steps")

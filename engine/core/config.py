@@ -6,6 +6,7 @@ Every error message says how to fix the input (in the style of diffusers' `check
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -25,6 +26,8 @@ SCHEDULER_LABELS = {
     "unipc": "UniPC",
 }
 MAX_PROMPT_CHARS = 2000
+MAX_STYLES = 8
+STRENGTH_RANGE = (-2.0, 2.0)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -34,7 +37,8 @@ def _check(cond: bool, msg: str) -> None:
 
 # What each annotation accepts, and how a wrong value is described to the user.
 _KINDS = {"bool": "true or false (a TOML boolean, without quotes)", "int": "a whole number (e.g. 20)",
-          "float": "a number (e.g. 0.5)", "str": "text in quotes", "tuple[str, ...]": "a list of texts in quotes"}
+          "float": "a number (e.g. 0.5)", "str": "text in quotes", "tuple[str, ...]": "a list of texts in quotes",
+          "tuple[float, ...]": "a list of numbers (e.g. [0.5, 1.0])"}
 
 
 def _coerce(obj) -> None:
@@ -62,9 +66,50 @@ def _coerce(obj) -> None:
             ok = isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
             if ok:
                 object.__setattr__(obj, f.name, tuple(v))
+        elif kind == "tuple[float, ...]":
+            ok = isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                      for x in v)
+            if ok:
+                object.__setattr__(obj, f.name, tuple(float(x) for x in v))
+        elif kind == "tuple[tuple[str, float], ...]":  # (style id, strength) pairs: their own checks and messages
+            object.__setattr__(obj, f.name, style_pairs(v, f.name))
+            continue
+        elif dataclasses.is_dataclass(v) and type(v).__name__ == kind:  # a nested request, validated when made
+            continue
         else:  # a new annotation must be taught here, or its values would go unchecked
+            _check(kind[:1].isupper() is False, f"`{f.name}` must be a {kind} but is {type(v).__name__}")
             raise TypeError(f"{type(obj).__name__}.{f.name}: no type check for annotation {kind!r}")
         _check(ok, f"`{f.name}` must be {_KINDS[kind]} but is {v!r} ({type(v).__name__}); fix that value")
+
+
+def real_number(v, what: str) -> float:
+    """A typed number: int or float, never a bool or a string (a quoted "0.5" from a form is a wiring bug)."""
+    _check(isinstance(v, (int, float)) and not isinstance(v, bool),
+           f"{what} must be a number but is {v!r} ({type(v).__name__})")
+    _check(math.isfinite(v), f"{what} must be finite but is {v}")
+    return float(v)
+
+
+def style_pairs(value, field: str = "styles") -> tuple[tuple[str, float], ...]:
+    """Normalise (id, strength) pairs: tuples or lists [id, strength] (TOML/JSON), or recipe dicts
+    {"id": .., "strength": ..} (extra keys such as name/version are descriptive and ignored)."""
+    _check(isinstance(value, (tuple, list)), f"`{field}` must be a list of (style id, strength) pairs but is "
+                                             f"{value!r:.60} ({type(value).__name__})")
+    out = []
+    for k, item in enumerate(value):
+        if isinstance(item, dict):
+            _check("id" in item, f"`{field}[{k}]` has no 'id'; give {{'id': <style id>, 'strength': 1.0}}")
+            item = (item["id"], item.get("strength", 1.0))
+        _check(isinstance(item, (tuple, list)) and len(item) == 2,
+               f"`{field}[{k}]` must be a (style id, strength) pair but is {item!r}")
+        sid, w = item
+        _check(isinstance(sid, str) and 0 < len(sid) <= 200, f"`{field}[{k}]`: the style id must be a non-empty "
+                                                             "string from the list of styles")
+        w = real_number(w, f"`{field}[{k}]` strength")
+        lo, hi = STRENGTH_RANGE
+        _check(lo <= w <= hi, f"`{field}[{k}]` strength must be between {lo:g} and {hi:g} but is {w}")
+        out.append((sid, w))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -84,6 +129,10 @@ class GenerateRequest:
     scheduler: str = "dpmpp_2m"
     style: str = ""  # a trained style's id ("" = none); its trigger token is added to the prompt if missing
     style_strength: float = 1.0
+    # More styles at once, after `style`: (style id, strength) pairs. Their LoRA updates add up, each times its
+    # strength (diffusers' set_adapters with weights). A recipe's list of {"id": .., "strength": ..} dicts and
+    # JSON/TOML lists of [id, strength] are accepted and stored as a tuple of pairs.
+    styles: tuple[tuple[str, float], ...] = ()
     # Each non-empty line of `prompt` is its own prompt, all in one batch (batch_size images per line): a list of
     # prompts costs one sampling loop instead of one per prompt.
     prompt_per_line: bool = False
@@ -113,10 +162,20 @@ class GenerateRequest:
         _check(-2.0 <= self.style_strength <= 2.0,
                f"`style_strength` must be between -2 and 2 but is {self.style_strength}")
         _check(isinstance(self.style, str) and len(self.style) <= 200, "`style` must be a style id from the list")
+        object.__setattr__(self, "styles", style_pairs(self.styles, "styles"))
+        ids = [sid for sid, _ in self.active_styles]
+        _check(len(set(ids)) == len(ids), f"a style is listed twice ({', '.join(ids)}); give each style once, "
+                                          "with one strength")
+        _check(len(ids) <= MAX_STYLES, f"at most {MAX_STYLES} styles at once but {len(ids)} were given")
         _check(self.schema_version == 1, f"unsupported schema_version {self.schema_version}; this app reads 1")
         _check(len(self.prompts) <= 64, f"one batch holds at most 64 images but {len(self.lines)} prompt lines x "
                                         f"{self.batch_size} images per line make {len(self.prompts)}; use fewer "
                                         "lines or fewer images per batch")
+
+    @property
+    def active_styles(self) -> tuple[tuple[str, float], ...]:
+        """Every style this request applies, as (id, strength): `style` first (when set), then `styles`."""
+        return (((self.style, self.style_strength),) if self.style else ()) + self.styles
 
     @property
     def lines(self) -> list[str]:

@@ -103,6 +103,43 @@ class GenerateResult:
 
 
 @dataclass(frozen=True)
+class BatchResult:
+    """A batch's files: one PNG (with recipe) per image, in plan order; the X/Y grid and the zip when made.
+
+    Holds paths, never the images, so a batch of hundreds costs no memory after each image is written.
+    """
+
+    paths: list[Path]
+    grid_path: Path | None
+    zip_path: Path | None
+    total: int  # images planned
+    cancelled: bool = False
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class BlendStripResult:
+    """K images of one prompt and seed from style A to style B; `weights[k]` = (w_A, w_B) of image k."""
+
+    images: list[GeneratedImage]
+    weights: list[tuple[float, float]]
+    strip_path: Path | None  # the K images side by side, labelled with their weights
+    cancelled: bool = False
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class BakeResult:
+    """A blend saved as a new style. `relative_error` = ||dW - dW_baked||_F / ||dW||_F over all layers (0 for an
+    exact bake up to float rounding); `rank` is the baked LoRA's rank."""
+
+    style: object  # engine.styles.store.StyleInfo
+    method: str
+    rank: int
+    relative_error: float
+
+
+@dataclass(frozen=True)
 class Queued:
     """A job waits for its turn on the GPU: `ahead` jobs run before it (round-robin across users)."""
 

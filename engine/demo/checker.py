@@ -132,6 +132,16 @@ class DemoChecker:
                                 "fg": W.foreground_color(img, bg), "bg": bg})
         return results
 
+    @torch.no_grad()
+    def probabilities(self, images, attribute: str = "texture") -> np.ndarray:
+        """Softmax probabilities of the CNN's `attribute` head ("shape" or "texture"): [N, classes] in the order
+        of W.SHAPES / W.TEXTURES. For curves (how checkered is this image?) rather than one label."""
+        if attribute not in ("shape", "texture"):
+            raise ValueError(f"probabilities are for 'shape' or 'texture', not {attribute!r}")
+        x = normalize(torch.from_numpy(as_uint8_batch(images)).permute(0, 3, 1, 2).float())
+        logits = self.net(x)[0 if attribute == "shape" else 1]
+        return torch.softmax(logits, dim=1).numpy()
+
     def score(self, images, scenes_or_dicts) -> dict[str, float]:
         """Fraction correct per attribute; a dict truth may omit attributes it does not care about."""
         truths = [_truth(s) for s in scenes_or_dicts]

@@ -17,7 +17,9 @@ from engine.core.config import SCHEDULER_LABELS
 from engine.core.files import atomic_path
 
 RECIPE_KEY = "stylebooth"
-RECIPE_SCHEMA = 1
+# 2: every applied style is in "styles" ([{id, version, name, strength, trigger_token}, ...]); 1 also had the
+# request's single "style"/"style_strength" (read_recipe migrates it).
+RECIPE_SCHEMA = 2
 _A1111_SAMPLERS = {"dpmpp_2m": ("DPM++ 2M", None), "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
                    "euler": ("Euler", None), "euler_a": ("Euler a", None), "ddim": ("DDIM", None),
                    "unipc": ("UniPC", None)}
@@ -114,11 +116,26 @@ def _recipe_from(img: Image.Image) -> dict | None:
         except (ValueError, TypeError):
             data = None
         if isinstance(data, dict):
-            data.pop("schema_version", None)
-            return data
+            return migrate(data)
     if isinstance(text.get("parameters"), str):
         return parse_a1111(text["parameters"])
     return None
+
+
+def migrate(data: dict) -> dict:
+    """Bring a stored recipe to RECIPE_SCHEMA, so that its request fields refill a GenerateRequest exactly.
+
+    Schema 1 wrote the single style twice: as the request's `style`/`style_strength` and in `styles`. Schema 2
+    lists every style once, in `styles` (GenerateRequest accepts that list of dicts).
+    """
+    version = data.pop("schema_version", 1)
+    if version < 2:
+        style, strength = data.pop("style", ""), data.pop("style_strength", 1.0)
+        listed = data.get("styles") if isinstance(data.get("styles"), list) else []
+        if style and not any(isinstance(s, dict) and s.get("id") == style for s in listed):
+            listed = [{"id": style, "strength": strength}] + listed
+        data["styles"] = listed
+    return data
 
 
 def parse_a1111(text: str) -> dict:

@@ -6,7 +6,7 @@ Owns: styles/<id>/v<N>/ folders and the library tables of <data_dir>/stylebooth.
   library.py      styles, versions, tags, trash, search, adoption of folders the database does not know
   lora_format.py  LoRA/embedding key formats (PEFT, diffusers, kohya/A1111), matching against the loaded model
   interop.py      import (safetensors only, matched, MF-3/4/7/8) and export (diffusers, A1111) of styles
-  adapters.py     applying a style to the loaded model (LoRA adapters, embedding tokens)
-Blending grows here.
+  adapters.py     applying one or several styles to the loaded model (LoRA adapters fused, embedding tokens)
+  blend.py        live weighted blends and bakes into new styles (exact rank concatenation or SVD)
 May import: engine.core, engine.models.
 """

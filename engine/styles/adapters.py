@@ -1,8 +1,22 @@
-"""Applying styles to the loaded base model: LoRA adapters loaded once, switched by name (diffusers + peft)."""
+"""Applying styles to the loaded base model: LoRA adapters loaded once, switched and blended by name (diffusers +
+peft).
+
+Several styles at once are one `set_adapters(names, adapter_weights=...)` call: peft then adds every adapter's
+update, each times its weight, so the model computes W x + sum_i w_i (alpha_i/r_i) B_i A_i x (Hu et al. 2021,
+eq. 3, summed over adapters). Weights may be one number per style or per component
+({"unet": w, "text_encoder": w}, LIBRARY-NOTES §2).
+"""
 from __future__ import annotations
+
+import warnings
+from typing import Sequence, Union
+
+import torch
 
 from engine.models.safety import check_model_file
 from engine.styles.store import StyleInfo
+
+Weight = Union[float, dict]  # one strength, or {"unet": w, "text_encoder": w}
 
 
 class AdapterCache:
@@ -10,9 +24,14 @@ class AdapterCache:
 
     It wraps the same UNet/text-encoder objects in a diffusers pipeline only to use its LoRA loader and
     `set_adapters`; call it under the engine's lock (adapter changes and denoising must not interleave, MU-6).
+
+    With `fuse=True` the active styles at their weights are folded into the base weights (`fuse_lora`), which
+    removes the LoRA layers' extra matmuls from every denoising step; a change of styles or weights unfuses first. The base weights it changes are copied first and copied back
+    on the next change, so unfusing restores them bit for bit (peft's own unmerge subtracts the update again,
+    which leaves rounding drift that grows with every switch).
     """
 
-    def __init__(self, components):
+    def __init__(self, components, *, fuse: bool = False):
         from diffusers import StableDiffusionPipeline
 
         c = components
@@ -20,24 +39,52 @@ class AdapterCache:
                                             unet=c.unet, scheduler=c.scheduler, safety_checker=None,
                                             feature_extractor=None, requires_safety_checker=False)
         self.loaded: set[str] = set()
+        self.fuse = fuse
+        self._fused: tuple | None = None  # the (names, weights) folded into the base weights
+        self._backup: list[tuple[torch.Tensor, torch.Tensor]] = []  # (live base weight, its pre-fuse copy)
+        self.active: tuple[tuple[str, object], ...] = ()  # what set_adapters last applied, for callers/tests
         self.embeddings: dict[str, str] = {}  # token -> adapter name of the embedding style that added it
 
+    def load(self, style: StyleInfo) -> str:
+        """Load a style's LoRA once (file checked first); returns its adapter name."""
+        name = style.adapter_name
+        if name not in self.loaded:
+            check_model_file(style.lora)
+            self._unfuse()  # loading into fused layers would merge into already-changed weights
+            self.pipe.load_lora_weights(str(style.lora), adapter_name=name, use_safetensors=True)
+            self.loaded.add(name)
+        return name
+
     def activate(self, style: StyleInfo | None, strength: float = 1.0) -> None:
-        if style is not None and style.kind == "embedding":
-            self._load_embedding(style)
-            if self.loaded:
-                self.pipe.disable_lora()  # an embedding works through its token alone
-            return
-        if style is None:
+        """One style at `strength`, or none (LoRA off)."""
+        self.activate_many([(style, strength)] if style else [])
+
+    def activate_many(self, weighted: Sequence[tuple[StyleInfo, Weight]]) -> None:
+        """Make exactly these styles active with these weights, in one `set_adapters` call (no reloading).
+
+        Embedding styles (textual inversion) work through their token alone: they are loaded into the tokenizer
+        and text encoder, and their strength does not apply."""
+        for s, _ in weighted:
+            if s.kind == "embedding":
+                self._load_embedding(s)
+        weighted = [(s, w) for s, w in weighted if s.kind != "embedding"]
+        names = [self.load(s) for s, _ in weighted]
+        weights = [_weight(w) for _, w in weighted]
+        if not names:
+            self._unfuse()
             if self.loaded:
                 self.pipe.disable_lora()
+            self.active = ()
             return
-        if style.adapter_name not in self.loaded:
-            check_model_file(style.lora)
-            self.pipe.load_lora_weights(str(style.lora), adapter_name=style.adapter_name, use_safetensors=True)
-            self.loaded.add(style.adapter_name)
+        key = (tuple(names), repr(weights))
+        if self.fuse and self._fused == key:
+            return  # already folded into the weights
+        self._unfuse()
         self.pipe.enable_lora()
-        self.pipe.set_adapters([style.adapter_name], adapter_weights=[strength])
+        self.pipe.set_adapters(names, adapter_weights=weights)
+        self.active = tuple(zip(names, weights))
+        if self.fuse:
+            self._fuse(names, key)
 
     def _load_embedding(self, style: StyleInfo) -> None:
         """Add the embedding's vectors as new tokens (once); a token another style added is replaced."""
@@ -46,6 +93,7 @@ class AdapterCache:
         token = style.trigger_token
         if self.embeddings.get(token) == style.adapter_name:
             return
+        self._unfuse()  # the text encoder's embedding matrix grows; fused weights must be plain first
         if token in self.embeddings:
             self.pipe.unload_textual_inversion(token)
             del self.embeddings[token]
@@ -62,6 +110,7 @@ class AdapterCache:
 
     def forget(self, style_ids: set[str]) -> None:
         """Drop the adapters and embedding tokens of styles that no longer exist (the trash was emptied)."""
+        self._unfuse()
         for token, name in list(self.embeddings.items()):
             if name.rsplit("-v", 1)[0] in style_ids:
                 self.pipe.unload_textual_inversion(token)
@@ -72,3 +121,48 @@ class AdapterCache:
             self.loaded.difference_update(names)
             if self.loaded:
                 self.pipe.disable_lora()  # delete_adapters activates what is left; the next activate() picks again
+        self.active = ()
+
+    def unload_all(self) -> None:
+        """Remove every adapter (the base model is exactly as loaded afterwards)."""
+        self._unfuse()
+        if self.loaded:
+            self.pipe.unload_lora_weights()
+        self.loaded.clear()
+        self.active = ()
+
+    # ---- fusing -------------------------------------------------------------------------------------------------
+    def _fuse(self, names: list[str], key: tuple) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        self._backup = []
+        for model in (self.pipe.unet, self.pipe.text_encoder):
+            for m in model.modules():
+                if isinstance(m, LoraLayer) and any(n in m.lora_A for n in names):
+                    w = m.get_base_layer().weight
+                    # kept in host memory: on a GPU the copy of every targeted weight would cost as much VRAM
+                    # as those layers; copying back on a switch is one host-to-device transfer
+                    self._backup.append((w, w.detach().to("cpu", copy=True)))
+        # set_adapters already put the weights into peft's scaling, which merging uses; lora_scale stays 1.
+        self.pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0, adapter_names=names)
+        self._fused = key
+
+    def _unfuse(self) -> None:
+        if self._fused is None:
+            return
+        with warnings.catch_warnings():  # layers where only some of the fused adapters live say "already unmerged"
+            warnings.filterwarnings("ignore", message="Already unmerged")
+            self.pipe.unfuse_lora(components=["unet", "text_encoder"])
+        with torch.no_grad():
+            for live, saved in self._backup:
+                live.copy_(saved.to(live.device))  # exact, whatever rounding unmerge left
+        self._backup, self._fused = [], None
+
+
+def _weight(w: Weight) -> Weight:
+    if isinstance(w, dict):
+        unknown = set(w) - {"unet", "text_encoder"}
+        if unknown:
+            raise ValueError(f"per-component weights take 'unet' and 'text_encoder', not {sorted(unknown)}")
+        return {k: float(v) for k, v in w.items()}
+    return float(w)
