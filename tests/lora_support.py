@@ -18,7 +18,7 @@ def _pipe(model: Path):
     return StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
 
 
-def trained_like_lora(model: Path, out: Path) -> Path:
+def trained_like_lora(model: Path, out: Path, seed: int = 1) -> Path:
     """A LoRA saved exactly as engine/train/output.py step 6 saves one (PEFT keys, alpha metadata, LoRA on
     attention, feed-forward, proj_in/out and the ResNet convs, and on the text encoder), with random non-zero B."""
     from diffusers import StableDiffusionPipeline
@@ -26,7 +26,7 @@ def trained_like_lora(model: Path, out: Path) -> Path:
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     pipe = _pipe(model)
     pipe.unet.add_adapter(LoraConfig(r=R, lora_alpha=ALPHA, init_lora_weights="gaussian",
                                      target_modules=list(UNET_TARGETS)))

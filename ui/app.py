@@ -12,9 +12,10 @@ from typing import Any
 import gradio as gr
 from gradio.utils import get_upload_folder
 
+from .blend_tab import build_blend_tab
 from .generate_tab import build_generate_tab
 from .library_tab import build_library_tab
-from .session import is_admin
+from .session import is_admin, user_of
 from .studio_tab import build_studio_tab
 from .train_tab import build_train_tab
 
@@ -115,6 +116,8 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
                 train = build_train_tab(engine)
             with gr.Tab("Library", id="library", elem_id="tab-library") as lib_tab:
                 library = build_library_tab(engine)
+            with gr.Tab("Blend", id="blend", elem_id="tab-blend") as blend_tab:
+                blend = build_blend_tab(engine)
             studio = studio_tab = None
             if getattr(engine, "studio", None) is not None:
                 # Shown to admins only (demo.load below); every Studio event checks the role again on the server.
@@ -129,8 +132,11 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
         demo.load(lambda: h.header, None, [header], queue=False, api_visibility="private")
         # Styles trained since the app started (Train tab, CLI) show up on the next page load, when a training
         # run ends, and whenever the Generate tab is opened.
-        style = dict(fn=gen.handlers.style_dropdown, inputs=None, outputs=[gen.fields["style"]], queue=False,
-                     api_visibility="private")
+        pickers = gen.style_dropdowns
+
+        def style_dropdown(request: gr.Request):
+            return gen.handlers.style_dropdowns(len(pickers), user_of(engine, request))
+        style = dict(fn=style_dropdown, inputs=None, outputs=pickers, queue=False, api_visibility="private")
         demo.load(**style)
         gen_tab.select(**style)
         train.train_event.then(**style)
@@ -138,6 +144,8 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
         # The Library lists styles trained or imported since the page was built.
         demo.load(**library.refresh)
         lib_tab.select(**library.refresh)
+        demo.load(**blend.refresh)
+        blend_tab.select(**blend.refresh)
         # Runs interrupted by a crash (or cancelled) while the page was closed show up in the Train tab.
         runs = dict(fn=train.runs_for, inputs=None, outputs=[train.runs], queue=False,
                     api_visibility="private")

@@ -19,6 +19,7 @@ from PIL import UnidentifiedImageError
 from engine.core.config import SCHEDULER_LABELS, SCHEDULERS, ConfigError, GenerateRequest, style_pairs
 from engine.core.events import GenerateResult, Queued
 
+from .batch_panel import build_batch_panel
 from .downloads import copy_for_download
 
 from .forms import int_fields, whole_numbers
@@ -29,6 +30,7 @@ FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GenerateRequest) if f.nam
 # The form shows every int field with a Slider or a Number, which send floats (build_generate_tab checks this).
 INT_FIELDS = tuple(f.name for f in dataclasses.fields(GenerateRequest) if f.type == "int" and f.name in FIELD_NAMES)
 MAX_SEED = 2**32 - 1
+EXTRA_STYLES = 2  # extra style rows in the form (a recipe may carry more: they ride along in `styles`)
 STATUS_EVERY_S = 0.25  # a websocket message per denoising step is wasteful; the progress bar shows every step
 
 
@@ -136,6 +138,12 @@ class GenerateHandlers:
         return gr.Dropdown(choices=self.style_choices(user_of(self.engine, request) if request is not None
                                                       else None))
 
+    def style_dropdowns(self, n: int, user: str | None = None) -> list[gr.Dropdown]:
+        """`n` style dropdowns with fresh choices (the Style picker, the extra styles, the batch panel's) for
+        `user` (ui.session.user_of)."""
+        choices = self.style_choices(user)
+        return [gr.Dropdown(choices=choices) for _ in range(n)]
+
     def load_recipe(self, path: str | Path | None) -> dict[str, Any]:
         """Form values (by field name) from a dropped PNG's recipe, plus a status line.
 
@@ -236,6 +244,7 @@ class GenerateTab:
     generate_button: gr.Button
     cancel_button: gr.Button
     generate_event: Any
+    style_dropdowns: list  # every dropdown that lists styles (refreshed when styles are trained or imported)
 
 
 def _form(d: dict[str, Any], styles: list[tuple[str, str]]) -> dict[str, gr.components.Component]:
@@ -254,8 +263,8 @@ def _form(d: dict[str, Any], styles: list[tuple[str, str]]) -> dict[str, gr.comp
                                  info="a trained style; its trigger word is added to the prompt if missing")
         f["style_strength"] = gr.Slider(-2, 2, value=d["style_strength"], step=0.05, label="Style strength",
                                         scale=3)
-    # More styles at once, (id, strength) pairs: filled by a dropped recipe for now (a visible editor comes with
-    # the blending UI); the status line names them when a recipe sets them.
+    # More styles at once, (id, strength) pairs: set by the "More styles" rows below (build_generate_tab wires
+    # them) or by a dropped recipe; the request takes them by this field name.
     f["styles"] = gr.State(value=d["styles"])
     with gr.Row():
         f["num_inference_steps"] = gr.Slider(1, 150, value=d["num_inference_steps"], step=1, label="Steps",
@@ -291,6 +300,14 @@ def build_generate_tab(engine) -> GenerateTab:
             examples = engine.example_prompts() if engine is not None else []
             if examples:
                 gr.Examples(examples=[[p] for p in examples], inputs=[fields["prompt"]], label="Example prompts")
+            with gr.Accordion("More styles at once", open=False):
+                gr.Markdown("Each extra style adds its learned change times its strength, on top of the Style above.")
+                extra = []
+                for k in range(EXTRA_STYLES):
+                    with gr.Row(equal_height=True):
+                        extra.append(gr.Dropdown(h.style_choices(), value="", label=f"Extra style {k + 1}", scale=3,
+                                                 elem_id=f"extra-style-{k}"))
+                        extra.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="Strength", scale=2))
             drop = gr.Image(label="Drop a Stylebooth/A1111 PNG to reuse its recipe", type="filepath",
                             image_mode=None, sources=["upload", "clipboard"], height=160,
                             elem_id="recipe-drop")
@@ -301,6 +318,11 @@ def build_generate_tab(engine) -> GenerateTab:
                                           buttons=["download", "fullscreen"], elem_id="gallery"),
                     "files": gr.File(label="Download PNGs (with recipe)", file_count="multiple",
                                      interactive=False)}
+
+    batch = build_batch_panel(engine, fields, h.style_choices())
+
+    def more_styles(*rows):
+        return tuple((sid, float(w)) for sid, w in zip(rows[0::2], rows[1::2]) if sid)
 
     def on_generate(request: gr.Request, progress=gr.Progress(), **values):
         # `inputs_kwargs=fields` hands the values over by field name (the API uses the same names); order never
@@ -323,4 +345,6 @@ def build_generate_tab(engine) -> GenerateTab:
                api_visibility="private")
     drop.upload(lambda p: to_components(h.load_recipe(p)), [drop], [*fields.values(), outs["status"]],
                 api_visibility="private")
-    return GenerateTab(fields, outs, h, go, stop, ev)
+    for comp in extra:  # any change of the "More styles" rows rewrites the `styles` field
+        comp.change(more_styles, extra, [fields["styles"]], queue=False, api_visibility="private")
+    return GenerateTab(fields, outs, h, go, stop, ev, [fields["style"], *extra[0::2], *batch["refresh_styles"]])

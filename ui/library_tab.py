@@ -7,6 +7,7 @@ diffusers.
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,18 @@ from .session import user_of
 PRESETS = [("All", ""), ("Subjects", "subject"), ("Styles", "style")]
 EXPORT_FORMATS = [("A1111 / ComfyUI (kohya keys)", "a1111"), ("diffusers (PEFT keys)", "diffusers")]
 NO_STYLE = "Pick a style from the list or click its card."
+
+
+def _placeholder() -> Path:
+    """The card picture of a style with no preview grid (imported LoRAs): a plain tile that says so."""
+    from PIL import Image, ImageDraw
+
+    path = Path(tempfile.gettempdir()) / "stylebooth-no-preview.png"
+    if not path.is_file():
+        img = Image.new("RGB", (256, 256), (226, 228, 233))
+        ImageDraw.Draw(img).text((70, 120), "no preview yet", fill=(90, 90, 100))
+        img.save(path)
+    return path
 
 
 def _card_caption(s) -> str:
@@ -52,15 +65,13 @@ class LibraryHandlers:
                                               user=user or self.user)
         except ConfigError as e:
             raise gr.Error(str(e)) from None
-        previews = copy_for_download([s.latest.preview for s in styles if s.latest.preview is not None])
-        it = iter(previews)
-        cards = [(str(next(it)) if s.latest.preview is not None else None, _card_caption(s)) for s in styles]
-        cards = [(img, cap) for img, cap in cards if img is not None]  # a card needs a picture; the list has all
+        pictures = copy_for_download([s.latest.preview or _placeholder() for s in styles])
+        cards = [(str(p), _card_caption(s)) for p, s in zip(pictures, styles)]
         choices = [(s.label, s.id) for s in styles]
         word = "style" if len(styles) == 1 else "styles"
         return {"cards": cards, "choices": choices,
                 "count": f"{len(styles)} {word}" + (" in the trash" if show == "trash" else ""),
-                "card_ids": [s.id for s in styles if s.latest.preview is not None]}
+                "card_ids": [s.id for s in styles]}
 
     def details(self, style_id: str | None, user: str | None = None) -> dict[str, Any]:
         """The selected style's card text and its editable fields."""
@@ -277,10 +288,11 @@ def build_library_tab(engine) -> LibraryTab:
 
     def on_import(request: gr.Request, path, name, trig, preset, tags, *filt):
         out = h.import_file(path, name, trig, preset, tags, user=user_of(engine, request))
-        return (out["status"], *show_list(request, *filt, keep=out["style_id"]))
+        return (out["status"], *show_list(request, *filt, keep=out["style_id"]), None)  # None: ready for the next file
 
     do_import.click(on_import, [c["import_file"], c["import_name"], c["import_trigger"], c["import_preset"],
                                 c["import_tags"], *filters],
-                    [c["status"], c["cards"], c["style"], c["count"], card_ids], concurrency_id="gpu",
+                    [c["status"], c["cards"], c["style"], c["count"], card_ids, c["import_file"]],
+                    concurrency_id="gpu",
                     concurrency_limit=1, **lib)
     return LibraryTab(h, c, dict(fn=show_list, inputs=filters, outputs=list_outs, queue=False, **lib))
