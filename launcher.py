@@ -4,8 +4,10 @@ Thin on purpose: parse flags, load settings, build the Engine, build the app, la
 `<config dir>/settings.toml` (platformdirs, or $STYLEBOOTH_CONFIG_DIR); --data-dir and --port are saved there
 when given, and --model once it has loaded, so the next double-click uses them.
 
---listen and --share open the app to other people while it has no user accounts: --listen prints what that
-exposes, and --share is refused without --auth USER:PASSWORD (or --auth-file PATH).
+--listen and --share open the app to other people, so they start it in **studio mode**: user accounts in
+<data_dir>/stylebooth.db (a first admin is created with a one-time password printed here), a login on every route,
+per-user styles, outputs and jobs, and quotas. Accounts are managed with `python launcher.py users ...` (see
+users_main) or the Studio tab. On 127.0.0.1 without those flags the app has one local user and no login.
 """
 from __future__ import annotations
 
@@ -28,6 +30,13 @@ SAVED_FLAGS = ("data_dir", "port")
 # --model is saved too, but only once that model has loaded (remember_model): a model that cannot load must not
 # become the setting every later double-click starts with.
 RUN_ONLY = ("share", "auth", "auth_file")  # flags that are not Settings fields
+USERS_HELP = """python launcher.py users [--data-dir DIR] COMMAND
+  add NAME [--admin]      create an account (the password is asked for, or read from stdin)
+  remove NAME             delete an account (its styles stay, visible to admins)
+  list                    accounts with role, free generations left and credits
+  passwd NAME             set a new password (asked for, or read from stdin); unlocks the account
+  set-quota NAME N        N free generations per month
+  add-credits NAME N      add N credits (one credit = one image)"""
 
 # Warnings that every start printed and a new user read as errors. Each is matched exactly, so the same logger's
 # other messages still show:
@@ -52,49 +61,99 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-browser", dest="open_browser", action="store_false", default=None,
                    help="do not open a browser window")
     p.add_argument("--share", action="store_true", default=None,
-                   help="also make a public gradio.live link (needs --auth or --auth-file)")
-    p.add_argument("--auth", metavar="USER:PASSWORD",
-                   help="require this login (for --listen and --share); --auth-file keeps it out of the process list")
-    p.add_argument("--auth-file", metavar="PATH", help="a file of USER:PASSWORD lines, one login per line")
+                   help="also make a public gradio.live link (studio mode: accounts and a login)")
+    p.add_argument("--auth", metavar="USER:PASSWORD", help=argparse.SUPPRESS)  # replaced by studio accounts
+    p.add_argument("--auth-file", metavar="PATH", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def read_auth(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """The logins from --auth and --auth-file ([] when neither is given); ConfigError for a malformed one."""
-    lines: list[tuple[str, str]] = []
-    if args.auth:
-        lines.append(("--auth", args.auth))
-    if args.auth_file:
-        path = Path(args.auth_file).expanduser()
-        try:
-            text = path.read_text("utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read the --auth-file {path} ({type(e).__name__}); give a text file of "
-                              "USER:PASSWORD lines") from None
-        lines += [(f"{path.name} line {i}", ln.strip()) for i, ln in enumerate(text.splitlines(), 1)
-                  if ln.strip() and not ln.strip().startswith("#")]
-    out = []
-    for where, entry in lines:
-        user, sep, password = entry.partition(":")
-        if not sep or not user.strip() or not password:
-            # The entry itself is not echoed: it may be a password with a typo.
-            raise ConfigError(f"{where}: a login must be USER:PASSWORD (both parts non-empty)")
-        out.append((user.strip(), password))
-    if args.auth_file and not out:
-        raise ConfigError(f"the --auth-file {args.auth_file} holds no USER:PASSWORD line")
-    return out
-
-
-def network_warning(port: int, listen: bool, share: bool, auth: list) -> str:
-    """What --listen/--share expose, printed at every such start (there are no user accounts yet)."""
+def network_warning(port: int, listen: bool, share: bool, users: int) -> str:
+    """What --listen/--share expose, printed at every such start (studio mode)."""
     where = " and ".join([f"on every network interface (0.0.0.0, port {port})"] * listen +
                          ["through a public gradio.live link"] * share)
-    who = (f"only after a login ({len(auth)} user(s) from --auth/--auth-file)" if auth else
-           "with NO password: anyone who can reach it can use it")
-    return (f"WARNING: Stylebooth is served {where}, {who}. Users can generate and train with this computer's GPU "
-            "and disk, use and add to its one style library, and switch among the models listed in settings.toml "
-            "(`allowed_models`). Stylebooth has no user accounts yet: every login sees the same library."
-            + ("" if auth else " Add --auth USER:PASSWORD (or --auth-file PATH) to require a login."))
+    return (f"Studio mode: Stylebooth is served {where}, only after a login ({users} account(s)). Each user sees "
+            "their own styles, outputs and jobs plus the styles shared with the studio, and pays for GPU work from "
+            "their quota. Manage accounts with `python launcher.py users ...` or in the Studio tab (admins).")
+
+
+def studio_login_banner(url: str, password: str) -> str:
+    """How to log in the first time (printed once, when the admin account is created; the password only here)."""
+    return (f"\nNo studio admin existed, so one was created.\n  Open {url} and log in as: admin\n"
+            f"  One-time password: {password}\n"
+            "Change it now with `python launcher.py users passwd admin`; it is not shown again (only a hash is kept).\n")
+
+
+def _read_password(prompt: str = "Password: ") -> str:
+    """From the terminal without echo, or the first line of stdin when it is not a terminal (scripts); never argv."""
+    import getpass
+
+    if sys.stdin is not None and sys.stdin.isatty():
+        first = getpass.getpass(prompt)
+        if getpass.getpass("Again: ") != first:
+            raise ConfigError("the two passwords differ")
+        return first
+    line = sys.stdin.readline() if sys.stdin is not None else ""
+    return line.rstrip("\r\n")
+
+
+def _users_data_dir(given: str | None) -> Path:
+    """--data-dir, else the one settings.toml names, else the default: the database the app itself opens."""
+    if given:
+        return Path(given).expanduser().resolve()
+    path = config_dir() / "settings.toml"
+    try:
+        saved = load_toml(Settings, path) if path.is_file() else Settings()
+    except ConfigError:
+        saved = Settings()
+    return Path(saved.data_dir).expanduser() if saved.data_dir else default_data_dir()
+
+
+def users_main(argv: list[str]) -> int:
+    """`python launcher.py users ...`: the admin command line on the same database as the app (see USERS_HELP)."""
+    p = argparse.ArgumentParser(prog="launcher.py users", usage=USERS_HELP)
+    p.add_argument("--data-dir")
+    p.add_argument("command", choices=["add", "remove", "list", "passwd", "set-quota", "add-credits"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("number", nargs="?")
+    p.add_argument("--admin", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        data_dir = _users_data_dir(args.data_dir)
+        from engine.studio.service import ADMIN_CLI, Studio  # torch-free: this command starts in a blink
+
+        studio = Studio(data_dir / "stylebooth.db")
+        if args.command != "list" and not args.name:
+            raise ConfigError(f"`users {args.command}` needs a NAME")
+        if args.command in ("set-quota", "add-credits") and args.number is None:
+            raise ConfigError(f"`users {args.command}` needs a NAME and a number")
+        if args.command == "list":
+            rows = studio.users(ADMIN_CLI)
+            print(f"{'name':<24} {'role':<6} {'free/month':>10} {'free left':>9} {'credits':>8}  renews")
+            for r in rows:
+                lock = f"  (locked {r['locked_s']} s)" if r["locked_s"] else ""
+                print(f"{r['name']:<24} {r['role']:<6} {r['monthly_free']:>10} {r['free_left']:>9} "
+                      f"{r['credits']:>8}  {r['renews_on']}{lock}")
+            if not rows:
+                print("(no accounts yet: `python launcher.py users add NAME --admin`)")
+        elif args.command == "add":
+            user = studio.add_user(ADMIN_CLI, args.name, _read_password(), "admin" if args.admin else "user")
+            print(f"Added {user.role} {user.name!r}.")
+        elif args.command == "remove":
+            studio.remove_user(ADMIN_CLI, args.name)
+            print(f"Removed {args.name!r}; their styles stay (admins still see them).")
+        elif args.command == "passwd":
+            studio.set_password(ADMIN_CLI, args.name, _read_password("New password: "))
+            print(f"Password of {args.name!r} changed; the account is unlocked.")
+        elif args.command == "set-quota":
+            b = studio.set_monthly_free(ADMIN_CLI, args.name, args.number)
+            print(f"{b.user}: {b.monthly_free} free generations a month, {b.free_left} left until {b.renews_on}.")
+        else:
+            b = studio.add_credits(ADMIN_CLI, args.name, args.number)
+            print(f"{b.user}: {b.credits} credits.")
+    except ConfigError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 class _DropExpected(logging.Filter):
@@ -194,18 +253,20 @@ def check_torch() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["users"]:
+        return users_main(argv[1:])
     args = parse_args(argv)
     cfg_path = config_dir() / "settings.toml"
+    if args.auth or args.auth_file:
+        print("Error: --auth and --auth-file were replaced by studio accounts. --listen or --share start studio "
+              "mode with a login; add users with `python launcher.py users add NAME` (the password is asked for, "
+              "never put on the command line).", file=sys.stderr)
+        return 2
     try:
-        auth = read_auth(args)
         settings = resolve_settings(args, cfg_path)
     except ConfigError as e:
         print(f"Error: {e}", file=sys.stderr)
-        return 2
-    if args.share and not auth:
-        print("Error: --share makes a public link that anyone who gets it can open, and Stylebooth has no user "
-              "accounts yet. Add a login: --auth USER:PASSWORD, or --auth-file PATH with USER:PASSWORD lines.",
-              file=sys.stderr)
         return 2
     data_dir = Path(settings.data_dir).expanduser() if settings.data_dir else default_data_dir()
     settings = dataclasses.replace(settings, data_dir=str(data_dir))
@@ -224,8 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     from ui.app import build_app, launch_options
 
     engine = Engine(settings, fallback_to_demo=True)  # a bad --model must not stop the app from starting
+    studio_mode = bool(settings.listen or args.share)
+    one_time = None
+    if studio_mode:  # open to others: accounts, ownership and quotas (the same database as `launcher.py users`)
+        one_time = engine.enable_studio().accounts.ensure_admin()
     # Open to others: only the models in settings.toml can be loaded from the UI (see ui.app.AppHandlers).
-    demo = build_app(engine, remote=bool(settings.listen or args.share))
+    demo = build_app(engine, remote=studio_mode)
     if engine.load_error:
         print(f"Warning: {engine.load_error}", file=sys.stderr, flush=True)
     elif args.model is not None:
@@ -233,13 +298,17 @@ def main(argv: list[str] | None = None) -> int:
     port = find_free_port(settings.port, host)
     url = f"http://127.0.0.1:{port}"
     print(f"\n{APP_NAME} is running at {url}", flush=True)
-    if settings.listen or args.share:
-        print(network_warning(port, bool(settings.listen), bool(args.share), auth), file=sys.stderr, flush=True)
+    if studio_mode:
+        print(network_warning(port, bool(settings.listen), bool(args.share), len(engine.studio.accounts.list())),
+              file=sys.stderr, flush=True)
+        if one_time:
+            print(studio_login_banner(url, one_time), flush=True)
     print(f"Data: {data_dir}\nSettings: {cfg_path}")
     print("To stop it, press Ctrl+C or close this window.\n", flush=True)
     demo.launch(server_name=host, server_port=port, inbrowser=settings.open_browser, quiet=True,
-                share=bool(args.share), auth=auth or None,
-                **launch_options(data_dir, extra_blocked=[cfg_path.parent, *filter(None, [args.auth_file])]))
+                share=bool(args.share), auth=engine.studio.accounts.gradio_auth if studio_mode else None,
+                auth_message="Stylebooth studio: log in with the account your studio admin gave you." if studio_mode
+                else None, **launch_options(data_dir, extra_blocked=[cfg_path.parent]))
     return 0
 
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import queue
+import re
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,10 +22,11 @@ import torch
 
 from engine.core.batch_config import BatchRequest
 from engine.core.blend_config import BakeRequest, BlendStripRequest
+from engine.core.caller import LOCAL, Caller
 from engine.core.config import ConfigError, GenerateRequest, Settings, from_dict
-from engine.core.errors import Cancelled
+from engine.core.errors import AccessDenied, Cancelled, LibraryError
 from engine.core.events import (BakeResult, BatchResult, BlendStripResult, GeneratedImage, GenerateResult, Progress,
-                                ResumableRun, TrainJobResult, TrainResult)
+                                Queued, ResumableRun, TrainJobResult, TrainResult)
 from engine.core.train_config import TrainConfig
 from engine.generate import recipes
 from engine.generate.batch import Grid, run_batch
@@ -35,8 +39,10 @@ from engine.styles.blend import check_same_base
 from engine.styles.interop import ExportResult, ImportResult, export_style, import_file
 from engine.styles.library import Library, LibraryStyle, base_model_mismatch
 from engine.styles.store import StyleInfo, apply_trigger
+from engine.studio.service import Studio
 
 APP_VERSION = "0.1.0"
+_USER = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")  # what normalize_username lets through: safe as a folder name
 
 
 def default_data_dir() -> Path:
@@ -50,6 +56,59 @@ def pick_device() -> tuple[str, torch.dtype]:
     if torch.cuda.is_available():
         return "cuda", torch.float16
     return "cpu", torch.float32
+
+
+def _charged(kind: str):
+    """Wrap a job method: resolve the caller, check the styles it uses, reserve the price before any GPU work
+    (studio mode), run, then commit on success or refund exactly once on failure or cancel (MU-2).
+
+    kind: "generate" (generate, blend strips, batches: one unit per image), "train" (one run), "bake" (no charge;
+    the new style belongs to the caller). A decorator, so the job bodies stay as they are: ownership and quotas sit
+    around them, not inside."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(self, req, *args, user: str | Caller = LOCAL, job_id: str | None = None, **kw):
+            caller = self.caller(user)
+            if kind != "train":
+                self._check_style_refs(caller, req)
+            request_id = job_id or uuid.uuid4().hex
+            charged = kind in ("generate", "train") and self._reserve(
+                caller, kind, _image_count(req) if kind == "generate" else 1, request_id)
+            if job_id is not None:
+                kw["job_id"] = job_id
+            ok = False
+            try:
+                result = fn(self, req, *args, user=caller.name, **kw)
+                ok = not _was_cancelled(result)
+                if kind == "train":
+                    self._own_training(caller, result)
+                if kind == "bake" and getattr(result, "style", None) is not None and caller.name != LOCAL:
+                    self.library.set_owner(result.style.id, caller.name)
+                return result
+            finally:
+                if charged:
+                    if ok:
+                        self.studio.quotas.commit(request_id)
+                    else:
+                        self.studio.quotas.refund(request_id)
+        return wrapper
+    return deco
+
+
+def _image_count(req) -> int:
+    n = getattr(req, "num_images", None)
+    return int(n) if isinstance(n, int) and n > 0 else len(req.prompts) * int(getattr(req, "batch_count", 1))
+
+
+def _was_cancelled(result) -> bool:
+    if isinstance(result, (GenerateResult, BlendStripResult)):
+        return bool(result.cancelled) or not result.images
+    if isinstance(result, BatchResult):
+        return bool(result.cancelled) or not result.paths
+    if isinstance(result, BakeResult):
+        return False
+    inner = getattr(result, "result", None)
+    return bool(getattr(inner, "cancelled", False)) or getattr(result, "style", None) is None
 
 
 class Engine:
@@ -78,6 +137,70 @@ class Engine:
         # Fold the active styles into the base weights while they stay selected: LoRA layers cost ~33% throughput
         # on the demo model with one style, fused ~0% (bench/generate.py); a change of styles unfuses first (exactly).
         self.fuse_styles = fuse_styles
+        # Studio mode (--listen/--share): accounts, ownership and quotas. None: one local user, who owns everything
+        # and pays nothing.
+        self.studio: Studio | None = None
+
+    # ---- studio: who is asking -------------------------------------------------------------------------------
+    def enable_studio(self, studio: Studio | None = None) -> Studio:
+        """Turn on accounts, ownership checks and quotas on <data_dir>/stylebooth.db; reservations left open by a
+        process that died are refunded now (no job runs yet)."""
+        self.studio = studio or Studio(self.data_dir / "stylebooth.db")
+        self.studio.quotas.release_stale()
+        return self.studio
+
+    def caller(self, user: str | Caller | None = LOCAL) -> Caller:
+        """The Caller behind a username (from Gradio's request, never a form field). Without accounts every call
+        is the local user, who may do everything; with accounts the name must be a current account, and its role
+        is read from the database on every call (a removed user or a revoked admin loses access at once)."""
+        if self.studio is None:
+            name = user.name if isinstance(user, Caller) else (user or LOCAL)
+            if not isinstance(name, str) or not _USER.fullmatch(name):
+                raise AccessDenied(f"not a user name: {str(name)[:40]!r}")
+            return Caller(name, admin=True)
+        return self.studio.caller(user.name if isinstance(user, Caller) else user)
+
+    def _reserve(self, caller: Caller, kind: str, count: int, request_id: str) -> bool:
+        """Hold the price before GPU work; True if something was reserved (studio mode, not an admin)."""
+        if self.studio is None or caller.admin:
+            return False  # the local user and studio admins are not charged
+        return self.studio.quotas.reserve(caller.name, request_id, kind, count)
+
+    def balance(self, user: str | Caller = LOCAL):
+        """The caller's free generations left, credits and renewal date (None without accounts or for admins)."""
+        caller = self.caller(user)
+        if self.studio is None or caller.admin:
+            return None
+        return self.studio.quotas.balance(caller.name)
+
+    def _style_for(self, caller: Caller, style_id: str, *, change: bool = False) -> LibraryStyle:
+        """The style if the caller may see it (or change it); otherwise the same "unknown style" as for an id that
+        does not exist, so ids of other users' styles cannot be probed."""
+        s = self.library.get(style_id)
+        if not caller.can_see(s.owner, s.shared and not s.trashed):
+            raise LibraryError(f"unknown style {str(style_id)[:60]!r}; pick one from the library list")
+        if change and not caller.can_change(s.owner):
+            raise AccessDenied(f"style {s.name!r} is shared by {s.owner}: only its owner or an admin can change it")
+        return s
+
+    def _check_style_refs(self, caller: Caller, req) -> None:
+        """Every style a generation request names must be one the caller may use."""
+        refs = [getattr(req, "style", ""), getattr(req, "style_a", ""), getattr(req, "style_b", "")]
+        items = [*(getattr(req, "styles", ()) or ()), *(getattr(req, "active_styles", ()) or ()),
+                 *(getattr(getattr(req, "blend", None), "styles", ()) or ())]
+        for item in items:  # ids, or (id, strength[, text-encoder strength]) tuples
+            refs.append(item if isinstance(item, str) else (item[0] if isinstance(item, (tuple, list)) else ""))
+        for ref in filter(None, refs):
+            self._style_for(caller, self.library.find_version(str(ref)).id)
+
+    def _own_training(self, caller: Caller, result) -> None:
+        """A training run and the style it published belong to whoever started it."""
+        run_dir = getattr(result, "run_dir", None)
+        if run_dir is not None:
+            self.library.set_run_owner(Path(run_dir).name, caller.name)
+        style = getattr(result, "style", None)
+        if style is not None and self.library.get(style.id).owner == LOCAL and caller.name != LOCAL:
+            self.library.set_owner(style.id, caller.name)
 
     # ---- model ---------------------------------------------------------------------------------------------
     @property
@@ -105,17 +228,24 @@ class Engine:
             return new.describe()
 
     # ---- jobs and cancel -----------------------------------------------------------------------------------
-    def cancel(self, job_id: str | None = None, *, kind: str | None = None, user: str | None = None) -> int:
+    def cancel(self, job_id: str | None = None, *, kind: str | None = None, user: str | Caller | None = None) -> int:
         """Ask the matching queued or running jobs to stop (see JobRegistry.cancel); a generation stops within one
         denoising step, a training run at the next step after saving a checkpoint. Returns how many were asked."""
+        if user is not None:  # a user cancels only their own jobs
+            user = self.caller(user).name
         return self.jobs.cancel(job_id, kind=kind, user=user)
 
     def wait_for_jobs(self, *, kind: str | None = None, user: str | None = None, timeout: float = 30.0) -> bool:
         """Wait until the matching jobs have stopped (after `cancel`); False if some still run after `timeout` s."""
         return self.jobs.wait_until_done(kind=kind, user=user, timeout=timeout)
 
-    def queue_position(self, job_id: str) -> int | None:
-        """0 while the job runs, k when k jobs run before it (round-robin across users), None when unknown."""
+    def queue_position(self, job_id: str, *, user: str | Caller = LOCAL) -> int | None:
+        """0 while the job runs, k when k jobs run before it (round-robin across users), None when unknown (or
+        when the job is another user's)."""
+        caller = self.caller(user)
+        job = next((j for j in self.jobs.running() if j.id == job_id), None)
+        if job is None or not caller.can_see(job.user):
+            return None
         return self.fair.position(job_id)
 
     @contextlib.contextmanager
@@ -136,6 +266,7 @@ class Engine:
             self.jobs.finish(job)
 
     # ---- generate ------------------------------------------------------------------------------------------
+    @_charged("generate")
     def generate(self, req: GenerateRequest, on_progress: Callable[[Progress], None] | None = None,
                  *, user: str = "local", job_id: str | None = None) -> GenerateResult:
         """Run a GenerateRequest; images are saved as PNGs with their recipe under outputs/<user>/<date>/."""
@@ -190,7 +321,9 @@ class Engine:
 
         For UIs that render while the job runs (a Gradio generator). Errors are re-raised here.
         """
-        return _iterate(lambda emit: self.generate(req, emit, user=user, job_id=job_id), GenerateResult)
+        job_id = job_id or uuid.uuid4().hex
+        return _iterate(lambda emit: self.generate(req, emit, user=user, job_id=job_id), GenerateResult,
+                        self._waiting(job_id, user))
 
     def read_recipe(self, path: str | Path) -> dict | None:
         """The recipe a dropped PNG carries (ours or A1111's), or None; see engine.generate.recipes."""
@@ -204,7 +337,15 @@ class Engine:
         return [prompt_for("circle", "red", "blue"), prompt_for("square", "yellow", "purple"),
                 prompt_for("triangle", "white", "black", texture="striped"), prompt_for("ring", "green", "white")]
 
+    def _waiting(self, job_id: str, user) -> Callable[[], Queued | None]:
+        """For _iterate: while the job waits for its turn, a Queued event with its place in line."""
+        def poll():
+            pos = self.fair.position(job_id)
+            return Queued(pos) if pos else None
+        return poll
+
     # ---- train ---------------------------------------------------------------------------------------------
+    @_charged("train")
     def train(self, cfg: TrainConfig, name: str, on_event: Callable | None = None, *, run_dir: Path | None = None,
               user: str = "local", job_id: str | None = None) -> TrainJobResult:
         """Ingest images, make priors, train a LoRA and publish it as a style (engine/train/job.py).
@@ -220,23 +361,28 @@ class Engine:
             if self._adapters is not None:  # prior images come from the base model, not the last style used
                 self._adapters.activate_many([])
             return run_training(self.model, self.data_dir, cfg, name, run_dir=run_dir, on_event=on_event,
-                                stop_event=job.token)
+                                stop_event=job.token,
+                                on_run_dir=lambda d: self.library.set_run_owner(d.name, user))
 
     def train_iter(self, cfg: TrainConfig, name: str, *, run_dir: Path | None = None, user: str = "local",
                    job_id: str | None = None) -> Iterator:
         """`train` in a worker thread: yields the trainer's events, then the TrainJobResult."""
+        job_id = job_id or uuid.uuid4().hex
         return _iterate(lambda emit: self.train(cfg, name, emit, run_dir=run_dir, user=user, job_id=job_id),
-                        TrainJobResult)
+                        TrainJobResult, self._waiting(job_id, user))
 
-    def resumable_runs(self) -> list[ResumableRun]:
-        """Runs to offer "resume?": interrupted (their worker died: power cut, kill) and cancelled after a step."""
+    def resumable_runs(self, *, user: str | Caller = LOCAL) -> list[ResumableRun]:
+        """Runs to offer "resume?": interrupted (their worker died: power cut, kill) and cancelled after a step;
+        the caller's own (admins: all; a run whose owner was never recorded belongs to the local user)."""
         from engine.train.job import resumable_runs
 
-        return resumable_runs(self.data_dir / "runs")
+        caller = self.caller(user)
+        owners = self.library.run_owners()
+        return [r for r in resumable_runs(self.data_dir / "runs") if caller.can_see(owners.get(r.run_id, LOCAL))]
 
-    def resume_iter(self, run_id: str, *, user: str = "local", job_id: str | None = None) -> Iterator:
+    def resume_iter(self, run_id: str, *, user: str | Caller = LOCAL, job_id: str | None = None) -> Iterator:
         """Resume a run from `resumable_runs()` (by its id, never a path) from its newest valid checkpoint, exactly."""
-        run = next((r for r in self.resumable_runs() if r.run_id == run_id), None)
+        run = next((r for r in self.resumable_runs(user=user) if r.run_id == run_id), None)
         if run is None:
             raise ConfigError("that run is no longer resumable (finished, or resumed already); refresh the list")
         cfg = from_dict(TrainConfig, run.config)
@@ -251,89 +397,111 @@ class Engine:
                 self._library = Library(self.data_dir)
             return self._library
 
-    def list_styles(self) -> list[StyleInfo]:
-        """The newest version of every style that is neither archived nor in the trash, newest first (the
-        Generate tab's picker; its labels carry id and version, so styles that share a name stay apart)."""
-        return self.library.active()
+    def list_styles(self, *, user: str | Caller = LOCAL) -> list[StyleInfo]:
+        """The newest version of every style the caller may use that is neither archived nor in the trash, newest
+        first (the Generate tab's picker; its labels carry id and version, so styles that share a name stay apart)."""
+        return [s.latest for s in self.library_list(user=user)]
 
     def library_list(self, query: str = "", *, tag: str | None = None, preset: str | None = None,
-                     archived: bool | None = False, trashed: bool = False) -> list[LibraryStyle]:
-        """Search the library: `query` matches name, id, tags, trigger words, description; filters by tag, preset
-        ("subject"/"style"), archived (False: hide, True: only archived, None: both); `trashed` lists the trash."""
-        return self.library.list(query, tag=tag, preset=preset, archived=archived, trashed=trashed)
+                     archived: bool | None = False, trashed: bool = False,
+                     user: str | Caller = LOCAL) -> list[LibraryStyle]:
+        """Search the caller's library (their own styles, studio-shared ones; admins: all): `query` matches name,
+        id, tags, trigger words, description; filters by tag, preset ("subject"/"style"), archived (False: hide,
+        True: only archived, None: both); `trashed` lists the caller's trash."""
+        caller = self.caller(user)
+        found = self.library.list(query, tag=tag, preset=preset, archived=archived, trashed=trashed)
+        if trashed:
+            return [s for s in found if caller.can_change(s.owner)]
+        return [s for s in found if caller.can_see(s.owner, s.shared)]
 
-    def get_style(self, style_id: str) -> LibraryStyle:
+    def get_style(self, style_id: str, *, user: str | Caller = LOCAL) -> LibraryStyle:
         """One style with all its versions (oldest first)."""
-        return self.library.get(style_id)
+        return self._style_for(self.caller(user), style_id)
 
-    def style_versions(self, style_id: str) -> list[StyleInfo]:
+    def style_versions(self, style_id: str, *, user: str | Caller = LOCAL) -> list[StyleInfo]:
         """Every version of a style, oldest first."""
-        return self.library.versions(style_id)
+        return list(self.get_style(style_id, user=user).versions)
 
-    def rename_style(self, style_id: str, name: str) -> LibraryStyle:
+    def _change(self, user, style_id: str) -> str:
+        return self._style_for(self.caller(user), style_id, change=True).id
+
+    def rename_style(self, style_id: str, name: str, *, user: str | Caller = LOCAL) -> LibraryStyle:
         """Rename a style (names need not be unique; labels show the id)."""
-        return self.library.rename(style_id, name)
+        return self.library.rename(self._change(user, style_id), name)
 
-    def tag_style(self, style_id: str, tags: str | list[str]) -> LibraryStyle:
+    def tag_style(self, style_id: str, tags: str | list[str], *, user: str | Caller = LOCAL) -> LibraryStyle:
         """Replace a style's tags ("a, b" or a list); tags are lower-cased and de-duplicated."""
-        return self.library.set_tags(style_id, tags)
+        return self.library.set_tags(self._change(user, style_id), tags)
 
-    def describe_style(self, style_id: str, description: str) -> LibraryStyle:
+    def describe_style(self, style_id: str, description: str, *, user: str | Caller = LOCAL) -> LibraryStyle:
         """Set a style's description."""
-        return self.library.describe(style_id, description)
+        return self.library.describe(self._change(user, style_id), description)
 
-    def set_style_trigger(self, style_id: str, version: int, words: str | list[str]) -> StyleInfo:
+    def set_style_trigger(self, style_id: str, version: int, words: str | list[str], *,
+                          user: str | Caller = LOCAL) -> StyleInfo:
         """Edit a version's trigger words ("a, b" or a list; the first is put into prompts)."""
-        return self.library.set_trigger(style_id, version, words)
+        return self.library.set_trigger(self._change(user, style_id), version, words)
 
-    def archive_style(self, style_id: str, archived: bool = True) -> LibraryStyle:
+    def archive_style(self, style_id: str, archived: bool = True, *, user: str | Caller = LOCAL) -> LibraryStyle:
         """Hide a style from the picker and the default list (False brings it back)."""
-        return self.library.archive(style_id, archived)
+        return self.library.archive(self._change(user, style_id), archived)
 
-    def delete_style(self, style_id: str) -> LibraryStyle:
+    def share_style(self, style_id: str, shared: bool = True, *, user: str | Caller = LOCAL) -> LibraryStyle:
+        """Share a style with the whole studio (everyone may see and use it; only its owner or an admin changes
+        it), or stop sharing it."""
+        return self.library.set_shared(self._change(user, style_id), shared)
+
+    def delete_style(self, style_id: str, *, user: str | Caller = LOCAL) -> LibraryStyle:
         """Move a style to the trash (undo with `undo_delete` until `empty_trash`)."""
-        return self.library.delete(style_id)
+        return self.library.delete(self._change(user, style_id))
 
-    def undo_delete(self, style_id: str) -> LibraryStyle:
+    def undo_delete(self, style_id: str, *, user: str | Caller = LOCAL) -> LibraryStyle:
         """Restore a style from the trash with all its versions."""
-        return self.library.undo_delete(style_id)
+        return self.library.undo_delete(self._change(user, style_id))
 
-    def empty_trash(self) -> int:
-        """Delete the styles in the trash for good (rows and folders); returns how many."""
+    def empty_trash(self, *, user: str | Caller = LOCAL) -> int:
+        """Delete the caller's styles in the trash for good (rows and folders; admins: everyone's); how many."""
+        caller = self.caller(user)
         with self._lock:  # adapters of the removed styles are unloaded too
-            gone = {s.id for s in self.library.list(trashed=True, archived=None)}
-            n = self.library.empty_trash()
+            gone = {s.id for s in self.library.list(trashed=True, archived=None) if caller.can_change(s.owner)}
+            n = self.library.empty_trash(only=gone) if gone else 0
             if self._adapters is not None and gone:
                 self._adapters.forget(gone)
             return n
 
     def import_lora(self, path: str | Path, *, name: str = "", trigger: str = "", preset: str = "style",
-                    tags: str | list[str] = ()) -> ImportResult:
+                    tags: str | list[str] = (), user: str | Caller = LOCAL) -> ImportResult:
         """Import an uploaded .safetensors LoRA (diffusers/PEFT or kohya/A1111 keys, LoCon included) or textual-
-        inversion embedding as a new library style, matched against the loaded base model.
+        inversion embedding as a new library style owned by the caller, matched against the loaded base model.
 
         `path` is the file Gradio's upload handed the UI. Pickles are refused by content; a file that matches 0 of
         its N layers is refused ("0 of N layers matched"); a partial match imports with a warning in the result.
         The trigger word comes from `trigger`, else the file's metadata or name (editable: `set_style_trigger`).
         """
+        caller = self.caller(user)
         with self._lock:  # reads the loaded model's layers; a model switch must not happen halfway
             m = self.model
-            return import_file(self.library, path, m.components, model_fingerprint=m.fingerprint,
-                               model_name=m.name, name=name, trigger=trigger, preset=preset, tags=tags)
+            res = import_file(self.library, path, m.components, model_fingerprint=m.fingerprint,
+                              model_name=m.name, name=name, trigger=trigger, preset=preset, tags=tags)
+            self.library.set_owner(res.style.id, caller.name)
+            return res
 
     def export_style(self, style_id: str, fmt: str = "a1111", *, version: int | None = None,
-                     out_dir: str | Path | None = None) -> ExportResult:
-        """Write a style version as one .safetensors: fmt "a1111" (kohya keys for A1111/ComfyUI, named like the
-        "Lora:" entry in our PNGs) or "diffusers" (PEFT keys). Metadata (trigger words, tags, base model, ss_*
-        training settings) goes in the header. Written to `out_dir`, default <data_dir>/exports/<style id>/
-        (inside the data dir, which Gradio does not serve: the UI copies the file to its upload folder)."""
-        out = Path(out_dir) if out_dir else self.data_dir / "exports" / self.library.get(style_id).id
+                     out_dir: str | Path | None = None, user: str | Caller = LOCAL) -> ExportResult:
+        """Write a style version the caller may see as one .safetensors: fmt "a1111" (kohya keys for A1111/ComfyUI,
+        named like the "Lora:" entry in our PNGs) or "diffusers" (PEFT keys). Metadata (trigger words, tags, base
+        model, ss_* training settings) goes in the header. Written to `out_dir`, default <data_dir>/exports/<style
+        id>/ (inside the data dir, which Gradio does not serve: the UI copies the file to its upload folder)."""
+        style_id = self.get_style(style_id, user=user).id
+        out = Path(out_dir) if out_dir else self.data_dir / "exports" / style_id
         return export_style(self.library, style_id, fmt, out, version=version)
 
-    def style_warning(self, style_id: str) -> str | None:
+    def style_warning(self, style_id: str, *, user: str | Caller = LOCAL) -> str | None:
         """"trained on X; you are on Y" when the style's newest version was made on another base model."""
+        v = self.library.find_version(style_id)
+        self._style_for(self.caller(user), v.id)
         m = self.model
-        return base_model_mismatch(self.library.find_version(style_id), m.fingerprint, m.name)
+        return base_model_mismatch(v, m.fingerprint, m.name)
 
     def _activate_styles(self, weighted) -> list[tuple[StyleInfo, float, float]]:
         """Activate exactly these styles ((id, strength) or (id, UNet weight, text-encoder weight)), loading each
@@ -372,6 +540,7 @@ class Engine:
         return self.data_dir / "outputs" / user / dt.date.today().isoformat()
 
     # ---- blends --------------------------------------------------------------------------------------------
+    @_charged("generate")
     def blend_strip(self, req: BlendStripRequest, on_progress: Callable[[Progress], None] | None = None, *,
                     user: str = "local", job_id: str | None = None) -> BlendStripResult:
         """K images of one prompt and seed, weights from all style A to all style B, as one job: both LoRAs are
@@ -415,6 +584,7 @@ class Engine:
         """`blend_strip` in a worker thread: yields Progress, then the BlendStripResult."""
         return _iterate(lambda emit: self.blend_strip(req, emit, user=user, job_id=job_id), BlendStripResult)
 
+    @_charged("bake")
     def bake_blend(self, req: BakeRequest, *, user: str = "local") -> BakeResult:
         """Save a blend as a new style (exact rank concatenation, or truncated SVD to `req.rank`)."""
         from engine.styles.blend import bake_style
@@ -426,6 +596,7 @@ class Engine:
         return BakeResult(info, req.method, rank, rel)
 
     # ---- batches -------------------------------------------------------------------------------------------
+    @_charged("generate")
     def generate_batch(self, req: BatchRequest, on_progress: Callable[[Progress], None] | None = None, *,
                        user: str = "local", job_id: str | None = None) -> BatchResult:
         """Prompts x seeds x styles (or strengths) as one job: PNGs with recipes written as they are made, an X/Y
@@ -469,8 +640,11 @@ class _Cell:
         self.row, self.col = row, col
 
 
-def _iterate(job: Callable[[Callable], object], result_type) -> Iterator:
-    """Run `job(emit)` in a worker thread; yield what it emits, then its return value; re-raise its error."""
+def _iterate(job: Callable[[Callable], object], result_type, poll: Callable[[], object] | None = None) -> Iterator:
+    """Run `job(emit)` in a worker thread; yield what it emits, then its return value; re-raise its error.
+
+    `poll`: asked every second while nothing was emitted; what it returns (if not None) is yielded (a Queued
+    event while the job waits for its turn)."""
     events: queue.Queue = queue.Queue()
 
     def work():
@@ -481,7 +655,13 @@ def _iterate(job: Callable[[Callable], object], result_type) -> Iterator:
 
     threading.Thread(target=work, daemon=True, name="stylebooth-job").start()
     while True:
-        ev = events.get()
+        try:
+            ev = events.get(timeout=1.0) if poll is not None else events.get()
+        except queue.Empty:
+            waiting = poll()
+            if waiting is not None:
+                yield waiting
+            continue
         if isinstance(ev, BaseException):
             raise ev
         yield ev

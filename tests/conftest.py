@@ -9,6 +9,16 @@ import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One torch/OpenMP thread per process, here and in every subprocess a test starts (launched apps, the CLI): on a
+# shared machine two spinning OpenMP threads per process made some runs ~50x slower (measured), and no result
+# depends on the thread count (the learning tests give the same numbers with 1 and 2 threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "assets" / "demo-model"

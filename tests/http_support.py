@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -41,6 +42,7 @@ class LaunchedApp:
     config_dir: Path
     lines: list[str] = field(default_factory=list)
     client: httpx.Client | None = None
+    _clients: list = field(default_factory=list)
 
     @property
     def output(self) -> str:
@@ -52,6 +54,23 @@ class LaunchedApp:
         if self.client is None:
             self.client = httpx.Client(base_url=self.url, timeout=60, follow_redirects=False)
         return self.client
+
+    def one_time_password(self) -> str:
+        """The admin password that studio mode printed when it created the first admin."""
+        m = re.search(r"One-time password: (\S+)", self.output)
+        if not m:
+            raise AssertionError(f"no one-time password in the launcher's output:\n{self.output[-3000:]}")
+        return m.group(1)
+
+    def login(self, username: str, password: str, *, check: bool = True) -> httpx.Client:
+        """A new client with its own session cookie, logged in through Gradio's /login form."""
+        c = httpx.Client(base_url=self.url, timeout=60, follow_redirects=False)
+        r = c.post("/login", data={"username": username, "password": password})
+        if check and r.status_code != 200:
+            c.close()
+            raise AssertionError(f"login as {username!r} failed: {r.status_code} {r.text[:200]}")
+        self._clients.append(c)
+        return c
 
     def config(self) -> dict:
         r = self.http.get("/config")
@@ -89,15 +108,17 @@ class LaunchedApp:
     def file_data(server_path: str, name: str | None = None) -> dict:
         return {"path": server_path, "orig_name": name or Path(server_path).name, "meta": {"_type": "gradio.FileData"}}
 
-    def call(self, fn_index: int, data: list[Any], timeout_s: float = 180) -> dict:
-        """Run one event through the queue; the final message ({"success": ..., "output": ...}) as a dict."""
+    def call(self, fn_index: int, data: list[Any], timeout_s: float = 180, *, http: httpx.Client | None = None) -> dict:
+        """Run one event through the queue (as `http`'s session, default `self.http`); the final message
+        ({"success": ..., "output": ...}) as a dict."""
+        http = http or self.http
         session = uuid.uuid4().hex
-        r = self.http.post("/gradio_api/queue/join", json={"data": data, "fn_index": fn_index,
+        r = http.post("/gradio_api/queue/join", json={"data": data, "fn_index": fn_index,
                                                            "session_hash": session, "event_data": None,
                                                            "trigger_id": None})
         r.raise_for_status()
         deadline = time.monotonic() + timeout_s
-        with self.http.stream("GET", f"/gradio_api/queue/data?session_hash={session}",
+        with http.stream("GET", f"/gradio_api/queue/data?session_hash={session}",
                               timeout=httpx.Timeout(timeout_s, connect=30)) as stream:
             for line in stream.iter_lines():
                 if time.monotonic() > deadline:
@@ -135,8 +156,9 @@ def launched_app(tmp_path: Path, *flags: str, env: dict[str, str] | None = None,
             _wait_until_up(app, start_s)
         yield app
     finally:
-        if app.client is not None:
-            app.client.close()
+        for c in [app.client, *app._clients]:
+            if c is not None:
+                c.close()
         if proc.poll() is None:
             proc.terminate()
             try:

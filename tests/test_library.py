@@ -166,8 +166,9 @@ def test_a_crash_between_rename_and_commit_leaves_a_folder_that_adoption_picks_u
 def test_new_database_migrates_and_a_newer_one_is_refused(tmp_path, monkeypatch):
     data = tmp_path / "data"
     Library(data).close()
+    now = D.latest_version()
     con = sqlite3.connect(data / D.DB_NAME)
-    assert con.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    assert con.execute("SELECT version FROM schema_version").fetchall() == [(now,)]
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     con.close()
 
@@ -175,15 +176,15 @@ def test_new_database_migrates_and_a_newer_one_is_refused(tmp_path, monkeypatch)
     calls = []
 
     def v2(c):
-        calls.append(2)
+        calls.append(now + 1)
         c.execute("ALTER TABLE styles ADD COLUMN colour TEXT NOT NULL DEFAULT ''")
 
-    monkeypatch.setitem(D.MIGRATIONS, 2, v2)
+    monkeypatch.setitem(D.MIGRATIONS, now + 1, v2)
     Library(data).close()
     Library(data).close()
-    assert calls == [2]
+    assert calls == [now + 1]
     con = sqlite3.connect(data / D.DB_NAME)
-    assert con.execute("SELECT version FROM schema_version").fetchone()[0] == 2
+    assert con.execute("SELECT version FROM schema_version").fetchone()[0] == now + 1
     con.execute("UPDATE schema_version SET version=7")
     con.commit()
     con.close()
@@ -199,11 +200,12 @@ def test_a_failed_migration_leaves_the_database_at_its_old_schema(tmp_path, monk
         c.execute("ALTER TABLE styles ADD COLUMN half TEXT")
         raise RuntimeError("disk gone")
 
-    monkeypatch.setitem(D.MIGRATIONS, 2, broken)
+    now = D.latest_version()
+    monkeypatch.setitem(D.MIGRATIONS, now + 1, broken)
     with pytest.raises(RuntimeError):
         Library(data)
     con = sqlite3.connect(data / D.DB_NAME)
-    assert con.execute("SELECT version FROM schema_version").fetchone()[0] == 1
+    assert con.execute("SELECT version FROM schema_version").fetchone()[0] == now
     assert "half" not in [r[1] for r in con.execute("PRAGMA table_info(styles)")]
 
 
@@ -306,3 +308,19 @@ def test_threads_and_a_second_library_write_at_once(tmp_path):
     for t in threads:
         t.join()
     assert errors == [] and len(lib.list()) == 4 and len(lib.get(a.id).tags) == 2
+
+
+def test_v1_database_migrates_to_owners_with_existing_styles_owned_by_local(tmp_path, monkeypatch):
+    """Studio mode's migration: a library from before accounts keeps every style, owned by "local", not shared."""
+    data = tmp_path / "data"
+    monkeypatch.setattr(D, "MIGRATIONS", {1: D.MIGRATIONS[1]})
+    _publish(data, tmp_path, "Heart")
+    monkeypatch.undo()
+    lib = Library(data)
+    (s,) = lib.list()
+    assert (s.name, s.owner, s.shared) == ("Heart", "local", False)
+    lib.set_owner(s.id, "ann")
+    assert lib.set_shared(s.id, True).shared and lib.get(s.id).owner == "ann"
+    lib.set_run_owner("run-1", "ann")
+    lib.set_run_owner("run-1", "bob")  # the first owner stays
+    assert lib.run_owners() == {"run-1": "ann"}

@@ -75,3 +75,29 @@ def test_library_tab_is_in_the_app(engine):
     demo = build_app(engine)
     names = {f.name for f in dict(demo.fns).values()}
     assert {"show_list", "on_import", "show_details"} <= names
+
+
+def test_studio_an_import_belongs_to_its_importer_and_sharing_is_the_owners_call(tiny_sd, lora, tmp_path):
+    """Studio mode through the Library tab's handlers: ann imports, bob does not see it until ann shares it, and
+    even then bob can use (export) but not change it; the admin can."""
+    eng = Engine(Settings(model=str(tiny_sd), data_dir=str(tmp_path / "data")))
+    st = eng.enable_studio()
+    for name, role in (("ann", "user"), ("bob", "user"), ("boss", "admin")):
+        st.accounts.add(name, f"{name}-password", role)
+    h = LibraryHandlers(eng)
+    sid = h.import_file(str(lora), name="Ann ink", trigger="inkz", user="ann")["style_id"]
+    assert eng.library.get(sid).owner == "ann"
+    assert h.listing(user="bob")["choices"] == [] and h.listing(user="ann")["count"] == "1 style"
+    with pytest.raises(gr.Error, match="unknown style"):
+        h.details(sid, user="bob")
+    with pytest.raises(gr.Error, match="unknown style"):
+        h.export(sid, "a1111", user="bob")
+    with pytest.raises(gr.Error, match="unknown style"):
+        h.edit("share", sid, user="bob")
+    assert "Shared" in h.edit("share", sid, user="ann")["status"]
+    assert [i for _, i in h.listing(user="bob")["choices"]] == [sid]
+    assert "Owner: ann · shared with the studio" in h.details(sid, user="bob")["details"]
+    assert h.export(sid, "a1111", user="bob")["export_file"]
+    with pytest.raises(gr.Error, match="only its owner or an admin"):
+        h.edit("rename", sid, "mine now", user="bob")
+    assert h.edit("rename", sid, "Studio ink", user="boss")["name"] == "Studio ink"

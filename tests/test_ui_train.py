@@ -270,3 +270,31 @@ def test_app_wiring(engine):
     # When a run ends, the Generate tab's Style dropdown is refreshed.
     then = [f for f in fns.values() if f.trigger_after in (train_id, resume_id)]
     assert len(then) == 2 and {f.name for f in then} == {"style_dropdown"}
+
+
+def test_studio_a_run_belongs_to_who_started_it_from_its_first_step_and_a_cancel_is_refunded(tiny_sd, tmp_path):
+    import time
+
+    eng = Engine(Settings(model=str(tiny_sd), data_dir=str(tmp_path / "d")))
+    st = eng.enable_studio()
+    st.accounts.add("ann", "ann-password")
+    st.accounts.add("bob", "bob-password")
+    st.quotas.add_credits("ann", 60)
+    th = TrainHandlers(eng)
+    run = th.train(draw(3), "ann run", form(max_train_steps=40, with_prior_preservation=False, validation_steps=0,
+                                            checkpointing_steps=100), user="ann")
+    for u in run:
+        if "loss_plot" in u:  # training has begun: the run is ann's already (a crash now keeps it hers)
+            assert list(eng.library.run_owners().values()) == ["ann"]
+            assert st.quotas.balance("ann").credits == 10  # reserved before the GPU work
+            break
+    run.close()
+    out = th.cancel(user="ann")
+    assert out["status"].startswith("Cancelled.") and len(out["runs"].choices) == 1
+    assert th.resumable_runs("bob") == [] and len(th.resumable_runs("ann")) == 1
+    with pytest.raises(gr.Error, match="no longer resumable"):  # bob cannot resume ann's run by its id
+        list(th.resume(out["runs"].choices[0][1], user="bob"))
+    deadline = time.monotonic() + 30
+    while st.quotas.balance("ann").credits != 60 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert st.quotas.balance("ann").credits == 60  # a cancelled run costs nothing

@@ -15,6 +15,8 @@ from gradio.utils import get_upload_folder
 from .blend_tab import build_blend_tab
 from .generate_tab import build_generate_tab
 from .library_tab import build_library_tab
+from .session import is_admin, user_of
+from .studio_tab import build_studio_tab
 from .train_tab import build_train_tab
 
 # Layout of the data directory (DESIGN.md); blocked even before they exist, so a file created after launch is
@@ -71,9 +73,13 @@ class AppHandlers:
             self.header = model_summary(None, str(e))
         return self.header
 
-    def switch_model(self, source: str | None) -> str:
-        """Load another base model; on failure the old one stays and the message is shown once."""
-        # In studio mode this must become an admin-only event (GR-9); until then see allowed().
+    def switch_model(self, source: str | None, user_is_admin: bool = True) -> str:
+        """Load another base model; on failure the old one stays and the message is shown once.
+
+        In studio mode only admins may (the model is shared by everyone): the caller's role is checked by the
+        event on the server (GR-9), and the source must still pass allowed()."""
+        if not user_is_admin:
+            raise gr.Error("Only a studio admin can switch the base model.")
         source = (source or "").strip() if isinstance(source, str) else ""
         if not self.allowed(source):
             raise gr.Error("This app is open to the network, so the Model box loads only the models listed under "
@@ -112,16 +118,24 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
                 library = build_library_tab(engine)
             with gr.Tab("Blend", id="blend", elem_id="tab-blend") as blend_tab:
                 blend = build_blend_tab(engine)
+            studio = studio_tab = None
+            if getattr(engine, "studio", None) is not None:
+                # Shown to admins only (demo.load below); every Studio event checks the role again on the server.
+                with gr.Tab("Studio", id="studio", elem_id="tab-studio", visible=False) as studio_tab:
+                    studio = build_studio_tab(engine)
         # Loading a model competes with generation for the GPU: same concurrency id as Generate.
-        load.click(h.switch_model, [source], [header], concurrency_id="gpu", concurrency_limit=1,
+        def on_switch(request: gr.Request, src):
+            return h.switch_model(src, is_admin(engine, request))
+
+        load.click(on_switch, [source], [header], concurrency_id="gpu", concurrency_limit=1,
                    api_visibility="private")
         demo.load(lambda: h.header, None, [header], queue=False, api_visibility="private")
         # Styles trained since the app started (Train tab, CLI) show up on the next page load, when a training
         # run ends, and whenever the Generate tab is opened.
         pickers = gen.style_dropdowns
 
-        def style_dropdown():
-            return gen.handlers.style_dropdowns(len(pickers))
+        def style_dropdown(request: gr.Request):
+            return gen.handlers.style_dropdowns(len(pickers), user_of(engine, request))
         style = dict(fn=style_dropdown, inputs=None, outputs=pickers, queue=False, api_visibility="private")
         demo.load(**style)
         gen_tab.select(**style)
@@ -133,11 +147,16 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
         demo.load(**blend.refresh)
         blend_tab.select(**blend.refresh)
         # Runs interrupted by a crash (or cancelled) while the page was closed show up in the Train tab.
-        runs = dict(fn=train.handlers.runs_dropdown, inputs=None, outputs=[train.runs], queue=False,
+        runs = dict(fn=train.runs_for, inputs=None, outputs=[train.runs], queue=False,
                     api_visibility="private")
         demo.load(**runs)
         train_tab.select(**runs)
-    demo.queue(default_concurrency_limit=1, max_size=16)
+        if studio is not None:
+            demo.load(studio.visible_for, None, [studio_tab], queue=False, api_visibility="private")
+            studio_tab.select(studio.refresh, None, [studio.components["users"], studio.components["usage"]],
+                              queue=False, api_visibility="private")
+    # A studio's users each may have a job waiting for the one GPU (fair turns in the engine); alone, 16 is plenty.
+    demo.queue(default_concurrency_limit=1, max_size=64 if getattr(engine, "studio", None) is not None else 16)
     return demo
 
 

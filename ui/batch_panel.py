@@ -16,6 +16,7 @@ from engine.core.config import ConfigError
 from engine.core.events import BatchResult
 
 from .downloads import copy_for_download
+from .session import user_of
 
 # Form fields of the Generate tab that a batch takes over as they are.
 SHARED = ("negative_prompt", "num_inference_steps", "guidance_scale", "guidance_rescale", "width", "height", "seed",
@@ -62,11 +63,12 @@ class BatchHandlers:
         except ConfigError as e:
             raise gr.Error(str(e)) from None
 
-    def run(self, req: BatchRequest, progress=None) -> Iterator[dict[str, Any]]:
+    def run(self, req: BatchRequest, progress=None, user: str | None = None) -> Iterator[dict[str, Any]]:
         """Progress over the whole batch, then the gallery, the X/Y grid and the zip."""
+        user = user or self.user
         finished = False
         try:
-            for ev in self.engine.generate_batch_iter(req, user=self.user):
+            for ev in self.engine.generate_batch_iter(req, user=user):
                 if isinstance(ev, BatchResult):
                     finished = True
                     yield self._result(ev)
@@ -76,14 +78,15 @@ class BatchHandlers:
                 yield {"batch_status": ev.message}
         except GeneratorExit:
             if not finished:  # Gradio closed us (Cancel, closed tab): stop the worker too
-                self.engine.cancel(kind="batch", user=self.user)
+                self.engine.cancel(kind="batch", user=user)
             raise
         except ValueError as e:
             raise gr.Error(str(e)) from None
 
-    def cancel(self) -> dict[str, Any]:
-        self.engine.cancel(kind="batch", user=self.user)
-        stopped = self.engine.wait_for_jobs(kind="batch", user=self.user, timeout=30)
+    def cancel(self, user: str | None = None) -> dict[str, Any]:
+        user = user or self.user
+        self.engine.cancel(kind="batch", user=user)
+        stopped = self.engine.wait_for_jobs(kind="batch", user=self.engine.caller(user).name, timeout=30)
         return {"batch_status": "Batch cancelled; the images made so far are in the zip." if stopped else
                 "Stopping after the current image…"}
 
@@ -130,15 +133,18 @@ def build_batch_panel(engine, fields: dict[str, Any], style_choices: list[tuple[
     names = list(fields)
     outs = [c[k] for k in ("batch_gallery", "batch_grid", "batch_zip", "batch_status")]
 
-    def on_batch(*args, progress=gr.Progress()):
+    def on_batch(request: gr.Request, *args, progress=gr.Progress()):
         form = dict(zip(names, args[:len(names)]))
         req = h.request(form, *args[len(names):])
-        for update in h.run(req, progress):
+        for update in h.run(req, progress, user=user_of(engine, request)):
             yield {c[k]: v for k, v in update.items()}
 
     ev = run.click(on_batch, list(fields.values()) + [c[k] for k in panel], outs, concurrency_id="gpu",
                    concurrency_limit=1, show_progress_on=[c["batch_grid"]], api_visibility="private")
-    stop.click(lambda: h.cancel()["batch_status"], None, [c["batch_status"]], cancels=[ev], queue=False,
+    def on_cancel(request: gr.Request):
+        return h.cancel(user_of(engine, request))["batch_status"]
+
+    stop.click(on_cancel, None, [c["batch_status"]], cancels=[ev], queue=False,
                api_visibility="private")
     c["handlers"] = h
     c["refresh_styles"] = [c["styles"], c["strength_style"]]

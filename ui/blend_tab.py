@@ -16,6 +16,7 @@ from engine.core.config import ConfigError, GenerateRequest
 from engine.core.events import BlendStripResult, GenerateResult
 
 from .downloads import copy_for_download
+from .session import user_of
 
 ROWS = 4  # styles a blend can mix in the UI (the engine takes up to MAX_STYLES)
 EXPLAIN = ("**What the weights mean.** A style is a learned change to the model; the blend adds each style's "
@@ -42,8 +43,10 @@ class BlendHandlers:
         self.engine = engine
         self.user = user  # whose jobs this tab starts and cancels
 
-    def style_choices(self) -> list[tuple[str, str]]:
-        styles = self.engine.list_styles() if self.engine is not None else []
+    def style_choices(self, user: str | None = None) -> list[tuple[str, str]]:
+        # Built before anyone asks (the page layout): in studio mode nobody's styles go into it.
+        anonymous = user is None and getattr(self.engine, "studio", None) is not None
+        styles = self.engine.list_styles(user=user or self.user) if self.engine is not None and not anonymous else []
         return [("—", "")] + [(s.label, s.id) for s in styles if s.kind == "lora"]  # embeddings do not blend
 
     def blend(self, values: dict[str, Any]) -> BlendRequest:
@@ -56,7 +59,7 @@ class BlendHandlers:
             raise gr.Error(str(e)) from None
 
     def strip(self, values: dict[str, Any], prompt: str, seed: int, num_images: int, steps: int,
-              progress=None) -> Iterator[dict[str, Any]]:
+              progress=None, user: str | None = None) -> Iterator[dict[str, Any]]:
         """Images from all-A to all-B at one seed, then the strip as one picture."""
         ids, _ = _pairs(values)
         if len(ids) < 2:
@@ -67,7 +70,7 @@ class BlendHandlers:
         except ConfigError as e:
             raise gr.Error(str(e)) from None
         try:
-            for ev in self.engine.blend_strip_iter(req, user=self.user):
+            for ev in self.engine.blend_strip_iter(req, user=user or self.user):
                 if isinstance(ev, BlendStripResult):
                     yield self._strip_result(ev)
                     return
@@ -84,25 +87,28 @@ class BlendHandlers:
         return {"strip_gallery": gallery, "strip_image": strip,
                 "status": f"{word}: {len(res.images)} image(s) from all-A to all-B in {res.seconds:.1f} s."}
 
-    def preview(self, values: dict[str, Any], prompt: str, seed: int, steps: int) -> dict[str, Any]:
+    def preview(self, values: dict[str, Any], prompt: str, seed: int, steps: int,
+                user: str | None = None) -> dict[str, Any]:
         """One image of the blend as it is set now (the same request Generate would run)."""
         blend = self.blend(values)
         try:
             req = GenerateRequest(prompt=prompt or "", seed=int(seed), num_inference_steps=int(steps),
                                   styles=tuple(zip(blend.styles, blend.weights)))
-            res: GenerateResult = self.engine.generate(req, user=self.user)
+            res: GenerateResult = self.engine.generate(req, user=user or self.user)
         except ValueError as e:
             raise gr.Error(str(e)) from None
         paths = copy_for_download([g.path for g in res.images])
         return {"preview": str(paths[0]) if paths else None,
                 "status": "Preview made with " + ", ".join(f"{s} × {w:g}" for s, w in zip(blend.styles, blend.weights))}
 
-    def bake(self, values: dict[str, Any], name: str, method: str, rank: int) -> dict[str, Any]:
+    def bake(self, values: dict[str, Any], name: str, method: str, rank: int,
+             user: str | None = None) -> dict[str, Any]:
         """Save the blend as a new style; an SVD bake reports how much of the blend it lost."""
         blend = self.blend(values)
         try:
             rank = int(rank or 0) if method == "svd" else 0  # the slider keeps a value either way
-            res = self.engine.bake_blend(BakeRequest((name or "").strip(), blend, method, rank), user=self.user)
+            res = self.engine.bake_blend(BakeRequest((name or "").strip(), blend, method, rank),
+                                         user=user or self.user)
         except ValueError as e:
             raise gr.Error(str(e)) from None
         how = ("exact (ranks concatenated: it generates what the live blend does)" if res.method == "exact" else
@@ -161,19 +167,20 @@ def build_blend_tab(engine) -> BlendTab:
         styles, weights = args[:ROWS], args[ROWS:2 * ROWS]
         return {**{f"style_{k}": s for k, s in enumerate(styles)}, **{f"weight_{k}": w for k, w in enumerate(weights)}}
 
-    def on_strip(*args, progress=gr.Progress()):
+    # `request` (first, so Gradio fills it): who is asking, from the login; never a form field.
+    def on_strip(request: gr.Request, *args, progress=gr.Progress()):
         vals, (prompt, seed, n, steps) = values_of(args), args[2 * ROWS:]
-        for out in h.strip(vals, prompt, seed, n, steps, progress):
+        for out in h.strip(vals, prompt, seed, n, steps, progress, user=user_of(engine, request)):
             yield out["strip_gallery"], out["strip_image"], out["status"]
 
-    def on_preview(*args):
+    def on_preview(request: gr.Request, *args):
         vals, (prompt, seed, steps) = values_of(args), args[2 * ROWS:]
-        out = h.preview(vals, prompt, seed, steps)
+        out = h.preview(vals, prompt, seed, steps, user=user_of(engine, request))
         return out["preview"], out["status"]
 
-    def on_bake(*args):
+    def on_bake(request: gr.Request, *args):
         vals, (name, method, rank) = values_of(args), args[2 * ROWS:]
-        return h.bake(vals, name, method, rank)["status"]
+        return h.bake(vals, name, method, rank, user=user_of(engine, request))["status"]
 
     gpu = dict(concurrency_id="gpu", concurrency_limit=1, api_visibility="private")
     strip_btn.click(on_strip, row_inputs + [c["prompt"], c["seed"], c["num_images"], c["steps"]],
@@ -182,8 +189,8 @@ def build_blend_tab(engine) -> BlendTab:
                       **gpu)
     bake_btn.click(on_bake, row_inputs + [c["name"], c["method"], c["rank"]], [c["status"]], **gpu)
 
-    def refill():
-        fresh = h.style_choices()
+    def refill(request: gr.Request):
+        fresh = h.style_choices(user_of(engine, request))
         return [gr.Dropdown(choices=fresh) for _ in range(ROWS)]
 
     refresh = dict(fn=refill, inputs=None, outputs=[c[f"style_{k}"] for k in range(ROWS)], queue=False,

@@ -17,12 +17,13 @@ import gradio as gr
 from PIL import UnidentifiedImageError
 
 from engine.core.config import SCHEDULER_LABELS, SCHEDULERS, ConfigError, GenerateRequest, style_pairs
-from engine.core.events import GenerateResult
+from engine.core.events import GenerateResult, Queued
 
 from .batch_panel import build_batch_panel
 from .downloads import copy_for_download
 
 from .forms import int_fields, whole_numbers
+from .session import user_of
 
 # Every GenerateRequest field the user sets; schema_version belongs to the file format, not to the form.
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GenerateRequest) if f.name != "schema_version")
@@ -64,17 +65,22 @@ class GenerateHandlers:
         except TypeError as e:  # a direct API call sent e.g. a list where a number belongs
             raise gr.Error(f"invalid value in the request: {e}") from None
 
-    def generate(self, values: dict[str, Any], progress=None) -> Iterator[dict[str, Any]]:
-        """Yield partial updates {status, preview} while sampling, then {gallery, files, status, preview}."""
+    def generate(self, values: dict[str, Any], progress=None, user: str | None = None) -> Iterator[dict[str, Any]]:
+        """Yield partial updates {status, preview} while sampling, then {gallery, files, status, preview}.
+        `user`: who asks (ui.session.user_of), else this tab's default user."""
+        user = user or self.user
         req = self.request(values)
         finished = False
         last = 0.0
         try:
-            for ev in self.engine.generate_iter(req, user=self.user):
+            for ev in self.engine.generate_iter(req, user=user):
                 if isinstance(ev, GenerateResult):
                     finished = True
                     yield self._result(ev, req)
                     return
+                if isinstance(ev, Queued):  # waiting behind other jobs (fair across users)
+                    yield {"status": ev.message}
+                    continue
                 if progress is not None:
                     progress((ev.done, ev.total), desc=ev.message, unit="steps")
                 now = time.monotonic()
@@ -88,7 +94,7 @@ class GenerateHandlers:
             if not finished:
                 # Gradio closed the generator (Cancel, or the browser went away) while the worker runs: stop it
                 # too, or it keeps the GPU busy with images nobody will see (LIBRARY-NOTES §0.5).
-                self.engine.cancel(kind="generate", user=self.user)
+                self.engine.cancel(kind="generate", user=user)
             raise
         except ValueError as e:  # ConfigError, ModelLoadError and other checks carry user-facing messages
             raise gr.Error(str(e)) from None
@@ -105,32 +111,37 @@ class GenerateHandlers:
             status = f"Done: {n} image(s) in {result.seconds:.1f} s."
         return {"gallery": gallery, "files": [str(p) for p in paths] or None, "status": status, "preview": None}
 
-    def cancel(self, wait_s: float = 30.0) -> dict[str, Any]:
+    def cancel(self, wait_s: float = 30.0, user: str | None = None) -> dict[str, Any]:
         """Really stop this tab's generation within one denoising step (Gradio's own cancel only stops the UI).
 
         Answers only once the worker has stopped: the run's last progress message then reaches the page before
         this one, so the status ends on "Cancelled." however busy the machine is, never on a stale step count.
         """
-        self.engine.cancel(kind="generate", user=self.user)
-        stopped = self.engine.wait_for_jobs(kind="generate", user=self.user, timeout=wait_s)
+        user = user or self.user
+        self.engine.cancel(kind="generate", user=user)
+        stopped = self.engine.wait_for_jobs(kind="generate", user=self.engine.caller(user).name, timeout=wait_s)
         return {"status": "Cancelled." if stopped else "Stopping after the current step…"}
 
     @staticmethod
     def random_seed() -> dict[str, Any]:
         return {"seed": random.randint(0, MAX_SEED)}
 
-    def style_choices(self) -> list[tuple[str, str]]:
-        """(label, id) for the Style dropdown: "no style" first, then the library, newest first."""
-        styles = self.engine.list_styles() if self.engine is not None else []
+    def style_choices(self, user: str | None = None) -> list[tuple[str, str]]:
+        """(label, id) for the Style dropdown: "no style" first, then the styles `user` may use, newest first."""
+        # Built before anyone asks (the page layout): in studio mode nobody's styles go into it.
+        anonymous = user is None and getattr(self.engine, "studio", None) is not None
+        styles = self.engine.list_styles(user=user or self.user) if self.engine is not None and not anonymous else []
         return [("No style", "")] + [(s.label, s.id) for s in styles]
 
-    def style_dropdown(self) -> gr.Dropdown:
-        """The Style dropdown with fresh choices (styles trained since the page was built)."""
-        return gr.Dropdown(choices=self.style_choices())
+    def style_dropdown(self, request: gr.Request = None) -> gr.Dropdown:
+        """The Style dropdown with fresh choices (styles trained since the page was built) for who is asking."""
+        return gr.Dropdown(choices=self.style_choices(user_of(self.engine, request) if request is not None
+                                                      else None))
 
-    def style_dropdowns(self, n: int) -> list[gr.Dropdown]:
-        """`n` style dropdowns with fresh choices (the Style picker, the extra styles, the batch panel's)."""
-        choices = self.style_choices()
+    def style_dropdowns(self, n: int, user: str | None = None) -> list[gr.Dropdown]:
+        """`n` style dropdowns with fresh choices (the Style picker, the extra styles, the batch panel's) for
+        `user` (ui.session.user_of)."""
+        choices = self.style_choices(user)
         return [gr.Dropdown(choices=choices) for _ in range(n)]
 
     def load_recipe(self, path: str | Path | None) -> dict[str, Any]:
@@ -313,10 +324,10 @@ def build_generate_tab(engine) -> GenerateTab:
     def more_styles(*rows):
         return tuple((sid, float(w)) for sid, w in zip(rows[0::2], rows[1::2]) if sid)
 
-    def on_generate(progress=gr.Progress(), **values):
+    def on_generate(request: gr.Request, progress=gr.Progress(), **values):
         # `inputs_kwargs=fields` hands the values over by field name (the API uses the same names); order never
-        # matters. Gradio fills `progress` with a tracker for this request.
-        for update in h.generate(values, progress):
+        # matters. Gradio fills `progress` with a tracker and `request` with the caller (its login) for this request.
+        for update in h.generate(values, progress, user=user_of(engine, request)):
             yield {outs[k]: v for k, v in update.items()}
 
     def to_components(update: dict) -> dict:
@@ -325,7 +336,10 @@ def build_generate_tab(engine) -> GenerateTab:
     ev = go.click(on_generate, inputs_kwargs=fields, outputs=list(outs.values()), concurrency_id="gpu",
                   concurrency_limit=1, show_progress_on=[outs["gallery"]], api_name="generate")
     # Not queued behind the GPU job it has to stop; engine.cancel() stops the worker, cancels=[ev] the UI side.
-    stop.click(lambda: to_components(h.cancel()), None, [outs["status"]], cancels=[ev], queue=False,
+    def on_cancel(request: gr.Request):
+        return to_components(h.cancel(user=user_of(engine, request)))
+
+    stop.click(on_cancel, None, [outs["status"]], cancels=[ev], queue=False,
                api_visibility="private")
     dice.click(lambda: to_components(h.random_seed()), None, [fields["seed"]], queue=False,
                api_visibility="private")

@@ -21,7 +21,7 @@ from PIL import Image
 from engine.core.captions import read_captions
 from engine.core.config import ConfigError, from_dict, load_toml
 from engine.core.errors import CheckpointError, DiskFullError, TrainingError
-from engine.core.events import TrainCheckpoint, TrainJobResult, TrainLog, TrainPreview, TrainProgress
+from engine.core.events import Queued, TrainCheckpoint, TrainJobResult, TrainLog, TrainPreview, TrainProgress
 from engine.core.train_config import (TRIGGER_CANDIDATES, TrainConfig, demo_settings, field_names, presets,
                                       save_train_config)
 
@@ -154,13 +154,14 @@ class TrainHandlers:
         """Rebuild the prompts from the preset's templates after the trigger or class noun changed."""
         return {k: v for k, v in self.preset(kind, token, noun).items() if k in PROMPT_FIELDS}
 
-    def suggest_token(self, current: str, kind: str, noun: str) -> dict[str, Any]:
+    def suggest_token(self, current: str, kind: str, noun: str, user: str | None = None) -> dict[str, Any]:
         """The next rare trigger not used by a style in the library (two styles with one trigger cannot be mixed).
 
         engine.core.train_config.suggest_trigger_token needs the model's tokenizer, which ui/ cannot reach without
         the engine exposing it; the candidates were chosen as single CLIP tokens already.
         """
-        used = {s.trigger_token for s in self.engine.list_styles()} if self.engine is not None else set()
+        used = ({s.trigger_token for s in self.engine.list_styles(user=user or self.user)}
+                if self.engine is not None else set())
         free = [t for t in TRIGGER_CANDIDATES if t not in used and t != current]
         token = (free or [t for t in TRIGGER_CANDIDATES if t != current])[0]
         return {"trigger_token": token, **self.prompts(kind, token, noun)}
@@ -234,7 +235,7 @@ class TrainHandlers:
 
     # ---- train ---------------------------------------------------------------------------------------------
     def train(self, images: list[str] | None, name: str, values: dict[str, Any],
-              progress=None) -> Iterator[dict[str, Any]]:
+              progress=None, user: str | None = None) -> Iterator[dict[str, Any]]:
         """Yield partial updates while training, then the result card (see module doc for the keys)."""
         n = len(split_uploads(images)[0])
         if not MIN_IMAGES <= n <= MAX_IMAGES:
@@ -242,17 +243,19 @@ class TrainHandlers:
         if not (name or "").strip():
             raise gr.Error("give the style a name, e.g. 'my heart shape'")
         cfg = self.config(values, images)
-        yield from self._follow(lambda: self.engine.train_iter(cfg, name.strip(), user=self.user), cfg, progress)
+        user = user or self.user
+        yield from self._follow(lambda: self.engine.train_iter(cfg, name.strip(), user=user), cfg, progress, user)
 
-    def resume(self, run_id: str | None, progress=None) -> Iterator[dict[str, Any]]:
+    def resume(self, run_id: str | None, progress=None, user: str | None = None) -> Iterator[dict[str, Any]]:
         """Continue an interrupted or cancelled run (picked by id from the engine's list) from its last checkpoint."""
         if not run_id:
             raise gr.Error("pick a run to resume from the list (press Refresh if it is empty)")
-        run = next((r for r in self.engine.resumable_runs() if r.run_id == run_id), None)
+        user = user or self.user
+        run = next((r for r in self.engine.resumable_runs(user=user) if r.run_id == run_id), None)
         if run is None:
             raise gr.Error("that run is no longer resumable (finished, or resumed already); press Refresh")
         cfg = self._cfg(run.config)
-        yield from self._follow(lambda: self.engine.resume_iter(run.run_id, user=self.user), cfg, progress)
+        yield from self._follow(lambda: self.engine.resume_iter(run.run_id, user=user), cfg, progress, user)
 
     @staticmethod
     def _cfg(config: dict) -> TrainConfig:
@@ -261,7 +264,7 @@ class TrainHandlers:
         except ConfigError as e:
             raise gr.Error(f"this run's config cannot be read by this version: {e}") from None
 
-    def _follow(self, start, cfg: TrainConfig, progress) -> Iterator[dict[str, Any]]:
+    def _follow(self, start, cfg: TrainConfig, progress, user: str | None = None) -> Iterator[dict[str, Any]]:
         """Render the engine's events; if Gradio closes us (Cancel, closed tab) stop the engine, as Generate does."""
         log: list[str] = []
         steps: list[int] = []
@@ -278,6 +281,9 @@ class TrainHandlers:
                     yield self._final(ev, cfg, log)
                     return
                 update: dict[str, Any] = {}
+                if isinstance(ev, Queued):  # waiting behind other jobs (fair across users)
+                    yield {"status": ev.message}
+                    continue
                 if isinstance(ev, TrainProgress):
                     if ev.loss != ev.loss:  # NaN: the prior-image phase, before step 1
                         if progress is not None:
@@ -305,7 +311,7 @@ class TrainHandlers:
         except GeneratorExit:
             if not done:
                 draining = True
-                self.engine.cancel(kind="train", user=self.user)  # Gradio's cancel stops only the UI (§0.5)
+                self.engine.cancel(kind="train", user=user or self.user)  # Gradio's cancel stops only the UI
                 threading.Thread(target=self._drain, args=(events,), daemon=True).start()
             raise
         except MemoryError:
@@ -354,23 +360,27 @@ class TrainHandlers:
         return {**out, "status": f"Done: style “{s.name}” trained in {r.steps} steps. Go to Generate to use it.",
                 "result": card}
 
-    def cancel(self, wait_s: float = 60.0) -> dict[str, Any]:
-        """Stop the run at the next step; wait for its checkpoint so the Interrupted runs list can show it."""
-        self.engine.cancel(kind="train", user=self.user)
-        with self._runs_changed:
-            stopped = self._runs_changed.wait_for(lambda: self._runs == 0, timeout=wait_s)
+    def cancel(self, wait_s: float = 60.0, user: str | None = None) -> dict[str, Any]:
+        """Stop the caller's run at the next step; wait for its checkpoint so the Interrupted runs list shows it."""
+        user = user or self.user
+        self.engine.cancel(kind="train", user=user)
+        if getattr(self.engine, "studio", None) is not None:  # other users' runs go on: wait for this one only
+            stopped = self.engine.wait_for_jobs(kind="train", user=self.engine.caller(user).name, timeout=wait_s)
+        else:
+            with self._runs_changed:
+                stopped = self._runs_changed.wait_for(lambda: self._runs == 0, timeout=wait_s)
         msg = "Cancelled." if stopped else "Stopping after the current step…"
-        return {"status": msg + " Resume it under Interrupted runs.", "runs": self.runs_dropdown()}
+        return {"status": msg + " Resume it under Interrupted runs.", "runs": self.runs_dropdown(user)}
 
     # ---- interrupted runs ----------------------------------------------------------------------------------
-    def resumable_runs(self) -> list[tuple[str, str]]:
-        """(label, run id): runs whose worker died and runs cancelled with a checkpoint (engine.resumable_runs)."""
-        if self.engine is None:
+    def resumable_runs(self, user: str | None = None) -> list[tuple[str, str]]:
+        """(label, run id): the caller's runs whose worker died and runs cancelled with a checkpoint."""
+        if self.engine is None or (user is None and getattr(self.engine, "studio", None) is not None):
             return []
-        return [(r.label, r.run_id) for r in self.engine.resumable_runs()]
+        return [(r.label, r.run_id) for r in self.engine.resumable_runs(user=user or self.user)]
 
-    def runs_dropdown(self) -> gr.Dropdown:
-        runs = self.resumable_runs()
+    def runs_dropdown(self, user: str | None = None) -> gr.Dropdown:
+        runs = self.resumable_runs(user)
         return gr.Dropdown(choices=runs, value=runs[0][1] if runs else None)
 
 

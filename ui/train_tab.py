@@ -13,6 +13,7 @@ import gradio as gr
 from engine.core.train_config import LR_SCHEDULERS, MIXED_PRECISION, REPORT_TO, TrainConfig
 
 from .forms import int_fields
+from .session import user_of
 
 from .train_handlers import (EXAMPLES, INT_FIELDS, MAX_IMAGES, MIN_IMAGES, PROMPT_FIELDS, TrainHandlers, default_values,
                              loss_frame)
@@ -29,6 +30,7 @@ class TrainTab:
     runs: gr.Dropdown  # resumable runs; the app refreshes it on page load and tab select
     train_event: Any
     resume_event: Any
+    runs_for: Any = None  # fn(request) -> the runs dropdown for who is asking (page load, tab select)
 
 
 # The Advanced accordion, row by row: (field, kind, label, extra keyword arguments).
@@ -157,13 +159,22 @@ def build_train_tab(engine) -> TrainTab:
     def to_components(update: dict) -> dict:
         return {comps[k]: v for k, v in update.items()}
 
-    def on_train(images=None, style_name="", progress=gr.Progress(), **values):
-        for update in h.train(images, style_name, values, progress):
+    def on_train(request: gr.Request, images=None, style_name="", progress=gr.Progress(), **values):
+        for update in h.train(images, style_name, values, progress, user=user_of(engine, request)):
             yield to_components(update)
 
-    def on_resume(run_id=None, progress=gr.Progress()):
-        for update in h.resume(run_id, progress):
+    def on_resume(request: gr.Request, run_id=None, progress=gr.Progress()):
+        for update in h.resume(run_id, progress, user=user_of(engine, request)):
             yield to_components(update)
+
+    def on_cancel(request: gr.Request):
+        return to_components(h.cancel(user=user_of(engine, request)))
+
+    def on_suggest(request: gr.Request, t, k, n):
+        return to_components(h.suggest_token(t, k, n, user=user_of(engine, request)))
+
+    def on_runs(request: gr.Request):
+        return h.runs_dropdown(user_of(engine, request))
 
     results = [*outs.values(), runs]
     gpu = dict(concurrency_id="gpu", concurrency_limit=1, show_progress_on=[outs["status"]])
@@ -171,7 +182,7 @@ def build_train_tab(engine) -> TrainTab:
                   outputs=results, api_name="train", **gpu)
     rev = resume.click(on_resume, inputs_kwargs={"run_id": runs}, outputs=results, api_visibility="private", **gpu)
     # Not queued behind the job it stops: engine.cancel() stops the worker, cancels=[...] the UI side.
-    stop.click(lambda: to_components(h.cancel()), None, [outs["status"], runs], cancels=[ev, rev], queue=False,
+    stop.click(on_cancel, None, [outs["status"], runs], cancels=[ev, rev], queue=False,
                api_visibility="private")
     form = [*fields.values(), ins["images"], ins["style_name"], ins["class_noun"], outs["status"]]
     key = [fields["preset"], trigger, ins["class_noun"]]
@@ -181,7 +192,7 @@ def build_train_tab(engine) -> TrainTab:
                            api_visibility="private")
     gr.on([trigger.blur, trigger.submit, ins["class_noun"].blur, ins["class_noun"].submit],
           lambda *a: to_components(h.prompts(*a)), key, prompt_outs, queue=False, api_visibility="private")
-    suggest.click(lambda t, k, n: to_components(h.suggest_token(t, k, n)), [trigger, fields["preset"],
+    suggest.click(on_suggest, [trigger, fields["preset"],
                   ins["class_noun"]], [trigger, *prompt_outs], queue=False, api_visibility="private")
     for name, button in ex.items():
         button.click(lambda name=name: to_components(h.example(name)), None, form, api_visibility="private")
@@ -193,5 +204,5 @@ def build_train_tab(engine) -> TrainTab:
     save.click(on_save, inputs_kwargs={**fields, "images": ins["images"]}, outputs=[config_file, outs["status"]],
                api_visibility="private")
     load.upload(lambda p: to_components(h.load_config(p)), [load], form, api_visibility="private")
-    refresh.click(h.runs_dropdown, None, [runs], queue=False, api_visibility="private")
-    return TrainTab(fields, ins, outs, h, runs, ev, rev)
+    refresh.click(on_runs, None, [runs], queue=False, api_visibility="private")
+    return TrainTab(fields, ins, outs, h, runs, ev, rev, on_runs)

@@ -72,3 +72,7 @@ class DiskFullError(RuntimeError):
 
 class LibraryError(ConfigError):
     """A style-library request that cannot be done (unknown id, database from a newer version, refused import)."""
+
+
+class AccessDenied(ConfigError):
+    """The caller may not do this (not logged in, not an admin, not the owner); the message says what to do."""

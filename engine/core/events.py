@@ -137,3 +137,14 @@ class BakeResult:
     method: str
     rank: int
     relative_error: float
+
+
+@dataclass(frozen=True)
+class Queued:
+    """A job waits for its turn on the GPU: `ahead` jobs run before it (round-robin across users)."""
+
+    ahead: int
+
+    @property
+    def message(self) -> str:
+        return f"Waiting in the queue: {self.ahead} job(s) before yours."

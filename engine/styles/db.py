@@ -66,8 +66,20 @@ def _script(sql: str) -> Callable[[sqlite3.Connection], None]:
     return lambda con: [con.execute(stmt) for stmt in sql.split(";") if stmt.strip()]
 
 
+# Studio mode: every style has an owner (existing rows: the local user) and may be shared with the whole studio
+# (readable by everyone, changed only by its owner or an admin); training runs have an owner too.
+_V2 = """
+ALTER TABLE styles ADD COLUMN owner TEXT NOT NULL DEFAULT 'local';
+ALTER TABLE styles ADD COLUMN shared INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX styles_by_owner ON styles(owner);
+CREATE TABLE run_owners (
+    run_id TEXT PRIMARY KEY,
+    owner  TEXT NOT NULL
+)
+"""
+
 # MIGRATIONS[n] takes a database at schema n-1 to schema n. Append; never edit a released step.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _script(_V1)}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _script(_V1), 2: _script(_V2)}
 
 
 def latest_version() -> int:

@@ -42,6 +42,8 @@ class LibraryStyle:
     deleted_at: str | None  # set while the style is in the trash
     created: str
     versions: tuple[StyleInfo, ...]
+    owner: str = "local"  # the account that trained or imported it (studio mode); "local" without accounts
+    shared: bool = False  # studio-shared: every user may see and use it; only the owner or an admin changes it
 
     @property
     def latest(self) -> StyleInfo:
@@ -164,6 +166,25 @@ class Library:
         self._update(style_id, "archived", int(bool(archived)))
         return self.get(style_id)
 
+    def set_owner(self, style_id: str, owner: str) -> None:
+        """Record who owns a style (the engine sets it right after a training run or an import publishes it)."""
+        self.get(style_id)
+        with self.db.transaction() as con:
+            con.execute("UPDATE styles SET owner=? WHERE id=?", (str(owner), style_id))
+
+    def set_shared(self, style_id: str, shared: bool) -> LibraryStyle:
+        self.get(style_id)
+        with self.db.transaction() as con:
+            con.execute("UPDATE styles SET shared=? WHERE id=?", (int(bool(shared)), style_id))
+        return self.get(style_id)
+
+    def set_run_owner(self, run_id: str, owner: str) -> None:
+        with self.db.transaction() as con:
+            con.execute("INSERT OR IGNORE INTO run_owners (run_id, owner) VALUES (?, ?)", (str(run_id), str(owner)))
+
+    def run_owners(self) -> dict[str, str]:
+        return {r["run_id"]: r["owner"] for r in self.db.query("SELECT run_id, owner FROM run_owners")}
+
     def set_trigger(self, style_id: str, version: int, words) -> StyleInfo:
         """Edit a version's trigger words (e.g. an imported LoRA's guess); the first one goes into prompts."""
         items = words.split(",") if isinstance(words, str) else list(words)
@@ -195,9 +216,10 @@ class Library:
         self._update(style_id, "deleted_at", None)
         return self.get(style_id)
 
-    def empty_trash(self) -> int:
-        """Remove every style in the trash, its rows and its folder. Returns how many styles were removed."""
-        gone = self.list(trashed=True, archived=None)
+    def empty_trash(self, only: set[str] | None = None) -> int:
+        """Remove every style in the trash (or those of it whose ids are in `only`), its rows and its folder.
+        Returns how many styles were removed."""
+        gone = [s for s in self.list(trashed=True, archived=None) if only is None or s.id in only]
         for s in gone:
             folder = self.styles_dir / s.id
             # Renamed away first: a crash after this leaves a dot-folder adoption ignores, never a half-deleted
@@ -314,7 +336,8 @@ class Library:
             vs = tuple(self._info(s, v) for v in versions.get(s["id"], []))
             if vs:  # a style row without versions cannot be used or shown
                 out.append(LibraryStyle(s["id"], s["name"], s["description"], tuple(tags.get(s["id"], ())),
-                                        s["preset"], bool(s["archived"]), s["deleted_at"], s["created"], vs))
+                                        s["preset"], bool(s["archived"]), s["deleted_at"], s["created"], vs,
+                                        *((s["owner"], bool(s["shared"])) if "owner" in s.keys() else ())))
         return out
 
     def _info(self, s, v) -> StyleInfo:

@@ -31,7 +31,8 @@ def new_run_dir(data_dir: Path, name: str) -> Path:
 
 
 def run_training(model, data_dir: Path, cfg: TrainConfig, name: str, *, run_dir: Path | None = None,
-                 on_event: Callable | None = None, stop_event=None) -> TrainJobResult:
+                 on_event: Callable | None = None, stop_event=None,
+                 on_run_dir: Callable[[Path], None] | None = None) -> TrainJobResult:
     """Run one training job on the loaded base `model` (an engine.models.loading.LoadedModel)."""
     emit = on_event or (lambda e: None)
     name = name.strip()
@@ -42,6 +43,8 @@ def run_training(model, data_dir: Path, cfg: TrainConfig, name: str, *, run_dir:
     resuming = run_dir is not None
     run_dir = run_dir or new_run_dir(data_dir, name)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if on_run_dir is not None:  # the engine records who owns the run before any work, so a crash keeps it theirs
+        on_run_dir(run_dir)
     atomic_write_bytes(run_dir / "style-name.json", json.dumps({"schema_version": 1, "name": name}).encode())
     resolution = cfg.resolution or model.components.default_size
 
