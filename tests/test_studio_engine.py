@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from engine.api import Engine, _charged
+from engine.api import Engine
+from engine.api.support import charged as _charged
 from engine.core.caller import Caller
 from engine.core.config import GenerateRequest, Settings
 from engine.core.errors import AccessDenied, ConfigError, LibraryError

@@ -1,15 +1,19 @@
 """`Engine`: the one facade that the UI and the CLI call.
 
-It owns the loaded base model, one lock around all model work (one GPU, one queue), the registry of jobs with a
-cancel token each (Cancel stops one job within one step, not the others), and the data directory. Methods take frozen request dataclasses and return
-typed results; progress is reported through typed events.
+It owns the loaded base model, one lock around all model work (one GPU, one queue, fair across users), the
+registry of jobs with a cancel token each (Cancel stops one job within one step, not the others), the studio
+(callers, quotas) and the data directory. Methods take frozen request dataclasses and return typed results;
+progress is reported through typed events. This file holds the model, jobs, generation and training; the library
+methods live in library.py and blends and batches in blends.py (mixins of this one class), shared pieces in
+support.py.
+
+May import: every engine subpackage (it is the composition root); nothing imports it but ui/, the launcher,
+scripts and benches.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import functools
-import queue
 import re
 import threading
 import time
@@ -20,25 +24,24 @@ from typing import Callable, Iterator
 
 import torch
 
-from engine.core.batch_config import BatchRequest
-from engine.core.blend_config import BakeRequest, BlendStripRequest
 from engine.core.caller import LOCAL, Caller
 from engine.core.config import ConfigError, GenerateRequest, Settings, from_dict
 from engine.core.errors import AccessDenied, Cancelled, LibraryError
-from engine.core.events import (BakeResult, BatchResult, BlendStripResult, GeneratedImage, GenerateResult, Progress,
-                                Queued, ResumableRun, TrainJobResult, TrainResult)
+from engine.core.events import (GeneratedImage, GenerateResult, Progress, Queued, ResumableRun, TrainJobResult,
+                                TrainResult)
 from engine.core.train_config import TrainConfig
 from engine.generate import recipes
-from engine.generate.batch import Grid, run_batch
 from engine.generate.sampler import decode, sample, to_pil
 from engine.jobs.cancel import Job, JobRegistry
 from engine.jobs.fair import FairScheduler
 from engine.models.loading import LoadedModel, load_base_model
 from engine.styles.adapters import AdapterCache
 from engine.styles.blend import check_same_base
-from engine.styles.interop import ExportResult, ImportResult, export_style, import_file
-from engine.styles.library import Library, LibraryStyle, base_model_mismatch
-from engine.styles.store import StyleInfo, apply_trigger
+from engine.styles.library import Library, LibraryStyle
+from engine.styles.store import StyleInfo
+from engine.api.blends import BlendMethods
+from engine.api.library import LibraryMethods
+from engine.api.support import charged, iterate, with_triggers
 from engine.studio.service import Studio
 
 APP_VERSION = "0.1.0"
@@ -58,60 +61,7 @@ def pick_device() -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
-def _charged(kind: str):
-    """Wrap a job method: resolve the caller, check the styles it uses, reserve the price before any GPU work
-    (studio mode), run, then commit on success or refund exactly once on failure or cancel (MU-2).
-
-    kind: "generate" (generate, blend strips, batches: one unit per image), "train" (one run), "bake" (no charge;
-    the new style belongs to the caller). A decorator, so the job bodies stay as they are: ownership and quotas sit
-    around them, not inside."""
-    def deco(fn):
-        @functools.wraps(fn)
-        def wrapper(self, req, *args, user: str | Caller = LOCAL, job_id: str | None = None, **kw):
-            caller = self.caller(user)
-            if kind != "train":
-                self._check_style_refs(caller, req)
-            request_id = job_id or uuid.uuid4().hex
-            charged = kind in ("generate", "train") and self._reserve(
-                caller, kind, _image_count(req) if kind == "generate" else 1, request_id)
-            if job_id is not None:
-                kw["job_id"] = job_id
-            ok = False
-            try:
-                result = fn(self, req, *args, user=caller.name, **kw)
-                ok = not _was_cancelled(result)
-                if kind == "train":
-                    self._own_training(caller, result)
-                if kind == "bake" and getattr(result, "style", None) is not None and caller.name != LOCAL:
-                    self.library.set_owner(result.style.id, caller.name)
-                return result
-            finally:
-                if charged:
-                    if ok:
-                        self.studio.quotas.commit(request_id)
-                    else:
-                        self.studio.quotas.refund(request_id)
-        return wrapper
-    return deco
-
-
-def _image_count(req) -> int:
-    n = getattr(req, "num_images", None)
-    return int(n) if isinstance(n, int) and n > 0 else len(req.prompts) * int(getattr(req, "batch_count", 1))
-
-
-def _was_cancelled(result) -> bool:
-    if isinstance(result, (GenerateResult, BlendStripResult)):
-        return bool(result.cancelled) or not result.images
-    if isinstance(result, BatchResult):
-        return bool(result.cancelled) or not result.paths
-    if isinstance(result, BakeResult):
-        return False
-    inner = getattr(result, "result", None)
-    return bool(getattr(inner, "cancelled", False)) or getattr(result, "style", None) is None
-
-
-class Engine:
+class Engine(LibraryMethods, BlendMethods):
     """Everything that touches models and files. Thread-safe: model work runs one job at a time."""
 
     def __init__(self, settings: Settings | None = None, *, device: str | None = None,
@@ -266,7 +216,7 @@ class Engine:
             self.jobs.finish(job)
 
     # ---- generate ------------------------------------------------------------------------------------------
-    @_charged("generate")
+    @charged("generate")
     def generate(self, req: GenerateRequest, on_progress: Callable[[Progress], None] | None = None,
                  *, user: str = "local", job_id: str | None = None) -> GenerateResult:
         """Run a GenerateRequest; images are saved as PNGs with their recipe under outputs/<user>/<date>/."""
@@ -277,7 +227,7 @@ class Engine:
             m = self.model
             c = m.components
             styles = self._activate_styles(req.active_styles)
-            prompts = [_with_triggers(p, styles) for p in req.prompts]
+            prompts = [with_triggers(p, styles) for p in req.prompts]
             n = len(prompts)
             width, height = req.width or c.default_size, req.height or c.default_size
             total = req.num_inference_steps * req.batch_count
@@ -322,7 +272,7 @@ class Engine:
         For UIs that render while the job runs (a Gradio generator). Errors are re-raised here.
         """
         job_id = job_id or uuid.uuid4().hex
-        return _iterate(lambda emit: self.generate(req, emit, user=user, job_id=job_id), GenerateResult,
+        return iterate(lambda emit: self.generate(req, emit, user=user, job_id=job_id), GenerateResult,
                         self._waiting(job_id, user))
 
     def read_recipe(self, path: str | Path) -> dict | None:
@@ -338,14 +288,14 @@ class Engine:
                 prompt_for("triangle", "white", "black", texture="striped"), prompt_for("ring", "green", "white")]
 
     def _waiting(self, job_id: str, user) -> Callable[[], Queued | None]:
-        """For _iterate: while the job waits for its turn, a Queued event with its place in line."""
+        """For iterate: while the job waits for its turn, a Queued event with its place in line."""
         def poll():
             pos = self.fair.position(job_id)
             return Queued(pos) if pos else None
         return poll
 
     # ---- train ---------------------------------------------------------------------------------------------
-    @_charged("train")
+    @charged("train")
     def train(self, cfg: TrainConfig, name: str, on_event: Callable | None = None, *, run_dir: Path | None = None,
               user: str = "local", job_id: str | None = None) -> TrainJobResult:
         """Ingest images, make priors, train a LoRA and publish it as a style (engine/train/job.py).
@@ -368,7 +318,7 @@ class Engine:
                    job_id: str | None = None) -> Iterator:
         """`train` in a worker thread: yields the trainer's events, then the TrainJobResult."""
         job_id = job_id or uuid.uuid4().hex
-        return _iterate(lambda emit: self.train(cfg, name, emit, run_dir=run_dir, user=user, job_id=job_id),
+        return iterate(lambda emit: self.train(cfg, name, emit, run_dir=run_dir, user=user, job_id=job_id),
                         TrainJobResult, self._waiting(job_id, user))
 
     def resumable_runs(self, *, user: str | Caller = LOCAL) -> list[ResumableRun]:
@@ -387,121 +337,6 @@ class Engine:
             raise ConfigError("that run is no longer resumable (finished, or resumed already); refresh the list")
         cfg = from_dict(TrainConfig, run.config)
         return self.train_iter(cfg, run.name, run_dir=self.data_dir / "runs" / run.run_id, user=user, job_id=job_id)
-
-    # ---- styles and the library ------------------------------------------------------------------------------
-    @property
-    def library(self) -> Library:
-        """The style library (<data_dir>/stylebooth.db); opened, migrated and adopting old folders on first use."""
-        with self._library_lock:
-            if self._library is None:
-                self._library = Library(self.data_dir)
-            return self._library
-
-    def list_styles(self, *, user: str | Caller = LOCAL) -> list[StyleInfo]:
-        """The newest version of every style the caller may use that is neither archived nor in the trash, newest
-        first (the Generate tab's picker; its labels carry id and version, so styles that share a name stay apart)."""
-        return [s.latest for s in self.library_list(user=user)]
-
-    def library_list(self, query: str = "", *, tag: str | None = None, preset: str | None = None,
-                     archived: bool | None = False, trashed: bool = False,
-                     user: str | Caller = LOCAL) -> list[LibraryStyle]:
-        """Search the caller's library (their own styles, studio-shared ones; admins: all): `query` matches name,
-        id, tags, trigger words, description; filters by tag, preset ("subject"/"style"), archived (False: hide,
-        True: only archived, None: both); `trashed` lists the caller's trash."""
-        caller = self.caller(user)
-        found = self.library.list(query, tag=tag, preset=preset, archived=archived, trashed=trashed)
-        if trashed:
-            return [s for s in found if caller.can_change(s.owner)]
-        return [s for s in found if caller.can_see(s.owner, s.shared)]
-
-    def get_style(self, style_id: str, *, user: str | Caller = LOCAL) -> LibraryStyle:
-        """One style with all its versions (oldest first)."""
-        return self._style_for(self.caller(user), style_id)
-
-    def style_versions(self, style_id: str, *, user: str | Caller = LOCAL) -> list[StyleInfo]:
-        """Every version of a style, oldest first."""
-        return list(self.get_style(style_id, user=user).versions)
-
-    def _change(self, user, style_id: str) -> str:
-        return self._style_for(self.caller(user), style_id, change=True).id
-
-    def rename_style(self, style_id: str, name: str, *, user: str | Caller = LOCAL) -> LibraryStyle:
-        """Rename a style (names need not be unique; labels show the id)."""
-        return self.library.rename(self._change(user, style_id), name)
-
-    def tag_style(self, style_id: str, tags: str | list[str], *, user: str | Caller = LOCAL) -> LibraryStyle:
-        """Replace a style's tags ("a, b" or a list); tags are lower-cased and de-duplicated."""
-        return self.library.set_tags(self._change(user, style_id), tags)
-
-    def describe_style(self, style_id: str, description: str, *, user: str | Caller = LOCAL) -> LibraryStyle:
-        """Set a style's description."""
-        return self.library.describe(self._change(user, style_id), description)
-
-    def set_style_trigger(self, style_id: str, version: int, words: str | list[str], *,
-                          user: str | Caller = LOCAL) -> StyleInfo:
-        """Edit a version's trigger words ("a, b" or a list; the first is put into prompts)."""
-        return self.library.set_trigger(self._change(user, style_id), version, words)
-
-    def archive_style(self, style_id: str, archived: bool = True, *, user: str | Caller = LOCAL) -> LibraryStyle:
-        """Hide a style from the picker and the default list (False brings it back)."""
-        return self.library.archive(self._change(user, style_id), archived)
-
-    def share_style(self, style_id: str, shared: bool = True, *, user: str | Caller = LOCAL) -> LibraryStyle:
-        """Share a style with the whole studio (everyone may see and use it; only its owner or an admin changes
-        it), or stop sharing it."""
-        return self.library.set_shared(self._change(user, style_id), shared)
-
-    def delete_style(self, style_id: str, *, user: str | Caller = LOCAL) -> LibraryStyle:
-        """Move a style to the trash (undo with `undo_delete` until `empty_trash`)."""
-        return self.library.delete(self._change(user, style_id))
-
-    def undo_delete(self, style_id: str, *, user: str | Caller = LOCAL) -> LibraryStyle:
-        """Restore a style from the trash with all its versions."""
-        return self.library.undo_delete(self._change(user, style_id))
-
-    def empty_trash(self, *, user: str | Caller = LOCAL) -> int:
-        """Delete the caller's styles in the trash for good (rows and folders; admins: everyone's); how many."""
-        caller = self.caller(user)
-        with self._lock:  # adapters of the removed styles are unloaded too
-            gone = {s.id for s in self.library.list(trashed=True, archived=None) if caller.can_change(s.owner)}
-            n = self.library.empty_trash(only=gone) if gone else 0
-            if self._adapters is not None and gone:
-                self._adapters.forget(gone)
-            return n
-
-    def import_lora(self, path: str | Path, *, name: str = "", trigger: str = "", preset: str = "style",
-                    tags: str | list[str] = (), user: str | Caller = LOCAL) -> ImportResult:
-        """Import an uploaded .safetensors LoRA (diffusers/PEFT or kohya/A1111 keys, LoCon included) or textual-
-        inversion embedding as a new library style owned by the caller, matched against the loaded base model.
-
-        `path` is the file Gradio's upload handed the UI. Pickles are refused by content; a file that matches 0 of
-        its N layers is refused ("0 of N layers matched"); a partial match imports with a warning in the result.
-        The trigger word comes from `trigger`, else the file's metadata or name (editable: `set_style_trigger`).
-        """
-        caller = self.caller(user)
-        with self._lock:  # reads the loaded model's layers; a model switch must not happen halfway
-            m = self.model
-            res = import_file(self.library, path, m.components, model_fingerprint=m.fingerprint,
-                              model_name=m.name, name=name, trigger=trigger, preset=preset, tags=tags)
-            self.library.set_owner(res.style.id, caller.name)
-            return res
-
-    def export_style(self, style_id: str, fmt: str = "a1111", *, version: int | None = None,
-                     out_dir: str | Path | None = None, user: str | Caller = LOCAL) -> ExportResult:
-        """Write a style version the caller may see as one .safetensors: fmt "a1111" (kohya keys for A1111/ComfyUI,
-        named like the "Lora:" entry in our PNGs) or "diffusers" (PEFT keys). Metadata (trigger words, tags, base
-        model, ss_* training settings) goes in the header. Written to `out_dir`, default <data_dir>/exports/<style
-        id>/ (inside the data dir, which Gradio does not serve: the UI copies the file to its upload folder)."""
-        style_id = self.get_style(style_id, user=user).id
-        out = Path(out_dir) if out_dir else self.data_dir / "exports" / style_id
-        return export_style(self.library, style_id, fmt, out, version=version)
-
-    def style_warning(self, style_id: str, *, user: str | Caller = LOCAL) -> str | None:
-        """"trained on X; you are on Y" when the style's newest version was made on another base model."""
-        v = self.library.find_version(style_id)
-        self._style_for(self.caller(user), v.id)
-        m = self.model
-        return base_model_mismatch(v, m.fingerprint, m.name)
 
     def _activate_styles(self, weighted) -> list[tuple[StyleInfo, float, float]]:
         """Activate exactly these styles ((id, strength) or (id, UNet weight, text-encoder weight)), loading each
@@ -538,132 +373,3 @@ class Engine:
 
     def _out_dir(self, user: str) -> Path:
         return self.data_dir / "outputs" / user / dt.date.today().isoformat()
-
-    # ---- blends --------------------------------------------------------------------------------------------
-    @_charged("generate")
-    def blend_strip(self, req: BlendStripRequest, on_progress: Callable[[Progress], None] | None = None, *,
-                    user: str = "local", job_id: str | None = None) -> BlendStripResult:
-        """K images of one prompt and seed, weights from all style A to all style B, as one job: both LoRAs are
-        loaded once, then only their weights change (set_adapters) between images. Also writes a labelled strip."""
-        t0 = time.perf_counter()
-        weights = req.weights
-        with self._job("blend", user, job_id) as job:
-            c = self.model.components
-            size = (req.width or c.default_size, req.height or c.default_size)
-            steps, total = req.num_inference_steps, req.num_inference_steps * len(weights)
-            done: list[GeneratedImage] = []
-            stamp = int(time.time() * 1000)
-            strip = Grid([req.prompt], [f"A {wa:.2f} / B {wb:.2f}" for wa, wb in weights], size)
-            try:
-                job.token.check()
-                for k, w in enumerate(weights):
-                    gen = req.generate_request(w)
-                    styles = self._activate_styles(gen.active_styles)
-                    prompt = _with_triggers(req.prompt, styles)
-
-                    def cb(i, n, latents, k=k):
-                        job.token.check()
-                        if on_progress:
-                            on_progress(Progress(k * steps + i + 1, total, f"image {k + 1}/{len(weights)}, "
-                                                                           f"step {i + 1}/{n}"))
-
-                    img = to_pil(sample(c, [prompt], [req.negative_prompt], [req.seed], num_inference_steps=steps,
-                                        guidance_scale=req.guidance_scale, guidance_rescale=req.guidance_rescale,
-                                        scheduler=req.scheduler, width=size[0], height=size[1], callback=cb))[0]
-                    recipe = self._recipe(gen, req.seed, size[0], size[1], prompt, styles)
-                    path = self._out_dir(user) / f"{stamp}-blend-{k:02d}.png"
-                    done.append(GeneratedImage(img, recipe, recipes.save_png(img, recipe, path)))
-                    strip.paste(_Cell(0, k), img)
-            except Cancelled:
-                return BlendStripResult(done, weights[:len(done)], None, True, time.perf_counter() - t0)
-            strip_path = strip.save(self._out_dir(user) / f"{stamp}-blend-strip.png")
-            return BlendStripResult(done, weights, strip_path, False, time.perf_counter() - t0)
-
-    def blend_strip_iter(self, req: BlendStripRequest, *, user: str = "local",
-                         job_id: str | None = None) -> Iterator[Progress | BlendStripResult]:
-        """`blend_strip` in a worker thread: yields Progress, then the BlendStripResult."""
-        return _iterate(lambda emit: self.blend_strip(req, emit, user=user, job_id=job_id), BlendStripResult)
-
-    @_charged("bake")
-    def bake_blend(self, req: BakeRequest, *, user: str = "local") -> BakeResult:
-        """Save a blend as a new style (exact rank concatenation, or truncated SVD to `req.rank`)."""
-        from engine.styles.blend import bake_style
-
-        styles = [self.library.find_version(sid) for sid in req.blend.styles]
-        with self._job("blend", user, None):
-            check_same_base(styles, self.model.fingerprint, self.model.name)
-            info, rank, rel = bake_style(self.data_dir, req, styles)
-        return BakeResult(info, req.method, rank, rel)
-
-    # ---- batches -------------------------------------------------------------------------------------------
-    @_charged("generate")
-    def generate_batch(self, req: BatchRequest, on_progress: Callable[[Progress], None] | None = None, *,
-                       user: str = "local", job_id: str | None = None) -> BatchResult:
-        """Prompts x seeds x styles (or strengths) as one job: PNGs with recipes written as they are made, an X/Y
-        grid and a zip, under outputs/<user>/<date>/batch-<time>/. Progress counts images over the whole batch."""
-        with self._job("batch", user, job_id) as job:
-            for sid in set(req.styles) - {""}:
-                self.library.find_version(sid)  # an unknown id fails before any image is made
-
-            current: list = []  # the styles of the group being sampled, for its recipes
-
-            def activate(style: str, strength: float):
-                current[:] = self._activate_styles(((style, strength),) if style else ())
-                styles = list(current)
-                return lambda p: _with_triggers(p, styles)
-
-            def recipe(gen, seed, width, height, prompt):
-                return self._recipe(gen, seed, width, height, prompt, current)
-
-            out = self._out_dir(user) / f"batch-{dt.datetime.now().strftime('%H%M%S')}-{job.id[:6]}"
-            return run_batch(req, self.model.components, out, activate=activate, recipe=recipe,
-                             check=job.token.check, on_progress=on_progress)
-
-    def generate_batch_iter(self, req: BatchRequest, *, user: str = "local",
-                            job_id: str | None = None) -> Iterator[Progress | BatchResult]:
-        """`generate_batch` in a worker thread: yields Progress (images done / total), then the BatchResult."""
-        return _iterate(lambda emit: self.generate_batch(req, emit, user=user, job_id=job_id), BatchResult)
-
-
-def _with_triggers(prompt: str, styles) -> str:
-    """The prompt with every applied style's trigger word (each added only where missing; none for weight 0)."""
-    for s, wu, wt in styles:
-        if (wu, wt) != (0.0, 0.0):
-            prompt = apply_trigger(prompt, s)
-    return prompt
-
-
-class _Cell:
-    """Where an image goes in a one-row strip (the fields engine.generate.batch.Grid.paste reads)."""
-
-    def __init__(self, row: int, col: int):
-        self.row, self.col = row, col
-
-
-def _iterate(job: Callable[[Callable], object], result_type, poll: Callable[[], object] | None = None) -> Iterator:
-    """Run `job(emit)` in a worker thread; yield what it emits, then its return value; re-raise its error.
-
-    `poll`: asked every second while nothing was emitted; what it returns (if not None) is yielded (a Queued
-    event while the job waits for its turn)."""
-    events: queue.Queue = queue.Queue()
-
-    def work():
-        try:
-            events.put(job(events.put))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            events.put(e)
-
-    threading.Thread(target=work, daemon=True, name="stylebooth-job").start()
-    while True:
-        try:
-            ev = events.get(timeout=1.0) if poll is not None else events.get()
-        except queue.Empty:
-            waiting = poll()
-            if waiting is not None:
-                yield waiting
-            continue
-        if isinstance(ev, BaseException):
-            raise ev
-        yield ev
-        if isinstance(ev, result_type):
-            return
