@@ -135,8 +135,12 @@ class Engine:
 
     # ---- generate ------------------------------------------------------------------------------------------
     def generate(self, req: GenerateRequest, on_progress: Callable[[Progress], None] | None = None,
-                 *, user: str = "local", job_id: str | None = None) -> GenerateResult:
-        """Run a GenerateRequest; images are saved as PNGs with their recipe under outputs/<user>/<date>/."""
+                 *, user: str = "local", job_id: str | None = None, use_feedback: bool = False,
+                 feedback_params=None) -> GenerateResult:
+        """Run a GenerateRequest; images are saved as PNGs with their recipe under outputs/<user>/<date>/.
+
+        `use_feedback`: steer towards `user`'s liked and away from their disliked images of the first active
+        style's version (FABRIC, engine/feedback/fabric.py; `feedback_params` a FabricParams, else its defaults)."""
         t0 = time.perf_counter()
         with self._job("generate", user, job_id) as job:
             if job.token.is_set():  # cancelled while it waited: no model work at all
@@ -164,11 +168,13 @@ class Engine:
                             on_progress(Progress(b * n + i + 1, total,
                                                  f"batch {b + 1}/{req.batch_count}, step {i + 1}/{n}", preview))
 
-                    imgs = sample(c, self._adapters.expand_prompts(prompts) if self._adapters else prompts,
-                                  [req.negative_prompt] * n, seeds,
-                                  num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
-                                  guidance_rescale=req.guidance_rescale, scheduler=req.scheduler, height=height,
-                                  width=width, callback=cb)
+                    with self._feedback(styles, user, use_feedback, feedback_params,
+                                        req.guidance_scale > 1.0, req.seed) as hook:
+                        imgs = sample(c, self._adapters.expand_prompts(prompts) if self._adapters else prompts,
+                                      [req.negative_prompt] * n, seeds,
+                                      num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
+                                      guidance_rescale=req.guidance_rescale, scheduler=req.scheduler, height=height,
+                                      width=width, callback=cb, on_step_start=hook)
                     for seed, prompt, img in zip(seeds, prompts, to_pil(imgs)):
                         recipe = self._recipe(req, seed, width, height, prompt, styles)
                         path = out_dir / f"{int(time.time() * 1000)}-{seed}.png"
@@ -177,13 +183,97 @@ class Engine:
                 return GenerateResult(done, cancelled=True, seconds=time.perf_counter() - t0)
             return GenerateResult(done, seconds=time.perf_counter() - t0)
 
-    def generate_iter(self, req: GenerateRequest, *, user: str = "local",
-                      job_id: str | None = None) -> Iterator[Progress | GenerateResult]:
+    def generate_iter(self, req: GenerateRequest, *, user: str = "local", job_id: str | None = None,
+                      use_feedback: bool = False) -> Iterator[Progress | GenerateResult]:
         """Run `generate` in a worker thread and yield its Progress events, then the GenerateResult.
 
         For UIs that render while the job runs (a Gradio generator). Errors are re-raised here.
         """
-        return _iterate(lambda emit: self.generate(req, emit, user=user, job_id=job_id), GenerateResult)
+        return _iterate(lambda emit: self.generate(req, emit, user=user, job_id=job_id, use_feedback=use_feedback),
+                        GenerateResult)
+
+    def _feedback(self, styles, user: str, on: bool, params, do_cfg: bool, seed: int):
+        """The FABRIC context for one sample() call (a no-op context when off or when nothing is rated)."""
+        from engine.feedback.fabric import FabricParams, fabric
+
+        if not on or not styles:
+            return contextlib.nullcontext(None)
+        s = styles[0][0]
+        rated = self.ratings.list(s.id, s.version, user=user)
+        liked = [self._open_rated(r) for r in rated if r.liked]
+        disliked = [self._open_rated(r) for r in rated if r.disliked]
+        return fabric(self.model.components, [i for i in liked if i], [i for i in disliked if i],
+                      params or FabricParams(), do_cfg=do_cfg, seed=seed)
+
+    def _open_rated(self, r):
+        from PIL import Image
+
+        try:
+            with Image.open(self.data_dir / r.image) as im:
+                return im.convert("RGB")
+        except OSError:
+            return None  # the PNG was deleted: its rating stays, it just no longer steers
+
+    # ---- feedback: ratings and refinement ------------------------------------------------------------------
+    @property
+    def ratings(self):
+        """The ratings table (engine/feedback/ratings.py) in the library's database."""
+        from engine.feedback.ratings import Ratings
+
+        lib = self.library
+        with self._library_lock:
+            if getattr(self, "_ratings", None) is None:
+                self._ratings = Ratings(lib.db, self.data_dir)
+            return self._ratings
+
+    def rate_image(self, image, rating, tags=(), user: str = "local"):
+        """Rate one of `user`'s generated images (its path as GeneratedImage.path gave it, under outputs/<user>/):
+        1..5 stars or "up"/"down"; rating again changes the rating and tags. Returns the stored Rating."""
+        return self.ratings.rate(image, rating, tags, user)
+
+    def remove_rating(self, image, user: str = "local") -> bool:
+        """Remove `user`'s rating of an image; False when it had none."""
+        return self.ratings.remove(image, user)
+
+    def list_ratings(self, style_id: str | None = None, version: int | None = None, *, user: str | None = None):
+        """Ratings (oldest first), by style id, version and owner."""
+        return self.ratings.list(style_id, version, user=user)
+
+    def export_ratings(self, style_id: str | None = None, *, user: str | None = None) -> str:
+        """Ratings with their full recipes as a JSON document."""
+        return self.ratings.export(style_id, user=user)
+
+    def rating_summary(self, style_id: str, *, user: str | None = None) -> list[dict]:
+        """Per version of a style: how many ratings, liked share and mean stars (the Feedback tab's plot)."""
+        out = []
+        for v in self.style_versions(style_id):
+            rs = self.ratings.list(style_id, v.version, user=user)
+            if rs:
+                out.append({"version": v.version, "ratings": len(rs), "liked": sum(r.liked for r in rs) / len(rs),
+                            "mean": sum(r.rating for r in rs) / len(rs)})
+        return out
+
+    def refine(self, req, on_event: Callable | None = None, *, user: str = "local", job_id: str | None = None):
+        """Make version N+1 of a style from the ratings of version N (engine/feedback/refine.py): rating-weighted
+        tuning on liked images + Diffusion-DPO on liked x disliked pairs with v(N) as reference. v(N) is never
+        modified; Cancel stops within one step and saves nothing. Returns a RefineResult."""
+        from engine.core.feedback_config import RefineResult
+        from engine.feedback.refine import refine
+
+        style = self.library.find_version(req.style)
+        with self._job("refine", user, job_id) as job:
+            if job.token.is_set():
+                return RefineResult(None, style, 0, cancelled=True)
+            ratings = [r for r in self.ratings.list(style.id, style.version)
+                       if not req.raters or r.user in req.raters]
+            return refine(self.model.source, self.data_dir, self.library, ratings, req, style, device=self.device,
+                          dtype=self.dtype, on_event=on_event, stop_event=job.token)
+
+    def refine_iter(self, req, *, user: str = "local", job_id: str | None = None) -> Iterator:
+        """`refine` in a worker thread: yields TrainProgress / TrainLog events, then the RefineResult."""
+        from engine.core.feedback_config import RefineResult
+
+        return _iterate(lambda emit: self.refine(req, emit, user=user, job_id=job_id), RefineResult)
 
     def read_recipe(self, path: str | Path) -> dict | None:
         """The recipe a dropped PNG carries (ours or A1111's), or None; see engine.generate.recipes."""

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from engine.core.errors import LibraryError
-from engine.core.files import atomic_write_bytes
+from engine.core.files import atomic_write_bytes, fsync_dir
 from engine.styles.db import DB_NAME, Database
 # base_model_mismatch and new_style_id are re-exported: callers know them as part of the library
 from engine.styles.records import (MAX_DESCRIPTION, base_model_mismatch, clean_name, clean_tags,  # noqa: F401
@@ -266,6 +268,23 @@ class Library:
                 log.warning("library: skipped %s: %s", where, e)
                 skipped.append((where, str(e)))
         return AdoptReport(tuple(adopted), tuple(skipped))
+
+    def add_version(self, style_id: str, parent_version: int, write: Callable[[Path], None]) -> StyleInfo:
+        """Make version N+1 of a style: `write(folder)` fills a temporary folder (weights, style.json), which is
+        renamed to styles/<id>/v<N+1>/ and registered. Older versions are never touched; a failed write leaves
+        nothing behind."""
+        self.get(style_id)
+        self.find_version(f"{style_id}@v{int(parent_version)}")
+        final = self.next_version_folder(style_id)
+        tmp = final.parent / f".tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            write(tmp)
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self.register_folder(final)
 
     def next_version_folder(self, style_id: str) -> Path:
         rows = self.db.query("SELECT MAX(version) AS v FROM versions WHERE style_id=?", (self._check_id(style_id),))

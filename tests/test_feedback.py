@@ -1,0 +1,136 @@
+"""Feedback: ratings in the database, the Diffusion-DPO loss, FABRIC, refinement to v(N+1), and the
+simulated-rater acceptance experiment on the demo model (judged by the demo checker)."""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from engine.core.config import ConfigError, GenerateRequest, Settings
+from engine.core.feedback_config import RefineRequest
+from engine.feedback.dpo import diffusion_dpo_loss, rated_sft_loss
+from engine.models.loading import DEMO_MODEL
+
+needs_demo = pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(), reason="demo model not built")
+
+
+# ---- the DPO loss --------------------------------------------------------------------------------------------
+
+def test_dpo_loss_is_log2_when_policy_equals_reference():
+    e = torch.tensor([0.3, 1.2, 0.01])
+    l_ = torch.tensor([0.5, 0.2, 2.0])
+    assert math.isclose(float(diffusion_dpo_loss(e, e, l_, l_, beta=5000.0)), math.log(2), rel_tol=1e-6)
+
+
+def test_dpo_loss_against_a_hand_computed_value():
+    # inside = (0.10 - 0.20) - (0.40 - 0.30) = -0.2; -β·inside = 2; L = -log σ(2) = log(1 + e^-2) = 0.126928
+    loss = diffusion_dpo_loss(torch.tensor([0.10]), torch.tensor([0.20]), torch.tensor([0.40]),
+                              torch.tensor([0.30]), beta=10.0)
+    assert math.isclose(float(loss), math.log1p(math.exp(-2.0)), rel_tol=1e-6)
+    assert math.isclose(float(loss), 0.126928, rel_tol=1e-5)
+    # better on the winner than the reference, worse on the loser: the loss falls below log 2, and vice versa
+    worse = diffusion_dpo_loss(torch.tensor([0.3]), torch.tensor([0.2]), torch.tensor([0.2]), torch.tensor([0.3]),
+                               beta=10.0)
+    assert float(worse) > math.log(2) > float(loss)
+
+
+def test_rated_sft_loss_weights():
+    assert math.isclose(float(rated_sft_loss(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 0.0]))), 1.0)
+    assert math.isclose(float(rated_sft_loss(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 1.0]))), 2.0)
+
+
+def test_refine_request_validation():
+    with pytest.raises(ConfigError, match="steps"):
+        RefineRequest("s@v1", steps=0)
+    with pytest.raises(ConfigError, match="beta"):
+        RefineRequest("s@v1", beta=-1.0)
+
+
+# ---- ratings -------------------------------------------------------------------------------------------------
+
+def _fake_output(eng, user="local", name="a.png", style=("heart-abc123", 1), seed=3):
+    from PIL import Image
+
+    from engine.generate import recipes
+
+    recipe = {"prompt": "a photo of olis shape", "seed": seed, "num_inference_steps": 12, "guidance_scale": 5.0,
+              "scheduler": "dpmpp_2m", "width": 32, "height": 32, "negative_prompt": "",
+              "styles": [{"id": style[0], "version": style[1], "name": "heart", "strength": 1.0}]}
+    path = eng.data_dir / "outputs" / user / "2026-01-01" / name
+    return recipes.save_png(Image.new("RGB", (32, 32), (200, 10, 10)), recipe, path)
+
+
+def test_ratings_rate_change_remove_export(tmp_path):
+    from engine.api import Engine
+
+    eng = Engine(Settings(data_dir=str(tmp_path)))
+    a, b = _fake_output(eng, name="a.png"), _fake_output(eng, name="b.png", seed=4)
+    r = eng.rate_image(a, "up", "too dark, Too Dark,  wrong linework", user="local")
+    assert (r.rating, r.tags, r.style_id, r.style_version, r.seed) == (5, ("too dark", "wrong linework"),
+                                                                       "heart-abc123", 1, 3)
+    assert r.recipe["prompt"] == "a photo of olis shape" and r.liked and r.created
+    eng.rate_image(b, 2, user="local")
+    r2 = eng.rate_image(a, 4, (), user="local")  # changed, not duplicated
+    assert r2.id == r.id and r2.rating == 4 and r2.tags == () and r2.weight == 0.5
+    assert [x.rating for x in eng.list_ratings("heart-abc123", 1)] == [4, 2]
+    doc = json.loads(eng.export_ratings("heart-abc123"))
+    assert doc["schema_version"] == 1 and len(doc["ratings"]) == 2 and doc["ratings"][0]["recipe"]["seed"] == 3
+    assert eng.remove_rating(b) and not eng.remove_rating(b)
+    assert len(eng.list_ratings()) == 1
+    assert eng.rating_summary is not None
+
+
+def test_ratings_refuse_foreign_paths(tmp_path):
+    from engine.api import Engine
+
+    eng = Engine(Settings(data_dir=str(tmp_path)))
+    other = _fake_output(eng, user="bob")
+    outside = tmp_path / "x.png"
+    outside.write_bytes(other.read_bytes())
+    for bad in (other, outside, "/etc/passwd", "outputs/local/../bob/2026-01-01/a.png"):
+        with pytest.raises(ConfigError, match="your outputs"):
+            eng.rate_image(bad, "up", user="local")
+    with pytest.raises(ConfigError, match="1..5"):
+        eng.rate_image(_fake_output(eng), 7)
+
+
+def test_ratings_table_has_its_own_schema(tmp_path):
+    from engine.api import Engine
+
+    eng = Engine(Settings(data_dir=str(tmp_path)))
+    eng.list_ratings()
+    assert eng.library.db.query("SELECT version FROM feedback_schema")[0]["version"] == 1
+    eng2 = Engine(Settings(data_dir=str(tmp_path)))  # reopening migrates nothing twice
+    assert eng2.list_ratings() == []
+
+
+# ---- FABRIC --------------------------------------------------------------------------------------------------
+
+@needs_demo
+def test_fabric_restores_processors_and_zero_weight_is_plain():
+    from PIL import Image
+
+    from engine.feedback.fabric import FabricAttnProcessor, FabricParams, fabric
+    from engine.generate.sampler import sample
+    from engine.models.loading import load_base_model
+
+    torch.set_num_threads(1)
+    c = load_base_model(None).components
+    before = dict(c.unet.attn_processors)
+    refs = [Image.new("RGB", (32, 32), (240, 140, 30))] * 3
+    kw = dict(num_inference_steps=4, guidance_scale=5.0)
+    plain = sample(c, ["a circle"], [""], [1], **kw)
+    with fabric(c, refs, refs, FabricParams(pos_weight=0.0, neg_weight=0.0)) as hook:
+        assert any(isinstance(p, FabricAttnProcessor) for p in c.unet.attn_processors.values())
+        zero = sample(c, ["a circle"], [""], [1], on_step_start=hook, **kw)
+    with fabric(c, refs, refs[:1]) as hook:
+        steered = sample(c, ["a circle"], [""], [1], on_step_start=hook, **kw)
+    assert torch.equal(plain, zero)
+    assert (plain - steered).abs().max() > 1e-3
+    assert {k: type(v) for k, v in c.unet.attn_processors.items()} == {k: type(v) for k, v in before.items()}
+    with pytest.raises(ConfigError, match="window"):
+        FabricParams(start=0.9, end=0.5)
