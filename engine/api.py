@@ -269,6 +269,13 @@ class Engine:
             return refine(self.model.source, self.data_dir, self.library, ratings, req, style, device=self.device,
                           dtype=self.dtype, on_event=on_event, stop_event=job.token)
 
+    def revert_version(self, style_id: str, version: int) -> StyleInfo:
+        """Drop a refined version the artist did not keep (only the newest); the previous one is newest again."""
+        with self._lock:
+            if self._adapters is not None:
+                self._adapters.forget({style_id})
+            return self.library.drop_newest_version(style_id, version)
+
     def refine_iter(self, req, *, user: str = "local", job_id: str | None = None) -> Iterator:
         """`refine` in a worker thread: yields TrainProgress / TrainLog events, then the RefineResult."""
         from engine.core.feedback_config import RefineResult

@@ -134,3 +134,103 @@ def test_fabric_restores_processors_and_zero_weight_is_plain():
     assert {k: type(v) for k, v in c.unet.attn_processors.items()} == {k: type(v) for k, v in before.items()}
     with pytest.raises(ConfigError, match="window"):
         FabricParams(start=0.9, end=0.5)
+
+
+# ---- the simulated rater (demo model, judged by the checker) ----------------------------------------------------
+# The heart subject of tests/test_learning.py, prompted without colours, draws its heart in black, orange or red on
+# varied backgrounds. The rater likes P = "the heart is orange" (the checker reads colours from exact palette pixels)
+# and dislikes the rest: 24 ratings of one round (seeds 0-23). Held-out evaluation: seeds 5000-5023, never used for
+# tuning (FABRIC's and refinement's defaults were chosen on seeds 0-23 and 2000-2023).
+from tests.test_learning import base, checker, subject_no_prior  # noqa: E402,F401  (session fixtures)
+
+PROMPT = "a photo of olis shape"
+STEPS, N_RATE, EVAL_SEED, N_EVAL = 12, 24, 5000, 24
+
+
+def _has_p(pred) -> bool:
+    return pred["fg"] == "orange"
+
+
+def _measure(eng, checker, style_ref, *, use_feedback=False):
+    res = eng.generate(GenerateRequest(prompt=PROMPT, style=style_ref, seed=EVAL_SEED, batch_size=N_EVAL,
+                                       num_inference_steps=STEPS), use_feedback=use_feedback)
+    preds = checker.predict([np.asarray(im.image) for im in res.images])
+    return float(np.mean([_has_p(p) for p in preds])), float(np.mean([p["shape"] == "heart" for p in preds]))
+
+
+def _hashes(style):
+    import hashlib
+
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(style.folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def rated(tmp_path_factory, subject_no_prior, checker):
+    """An engine with the heart subject as v1 and one round of 24 ratings by the simulated rater."""
+    from engine.api import Engine
+    from engine.styles.store import publish
+
+    torch.set_num_threads(1)
+    eng = Engine(Settings(data_dir=str(tmp_path_factory.mktemp("feedback"))))
+    lora = subject_no_prior
+    v1 = publish(eng.data_dir, "heart", lora, lora.parent / "style.json", lora.parent / "preview.png")
+    res = eng.generate(GenerateRequest(prompt=PROMPT, style=v1.id, seed=0, batch_size=N_RATE,
+                                       num_inference_steps=STEPS))
+    preds = checker.predict([np.asarray(im.image) for im in res.images])
+    for im, p in zip(res.images, preds):
+        eng.rate_image(im.path, "up" if _has_p(p) else "down", () if _has_p(p) else ("wrong colour",))
+    assert len(eng.list_ratings(v1.id, 1)) == N_RATE
+    return eng, v1
+
+
+@pytest.mark.learning
+@needs_demo
+def test_use_my_feedback_steers_without_training(rated, checker):
+    eng, v1 = rated
+    before, heart_before = _measure(eng, checker, f"{v1.id}@v1")
+    after, heart_after = _measure(eng, checker, f"{v1.id}@v1", use_feedback=True)
+    print(f"FABRIC: share of P {before:.2f} -> {after:.2f}; heart {heart_before:.2f} -> {heart_after:.2f}")
+    assert after >= before + 0.10
+    assert heart_after >= heart_before - 0.10
+    assert len(eng.style_versions(v1.id)) == 1  # no training happened
+
+
+@pytest.mark.learning
+@needs_demo
+def test_refine_makes_a_better_next_version(rated, checker):
+    eng, v1 = rated
+    hashes = _hashes(v1)
+    before, heart_before = _measure(eng, checker, f"{v1.id}@v1")
+    events = []
+    t0 = time.perf_counter()
+    result = eng.refine(RefineRequest(style=f"{v1.id}@v1"), events.append)
+    seconds = time.perf_counter() - t0
+    assert not result.cancelled and result.style.version == 2 and result.parent.version == 1
+    after, heart_after = _measure(eng, checker, f"{v1.id}@v2")
+    print(f"refine ({seconds:.0f} s, {result.liked} liked / {result.disliked} disliked): share of P {before:.2f} -> "
+          f"{after:.2f}; heart {heart_before:.2f} -> {heart_after:.2f}; loss {result.losses[0]:.3f} -> "
+          f"{result.losses[-1]:.3f}")
+    assert seconds < 180
+    assert after >= before + 0.20
+    assert heart_after >= heart_before - 0.10
+    assert _hashes(v1) == hashes and eng.library.file_hashes(v1.id, 1) == hashes  # v1 untouched
+    assert any(type(e).__name__ == "TrainProgress" for e in events)
+    meta = json.loads((result.style.folder / "style.json").read_text())
+    assert meta["parent_version"] == 1 and meta["refinement"]["liked"] == result.liked
+
+
+@needs_demo
+def test_cancelled_refine_leaves_the_version_untouched(rated):
+    eng, v1 = rated
+    hashes = _hashes(v1)
+    n_versions = len(eng.style_versions(v1.id))
+
+    def on_event(e):
+        if type(e).__name__ == "TrainProgress" and e.step >= 2:
+            eng.cancel(kind="refine")
+
+    result = eng.refine(RefineRequest(style=f"{v1.id}@v1", steps=50), on_event)
+    assert result.cancelled and result.style is None and result.steps < 50
+    assert len(eng.style_versions(v1.id)) == n_versions
+    assert _hashes(v1) == hashes and eng.library.file_hashes(v1.id, 1) == hashes
+    assert not [p for p in v1.folder.parent.iterdir() if p.name.startswith(".tmp")]

@@ -12,6 +12,7 @@ from typing import Any
 import gradio as gr
 from gradio.utils import get_upload_folder
 
+from .feedback_tab import build_feedback_tab, rating_controls
 from .generate_tab import build_generate_tab
 from .library_tab import build_library_tab
 from .train_tab import build_train_tab
@@ -105,10 +106,13 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Generate", id="generate", elem_id="tab-generate") as gen_tab:
                 gen = build_generate_tab(engine)
+                rating_controls(gen, engine)
             with gr.Tab("Train", id="train", elem_id="tab-train") as train_tab:
                 train = build_train_tab(engine)
             with gr.Tab("Library", id="library", elem_id="tab-library") as lib_tab:
                 library = build_library_tab(engine)
+            with gr.Tab("Feedback", id="feedback", elem_id="tab-feedback") as fb_tab:
+                feedback = build_feedback_tab(engine)
         # Loading a model competes with generation for the GPU: same concurrency id as Generate.
         load.click(h.switch_model, [source], [header], concurrency_id="gpu", concurrency_limit=1,
                    api_visibility="private")
@@ -124,6 +128,8 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
         # The Library lists styles trained or imported since the page was built.
         demo.load(**library.refresh)
         lib_tab.select(**library.refresh)
+        demo.load(**feedback.refresh)
+        fb_tab.select(**feedback.refresh)
         # Runs interrupted by a crash (or cancelled) while the page was closed show up in the Train tab.
         runs = dict(fn=train.handlers.runs_dropdown, inputs=None, outputs=[train.runs], queue=False,
                     api_visibility="private")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from engine.core.errors import ConfigError
 
 # Documented defaults for a refinement round (checked on the demo model's training seeds, tests/test_feedback.py).
-REFINE_STEPS = 60
+REFINE_STEPS = 40
 REFINE_BETA = 2000.0  # β·T of Diffusion-DPO (the paper's SD1.5 runs use β = 2000-5000 with per-pixel means)
 REFINE_LR = 5e-4
 

@@ -150,7 +150,7 @@ def refine(model_source, data_dir: Path, library, ratings: list[Rating], req: Re
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             eta = (time.perf_counter() - t0) / step * (req.steps - step)
             emit(TrainProgress(step, req.steps, losses[-1], req.learning_rate, eta))
         if cancelled:

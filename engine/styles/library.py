@@ -286,6 +286,23 @@ class Library:
             shutil.rmtree(tmp, ignore_errors=True)
         return self.register_folder(final)
 
+    def drop_newest_version(self, style_id: str, version: int) -> StyleInfo:
+        """Revert: remove `version` if it is the style's newest and not its only one (a refined version the artist
+        did not keep); returns the version that is newest again. Older versions are never touched."""
+        s = self.get(style_id)
+        if len(s.versions) < 2 or s.latest.version != int(version):
+            raise LibraryError(f"only the newest version of a style with several versions can be reverted; "
+                               f"{s.name!r} has {', '.join(f'v{v.version}' for v in s.versions)}")
+        folder = s.latest.folder
+        doomed = folder.parent / f".deleted-v{version}-{uuid.uuid4().hex[:6]}"
+        if folder.is_dir():
+            folder.rename(doomed)
+        with self.db.transaction() as con:
+            con.execute("DELETE FROM file_hashes WHERE style_id=? AND version=?", (style_id, int(version)))
+            con.execute("DELETE FROM versions WHERE style_id=? AND version=?", (style_id, int(version)))
+        shutil.rmtree(doomed, ignore_errors=True)
+        return self.get(style_id).latest
+
     def next_version_folder(self, style_id: str) -> Path:
         rows = self.db.query("SELECT MAX(version) AS v FROM versions WHERE style_id=?", (self._check_id(style_id),))
         return self.styles_dir / style_id / f"v{(rows[0]['v'] or 0) + 1}"
