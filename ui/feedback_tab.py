@@ -214,7 +214,10 @@ def build_feedback_tab(engine) -> FeedbackHandlers:
     def out(update: dict) -> dict:
         return {comps[k]: v for k, v in update.items()}
 
-    new_round.click(lambda *a: out(h.new_round(*a)), [style, prompts, seed, per_prompt, use_fb],
+    def on_round(*a):
+        return out(h.new_round(*a))
+
+    new_round.click(on_round, [style, prompts, seed, per_prompt, use_fb],
                     [status, gallery], concurrency_id="gpu", concurrency_limit=1, api_visibility="private")
     gallery.select(_select(h, out), None, [status], queue=False, api_visibility="private")
     for btn, value in ((up, "up"), (down, "down")):
