@@ -140,7 +140,7 @@ class Engine:
         """Run a GenerateRequest; images are saved as PNGs with their recipe under outputs/<user>/<date>/.
 
         `use_feedback`: steer towards `user`'s liked and away from their disliked images of the first active
-        style's version (FABRIC, engine/feedback/fabric.py; `feedback_params` a FabricParams, else its defaults)."""
+        style (any of its versions) (FABRIC, engine/feedback/fabric.py; `feedback_params` a FabricParams, else its defaults)."""
         t0 = time.perf_counter()
         with self._job("generate", user, job_id) as job:
             if job.token.is_set():  # cancelled while it waited: no model work at all
@@ -199,7 +199,7 @@ class Engine:
         if not on or not styles:
             return contextlib.nullcontext(None)
         s = styles[0][0]
-        rated = self.ratings.list(s.id, s.version, user=user)
+        rated = self.ratings.list(s.id, None, user=user)  # every version's ratings: the taste, not the version
         liked = [self._open_rated(r) for r in rated if r.liked]
         disliked = [self._open_rated(r) for r in rated if r.disliked]
         return fabric(self.model.components, [i for i in liked if i], [i for i in disliked if i],

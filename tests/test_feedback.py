@@ -234,3 +234,5 @@ def test_cancelled_refine_leaves_the_version_untouched(rated):
     assert len(eng.style_versions(v1.id)) == n_versions
     assert _hashes(v1) == hashes and eng.library.file_hashes(v1.id, 1) == hashes
     assert not [p for p in v1.folder.parent.iterdir() if p.name.startswith(".tmp")]
+    runs = sorted((eng.data_dir / "runs").glob("refine-*/checkpoints/step-*/unet_lora.safetensors"))
+    assert runs and runs[-1].parent.name == f"step-{result.steps}"  # the cancelled round's weights, kept aside

@@ -8,7 +8,6 @@ thumbs row under the Generate tab's gallery.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 

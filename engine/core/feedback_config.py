@@ -27,6 +27,7 @@ class RefineRequest:
     dpo_weight: float = 1.0  # weight of the Diffusion-DPO loss
     batch_size: int = 4
     seed: int = 0
+    checkpoint_every: int = 0  # steps between checkpoints under runs/<id>/checkpoints/ (0: only when cancelled)
     raters: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -42,6 +43,8 @@ class RefineRequest:
             raise ConfigError("`sft_weight` and `dpo_weight` must be >= 0 and not both 0")
         if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 64:
             raise ConfigError(f"`batch_size` must be 1..64 but is {self.batch_size!r}")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ConfigError(f"`checkpoint_every` must be a whole number >= 0 but is {self.checkpoint_every!r}")
         object.__setattr__(self, "raters", tuple(self.raters))
 
 

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from engine.core.errors import ConfigError
-from engine.core.events import TrainLog, TrainProgress
+from engine.core.events import TrainCheckpoint, TrainLog, TrainProgress
 from engine.core.feedback_config import RefineRequest, RefineResult
 from engine.feedback.dpo import diffusion_dpo_loss, per_sample_mse, rated_sft_loss
 from engine.feedback.ratings import Rating
@@ -153,7 +153,11 @@ def refine(model_source, data_dir: Path, library, ratings: list[Rating], req: Re
             losses.append(float(loss.detach()))
             eta = (time.perf_counter() - t0) / step * (req.steps - step)
             emit(TrainProgress(step, req.steps, losses[-1], req.learning_rate, eta))
+            if req.checkpoint_every and step % req.checkpoint_every == 0 and step < req.steps:
+                emit(TrainCheckpoint(step, _checkpoint(run_dir, step, params)))
         if cancelled:
+            if step:
+                emit(TrainCheckpoint(step, _checkpoint(run_dir, step, params)))
             jobs.write_job(run_dir, "cancelled", step=step, kind="refine")
             emit(TrainLog(f"refinement cancelled at step {step}; {style.id} v{style.version} is unchanged"))
             return RefineResult(None, style, step, losses, len(liked), len(disliked), True,
@@ -165,6 +169,23 @@ def refine(model_source, data_dir: Path, library, ratings: list[Rating], req: Re
     jobs.write_job(run_dir, "done", step=req.steps, kind="refine", style=f"{new.id}@v{new.version}")
     emit(TrainLog(f"saved {new.id} v{new.version}"))
     return RefineResult(new, style, req.steps, losses, len(liked), len(disliked), False, time.perf_counter() - t0)
+
+
+def _checkpoint(run_dir: Path, step: int, params) -> Path:
+    """The refined UNet LoRA so far, in runs/<id>/checkpoints/step-<N>/ (complete under a temporary name, then
+    renamed, as the trainer's checkpoints); kept for inspection, never written into the style's folder."""
+    from safetensors.torch import save_file
+
+    final = run_dir / "checkpoints" / f"step-{step}"
+    tmp = final.parent / f".tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        save_file({_file_key(n): p.detach().contiguous() for n, p in params.items()}, str(tmp / "unet_lora.safetensors"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def _save_version(library, style, params, req: RefineRequest, liked, disliked, losses):
