@@ -180,10 +180,10 @@ def build_feedback_tab(engine) -> FeedbackHandlers:
             status = gr.Markdown("Pick a style version.", elem_id="fb-status")
         with gr.Column(scale=2):
             gallery = gr.Gallery(label="Round: click an image, then rate it", columns=6, height=300,
-                                 elem_id="fb-gallery")
+                                 allow_preview=False, elem_id="fb-gallery")  # a click selects, for quick rating
             with gr.Row():
-                up = gr.Button("👍", elem_id="fb-up", size="sm")
-                down = gr.Button("👎", elem_id="fb-down", size="sm")
+                up = gr.Button("👍 Like", elem_id="fb-up", size="sm")
+                down = gr.Button("👎 Dislike", elem_id="fb-down", size="sm")
                 stars = gr.Radio([1, 2, 3, 4, 5], label="Stars", elem_id="fb-stars")
                 tags = gr.Textbox(label="Tags", placeholder="too dark, wrong linework", elem_id="fb-tags")
             table = gr.Dataframe(headers=["version", "prompt", "seed", "rating", "tags", "when"],
