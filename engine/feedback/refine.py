@@ -11,6 +11,7 @@ old one; v(N)'s folder is only ever read.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -107,8 +108,14 @@ def refine(model_source, data_dir: Path, library, ratings: list[Rating], req: Re
         emit(TrainLog(f"refining {style.id} v{style.version}: {len(liked)} liked, {len(disliked)} disliked, "
                       f"{len(pairs)} pairs, {req.steps} steps"))
 
+        # fp16/bf16 base weights with fp32 LoRA (as the trainer's mixed precision): autocast on CUDA; untested here
+        # (this machine has no GPU), CPU runs in fp32 without it.
+        amp = (torch.autocast("cuda", dtype=dtype) if str(device).startswith("cuda") and dtype != torch.float32
+               else contextlib.nullcontext())
+
         def predict(lat, enc, noise, t):
-            return c.unet(ns.add_noise(lat, noise, t), t, enc, return_dict=False)[0]
+            with amp:
+                return c.unet(ns.add_noise(lat, noise, t), t, enc, return_dict=False)[0].float()
 
         def reference(lat, enc, noise, t):
             saved = {n: p.data for n, p in params.items()}
@@ -129,8 +136,8 @@ def refine(model_source, data_dir: Path, library, ratings: list[Rating], req: Re
             loss = torch.zeros(())
             if req.sft_weight > 0:
                 idx = torch.multinomial(w_sft.clamp_min(1e-6), req.batch_size, replacement=True, generator=gen)
-                noise = torch.randn(lat_w[idx].shape, generator=gen)
-                t = torch.randint(0, ns.config.num_train_timesteps, (len(idx),), generator=gen)
+                noise = torch.randn(lat_w[idx].shape, generator=gen).to(lat_w)
+                t = torch.randint(0, ns.config.num_train_timesteps, (len(idx),), generator=gen).to(lat_w.device)
                 err = per_sample_mse(predict(lat_w[idx], enc_w[idx], noise, t),
                                      diffusion_target(ns, lat_w[idx], noise, t))
                 loss = loss + req.sft_weight * rated_sft_loss(err, w_sft[idx])
@@ -139,8 +146,8 @@ def refine(model_source, data_dir: Path, library, ratings: list[Rating], req: Re
                 iw, il = torch.tensor([p[0] for p in chosen]), torch.tensor([p[1] for p in chosen])
                 lat = torch.cat([lat_w[iw], lat_l[il]])
                 enc = torch.cat([enc_w[iw], enc_l[il]])
-                noise = torch.randn(lat_w[iw].shape, generator=gen).repeat(2, 1, 1, 1)  # same ε for w and l
-                t = torch.randint(0, ns.config.num_train_timesteps, (len(iw),), generator=gen).repeat(2)
+                noise = torch.randn(lat_w[iw].shape, generator=gen).repeat(2, 1, 1, 1).to(lat)  # same ε for w and l
+                t = torch.randint(0, ns.config.num_train_timesteps, (len(iw),), generator=gen).repeat(2).to(lat.device)
                 target = diffusion_target(ns, lat, noise, t)
                 pol = per_sample_mse(predict(lat, enc, noise, t), target)
                 ref = per_sample_mse(reference(lat, enc, noise, t), target)
@@ -180,7 +187,8 @@ def _checkpoint(run_dir: Path, step: int, params) -> Path:
     tmp = final.parent / f".tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        save_file({_file_key(n): p.detach().contiguous() for n, p in params.items()}, str(tmp / "unet_lora.safetensors"))
+        save_file({_file_key(n): p.detach().cpu().contiguous() for n, p in params.items()},
+                  str(tmp / "unet_lora.safetensors"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     finally:
@@ -201,7 +209,7 @@ def _save_version(library, style, params, req: RefineRequest, liked, disliked, l
         key = _file_key(n)
         if key not in tensors:
             raise ConfigError(f"refined layer {key} is not in {style.lora.name}; the style's format is not supported")
-        tensors[key] = p.detach().to(tensors[key].dtype).contiguous()
+        tensors[key] = p.detach().cpu().to(tensors[key].dtype).contiguous()
     return library.add_version(style.id, style.version, lambda folder: _write(folder, style, tensors, meta, req,
                                                                              liked, disliked, losses, save_file))
 
