@@ -253,6 +253,18 @@ class Engine:
                             "mean": sum(r.rating for r in rs) / len(rs)})
         return out
 
+    def set_version_defaults(self, style_ref: str, *, strength: float = 1.0, unet_weight: float = 1.0,
+                             te_weight: float = 1.0) -> dict:
+        """Save a version's defaults ("id@vN"): overall strength and UNet vs text-encoder weight, applied (times
+        the request's strength) whenever that version is used. Returns them."""
+        s = self.library.find_version(style_ref)
+        return self.ratings.set_defaults(s.id, s.version, strength, unet_weight, te_weight)
+
+    def version_defaults(self, style_ref: str) -> dict:
+        """A version's defaults (1.0 each unless set)."""
+        s = self.library.find_version(style_ref)
+        return self.ratings.defaults(s.id, s.version)
+
     def refine(self, req, on_event: Callable | None = None, *, user: str = "local", job_id: str | None = None):
         """Make version N+1 of a style from the ratings of version N (engine/feedback/refine.py): rating-weighted
         tuning on liked images + Diffusion-DPO on liked x disliked pairs with v(N) as reference. v(N) is never
@@ -435,7 +447,10 @@ class Engine:
         out = []
         for item in weighted:
             sid, wu, wt = (item[0], item[1], item[1]) if len(item) == 2 else item
-            out.append((self.library.find_version(sid), float(wu), float(wt)))
+            info = self.library.find_version(sid)
+            d = self.ratings.defaults(info.id, info.version)  # the version's hand-set defaults (Feedback tab)
+            out.append((info, float(wu) * d["strength"] * d["unet_weight"],
+                        float(wt) * d["strength"] * d["te_weight"]))
         check_same_base([s for s, _, _ in out], self.model.fingerprint, self.model.name)
         if not out and self._adapters is None:
             return out

@@ -103,9 +103,27 @@ def test_ratings_table_has_its_own_schema(tmp_path):
 
     eng = Engine(Settings(data_dir=str(tmp_path)))
     eng.list_ratings()
-    assert eng.library.db.query("SELECT version FROM feedback_schema")[0]["version"] == 1
+    assert eng.library.db.query("SELECT version FROM feedback_schema")[0]["version"] == 2
     eng2 = Engine(Settings(data_dir=str(tmp_path)))  # reopening migrates nothing twice
     assert eng2.list_ratings() == []
+
+
+def test_ratings_schema_1_migrates(tmp_path):
+    from engine.feedback import ratings as R
+    from engine.styles.db import Database
+
+    db = Database(tmp_path / "stylebooth.db")
+    with db.transaction() as con:  # a database from before version defaults
+        con.execute("CREATE TABLE feedback_schema (version INTEGER NOT NULL)")
+        con.execute("INSERT INTO feedback_schema VALUES (1)")
+        for stmt in R._V1.split(";"):
+            if stmt.strip():
+                con.execute(stmt)
+    store = R.Ratings(db, tmp_path)
+    assert store.defaults("s", 1) == {"strength": 1.0, "unet_weight": 1.0, "te_weight": 1.0}
+    assert store.set_defaults("s", 1, 0.8, 1.0, 0.5)["te_weight"] == 0.5
+    with pytest.raises(ConfigError, match="te_weight"):
+        store.set_defaults("s", 1, 1.0, 1.0, 3.0)
 
 
 # ---- FABRIC --------------------------------------------------------------------------------------------------

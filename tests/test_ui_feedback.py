@@ -45,6 +45,13 @@ def test_feedback_tab_round_rate_refine_revert(tmp_path, quick_subject):  # noqa
     assert list(hist["version"]) == ["v1"] and abs(hist["liked"][0] - 2 / 3) < 1e-9
     doc = json.loads(Path(h.export(ref)["export"]).read_text())
     assert len(doc["ratings"]) == 3
+    assert "saved" in h.save_defaults(ref, 0.5, 1.0, 0.0)["status"]
+    assert h.load_defaults(ref) == {"strength": 0.5, "unet_weight": 1.0, "te_weight": 0.0}
+    res = eng.generate(__import__("engine.core.config", fromlist=["x"]).GenerateRequest(
+        prompt="a photo of a shape", style=v1.id, seed=1, num_inference_steps=2))
+    applied = res.images[0].recipe["styles"][0]
+    assert (applied["strength"], applied["text_encoder_strength"]) == (0.5, 0.0)
+    h.save_defaults(ref, 1.0, 1.0, 1.0)
     updates = list(h.refine(ref, 5, 2000.0))
     final = updates[-1]
     assert final["new_version"] == f"{v1.id}@v2" and len(final["before"]) == len(final["after"]) == 4

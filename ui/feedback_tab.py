@@ -105,6 +105,22 @@ class FeedbackHandlers:
         path.write_text(doc, "utf-8")
         return {"export": str(copy_for_download([path])[0])}
 
+    def save_defaults(self, style: str, strength: float, unet_weight: float, te_weight: float) -> dict[str, Any]:
+        """Save the picked version's defaults (applied whenever it is used)."""
+        if not style:
+            raise gr.Error("pick a style version first")
+        try:
+            d = self.engine.set_version_defaults(style, strength=float(strength), unet_weight=float(unet_weight),
+                                                 te_weight=float(te_weight))
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        return {"status": f"{style}: strength {d['strength']:g}, UNet {d['unet_weight']:g}, text encoder "
+                          f"{d['te_weight']:g} saved as this version's defaults"}
+
+    def load_defaults(self, style: str) -> dict[str, Any]:
+        d = self.engine.version_defaults(style) if style else {"strength": 1.0, "unet_weight": 1.0, "te_weight": 1.0}
+        return {"strength": d["strength"], "unet_weight": d["unet_weight"], "te_weight": d["te_weight"]}
+
     # ---- refine, compare, keep or revert -------------------------------------------------------------------------
     def refine(self, style: str, steps: int, beta: float, progress=None) -> Iterator[dict[str, Any]]:
         if not style:
@@ -201,13 +217,19 @@ def build_feedback_tab(engine) -> FeedbackHandlers:
         with gr.Row():
             keep = gr.Button("Keep v(N+1)", elem_id="fb-keep")
             revert = gr.Button("Revert", elem_id="fb-revert")
+    with gr.Accordion("Adjust by hand (saved as this version's defaults)", open=False):
+        with gr.Row():
+            strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Overall strength")
+            unet_w = gr.Slider(0, 2, value=1.0, step=0.05, label="UNet weight (look, shapes)")
+            te_w = gr.Slider(0, 2, value=1.0, step=0.05, label="Text-encoder weight (the trigger's meaning)")
+            save_defaults = gr.Button("Save defaults", elem_id="fb-defaults")
     with gr.Accordion("History", open=False):
         history = gr.Dataframe(label="Ratings by version", interactive=False)
         plot = gr.BarPlot(x="version", y="liked", title="Share of liked images by version", y_lim=[0, 1])
         export_btn = gr.Button("Export ratings (JSON)")
         export = gr.File(label="ratings.json", interactive=False)
 
-    comps = {"status": status, "gallery": gallery, "table": table, "new_version": new_version, "before": before,
+    comps = {"strength": strength, "unet_weight": unet_w, "te_weight": te_w, "status": status, "gallery": gallery, "table": table, "new_version": new_version, "before": before,
              "after": after, "history": history, "plot": plot, "export": export}
 
     def out(update: dict) -> dict:
@@ -224,8 +246,10 @@ def build_feedback_tab(engine) -> FeedbackHandlers:
                   [status, table, history, plot], api_visibility="private")
     stars.input(lambda n, t, s: out({**h.rate(int(n), t), **h.history(s)}), [stars, tags, style],
                 [status, table, history, plot], api_visibility="private")
-    style.change(lambda s: out({"table": h.ratings_table(s), **h.history(s)}), [style], [table, history, plot],
-                 api_visibility="private")
+    style.change(lambda s: out({"table": h.ratings_table(s), **h.history(s), **h.load_defaults(s)}), [style],
+                 [table, history, plot, strength, unet_w, te_w], api_visibility="private")
+    save_defaults.click(lambda *a: out(h.save_defaults(*a)), [style, strength, unet_w, te_w], [status],
+                        api_visibility="private")
 
     def on_refine(s, n, b, progress=gr.Progress()):
         for update in h.refine(s, n, b, progress):

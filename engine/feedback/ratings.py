@@ -17,7 +17,8 @@ from pathlib import Path
 
 from engine.core.errors import ConfigError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # of the tables
+EXPORT_SCHEMA = 1  # of the exported JSON document
 THUMBS_UP, THUMBS_DOWN = 5, 1
 MAX_TAGS = 16
 _V1 = """
@@ -38,7 +39,20 @@ CREATE TABLE ratings (
 );
 CREATE INDEX ratings_by_style ON ratings(style_id, style_version);
 """
-MIGRATIONS = {1: _V1}
+# v2: a version's hand-set defaults (overall strength, UNet vs text-encoder weight), applied whenever it is used.
+_V2 = """
+CREATE TABLE version_defaults (
+    style_id      TEXT NOT NULL,
+    version       INTEGER NOT NULL,
+    strength      REAL NOT NULL,
+    unet_weight   REAL NOT NULL,
+    te_weight     REAL NOT NULL,
+    updated       TEXT NOT NULL,
+    PRIMARY KEY (style_id, version)
+);
+"""
+MIGRATIONS = {1: _V1, 2: _V2}
+WEIGHT_RANGE = (0.0, 2.0)
 
 
 @dataclass(frozen=True)
@@ -169,10 +183,30 @@ class Ratings:
         sql = "SELECT * FROM ratings" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
         return [_row(r) for r in self.db.query(sql, tuple(args))]
 
+    def set_defaults(self, style_id: str, version: int, strength: float = 1.0, unet_weight: float = 1.0,
+                     te_weight: float = 1.0) -> dict:
+        """Save a version's defaults: its LoRA is applied at strength·unet_weight on the UNet and
+        strength·te_weight on the text encoder (times the strength a request asks for)."""
+        lo, hi = WEIGHT_RANGE
+        for name, v in (("strength", strength), ("unet_weight", unet_weight), ("te_weight", te_weight)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+                raise ConfigError(f"`{name}` must be a number from {lo} to {hi} but is {str(v)[:20]!r}")
+        with self.db.transaction() as con:
+            con.execute("INSERT OR REPLACE INTO version_defaults (style_id, version, strength, unet_weight, "
+                        "te_weight, updated) VALUES (?, ?, ?, ?, ?, ?)",
+                        (style_id, int(version), float(strength), float(unet_weight), float(te_weight), _now()))
+        return self.defaults(style_id, version)
+
+    def defaults(self, style_id: str, version: int) -> dict:
+        """{"strength", "unet_weight", "te_weight"} of a version (1.0 each when never set)."""
+        rows = self.db.query("SELECT strength, unet_weight, te_weight FROM version_defaults WHERE style_id=? AND "
+                             "version=?", (style_id, int(version)))
+        return dict(rows[0]) if rows else {"strength": 1.0, "unet_weight": 1.0, "te_weight": 1.0}
+
     def export(self, style_id: str | None = None, *, user: str | None = None) -> str:
         """The ratings as a JSON document (schema_version, ratings with recipes)."""
         rows = [asdict(r) for r in self.list(style_id, user=user)]
-        return json.dumps({"schema_version": SCHEMA_VERSION, "ratings": rows}, indent=1)
+        return json.dumps({"schema_version": EXPORT_SCHEMA, "ratings": rows}, indent=1)
 
 
 def _row(r) -> Rating:
