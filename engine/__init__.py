@@ -8,6 +8,7 @@ Subpackages by capability, each allowed to import only the ones listed in its ow
     generate/  the one CFG sampler, the recipes written into every PNG, batches with X/Y grids
     train/     the DreamBooth + LoRA trainer: loop, math, data, priors, checkpoints, output, app job, CLI
     styles/    the style library (SQLite + styles/<id>/v<N>/), import/export, adapters, blending and bakes
+    feedback/  ratings, instant feedback (FABRIC) and refinement to version N+1 (liked-image tuning + Diffusion-DPO)
     jobs/      job state on disk, per-job cancel tokens and the fair (round-robin by user) GPU turn
     studio/    accounts, quotas and credits with a ledger, the Studio service that checks admin roles
     demo/      the demo model's shapes world and its checker

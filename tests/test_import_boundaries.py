@@ -23,6 +23,8 @@ LAYERS = {
     "engine.models": ("engine.core", "engine.generate.sampler"),
     "engine.styles": ("engine.core", "engine.models"),
     "engine.train": ("engine.core", "engine.models", "engine.generate", "engine.styles", "engine.jobs"),
+    "engine.feedback": ("engine.core", "engine.models", "engine.generate", "engine.styles", "engine.jobs",
+                        "engine.train"),
     "ui": ("engine.core", "engine.api"),
 }
 RULES = {"engine": ("gradio", "gradio_client"), "ui": ML_STACK}

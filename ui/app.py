@@ -13,6 +13,7 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from .blend_tab import build_blend_tab
+from .feedback_tab import build_feedback_tab, rating_controls
 from .generate_tab import build_generate_tab
 from .library_tab import build_library_tab
 from .session import is_admin, user_of
@@ -99,6 +100,7 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
     """
     h = AppHandlers(engine, remote)
     h.refresh()
+    studio_mode = getattr(engine, "studio", None) is not None
     with gr.Blocks(title="Stylebooth", analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
         header = gr.Markdown(h.header, elem_id="header")
         with gr.Accordion("Model", open=False):
@@ -112,14 +114,20 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Generate", id="generate", elem_id="tab-generate") as gen_tab:
                 gen = build_generate_tab(engine)
+                if not studio_mode:  # ratings are single-user until the Feedback tab takes the user per request
+                    rating_controls(gen, engine)
             with gr.Tab("Train", id="train", elem_id="tab-train") as train_tab:
                 train = build_train_tab(engine)
             with gr.Tab("Library", id="library", elem_id="tab-library") as lib_tab:
                 library = build_library_tab(engine)
             with gr.Tab("Blend", id="blend", elem_id="tab-blend") as blend_tab:
                 blend = build_blend_tab(engine)
+            feedback = fb_tab = None
+            if not studio_mode:  # see above: not in studio mode yet (it would rate as the local user)
+                with gr.Tab("Feedback", id="feedback", elem_id="tab-feedback") as fb_tab:
+                    feedback = build_feedback_tab(engine)
             studio = studio_tab = None
-            if getattr(engine, "studio", None) is not None:
+            if studio_mode:
                 # Shown to admins only (demo.load below); every Studio event checks the role again on the server.
                 with gr.Tab("Studio", id="studio", elem_id="tab-studio", visible=False) as studio_tab:
                     studio = build_studio_tab(engine)
@@ -146,6 +154,9 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
         lib_tab.select(**library.refresh)
         demo.load(**blend.refresh)
         blend_tab.select(**blend.refresh)
+        if feedback is not None:
+            demo.load(**feedback.refresh)
+            fb_tab.select(**feedback.refresh)
         # Runs interrupted by a crash (or cancelled) while the page was closed show up in the Train tab.
         runs = dict(fn=train.runs_for, inputs=None, outputs=[train.runs], queue=False,
                     api_visibility="private")

@@ -102,6 +102,7 @@ class GenerateHandlers:
             raise gr.Error("Out of memory: lower the batch size or the image size, then try again.") from None
 
     def _result(self, result, req: GenerateRequest) -> dict[str, Any]:
+        self.last_paths = [img.path for img in result.images]  # the engine's own records, for the rating row
         paths = copy_for_download([img.path for img in result.images])
         gallery = [(str(p), f"seed {img.recipe.get('seed', '?')}") for p, img in zip(paths, result.images)]
         n = len(result.images)

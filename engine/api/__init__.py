@@ -40,6 +40,7 @@ from engine.styles.blend import check_same_base
 from engine.styles.library import Library, LibraryStyle
 from engine.styles.store import StyleInfo
 from engine.api.blends import BlendMethods
+from engine.api.feedback import FeedbackMethods
 from engine.api.library import LibraryMethods
 from engine.api.support import charged, iterate, with_triggers
 from engine.studio.service import Studio
@@ -61,7 +62,7 @@ def pick_device() -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
-class Engine(LibraryMethods, BlendMethods):
+class Engine(LibraryMethods, BlendMethods, FeedbackMethods):
     """Everything that touches models and files. Thread-safe: model work runs one job at a time."""
 
     def __init__(self, settings: Settings | None = None, *, device: str | None = None,
@@ -218,8 +219,13 @@ class Engine(LibraryMethods, BlendMethods):
     # ---- generate ------------------------------------------------------------------------------------------
     @charged("generate")
     def generate(self, req: GenerateRequest, on_progress: Callable[[Progress], None] | None = None,
-                 *, user: str = "local", job_id: str | None = None) -> GenerateResult:
-        """Run a GenerateRequest; images are saved as PNGs with their recipe under outputs/<user>/<date>/."""
+                 *, user: str = "local", job_id: str | None = None, use_feedback: bool = False,
+                 feedback_params=None) -> GenerateResult:
+        """Run a GenerateRequest; images are saved as PNGs with their recipe under outputs/<user>/<date>/.
+
+        `use_feedback`: steer towards `user`'s liked and away from their disliked images of the first active
+        style (any of its versions) (FABRIC, engine/feedback/fabric.py; `feedback_params` a FabricParams, else
+        its defaults)."""
         t0 = time.perf_counter()
         with self._job("generate", user, job_id) as job:
             if job.token.is_set():  # cancelled while it waited: no model work at all
@@ -248,11 +254,13 @@ class Engine(LibraryMethods, BlendMethods):
                             on_progress(Progress(b * n + i + 1, total,
                                                  f"batch {b + 1}/{req.batch_count}, step {i + 1}/{n}", preview))
 
-                    imgs = sample(c, self._adapters.expand_prompts(prompts) if self._adapters else prompts,
-                                  [req.negative_prompt] * n, seeds,
-                                  num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
-                                  guidance_rescale=req.guidance_rescale, scheduler=req.scheduler, height=height,
-                                  width=width, callback=cb)
+                    with self._feedback(styles, user, use_feedback, feedback_params,
+                                        req.guidance_scale > 1.0, req.seed) as hook:
+                        imgs = sample(c, self._adapters.expand_prompts(prompts) if self._adapters else prompts,
+                                      [req.negative_prompt] * n, seeds,
+                                      num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
+                                      guidance_rescale=req.guidance_rescale, scheduler=req.scheduler, height=height,
+                                      width=width, callback=cb, on_step_start=hook)
                     for seed, prompt, img in zip(seeds, prompts, to_pil(imgs)):
                         recipe = self._recipe(req, seed, width, height, prompt, styles)
                         path = out_dir / f"{int(time.time() * 1000)}-{seed}.png"
@@ -265,15 +273,16 @@ class Engine(LibraryMethods, BlendMethods):
                 done = [GeneratedImage(img, recipe, fut.result()) for img, recipe, fut in writes]
             return GenerateResult(done, cancelled=cancelled, seconds=time.perf_counter() - t0)
 
-    def generate_iter(self, req: GenerateRequest, *, user: str = "local",
-                      job_id: str | None = None) -> Iterator[Progress | GenerateResult]:
+    def generate_iter(self, req: GenerateRequest, *, user: str = "local", job_id: str | None = None,
+                      use_feedback: bool = False) -> Iterator[Progress | GenerateResult]:
         """Run `generate` in a worker thread and yield its Progress events, then the GenerateResult.
 
         For UIs that render while the job runs (a Gradio generator). Errors are re-raised here.
         """
         job_id = job_id or uuid.uuid4().hex
-        return iterate(lambda emit: self.generate(req, emit, user=user, job_id=job_id), GenerateResult,
-                        self._waiting(job_id, user))
+        extra = {"use_feedback": True} if use_feedback else {}
+        return iterate(lambda emit: self.generate(req, emit, user=user, job_id=job_id, **extra), GenerateResult,
+                       self._waiting(job_id, user))
 
     def read_recipe(self, path: str | Path) -> dict | None:
         """The recipe a dropped PNG carries (ours or A1111's), or None; see engine.generate.recipes."""
@@ -348,7 +357,9 @@ class Engine(LibraryMethods, BlendMethods):
         out = []
         for item in weighted:
             sid, wu, wt = (item[0], item[1], item[1]) if len(item) == 2 else item
-            out.append((self.library.find_version(sid), float(wu), float(wt)))
+            info = self.library.find_version(sid)
+            d = self.ratings.defaults(info.id, info.version)  # the version's hand-set defaults (Feedback tab)
+            out.append((info, float(wu) * d["strength"] * d["unet_weight"], float(wt) * d["strength"] * d["te_weight"]))
         check_same_base([s for s, _, _ in out], self.model.fingerprint, self.model.name)
         if not out and self._adapters is None:
             return out

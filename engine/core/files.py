@@ -6,6 +6,7 @@ a reader or a crash sees the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -56,3 +57,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The file's sha256, read in 4 MiB blocks (checkpoint manifests, library file hashes, dataset provenance)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -96,12 +96,14 @@ def sample(c: Components, prompts: Sequence[str], negative_prompts: Sequence[str
            num_inference_steps: int = 20, guidance_scale: float = 5.0, guidance_rescale: float = 0.0,
            scheduler: str = "dpmpp_2m", height: int | None = None, width: int | None = None,
            callback: StepCallback | None = None, output: str = "image",
-           prompt_embeds: torch.Tensor | None = None, negative_embeds: torch.Tensor | None = None) -> torch.Tensor:
+           prompt_embeds: torch.Tensor | None = None, negative_embeds: torch.Tensor | None = None,
+           on_step_start: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Denoise one batch: image i uses `prompts[i]`, `negative_prompts[i]` and its own generator seeded `seeds[i]`.
 
     Returns images in [0, 1] as [B, 3, H, W] float32 on the CPU (or latents with output="latent").
     Conditional and unconditional halves go through the UNet in **one** batched call, in the pipeline's order
     (unconditional first), so results match `StableDiffusionPipeline` to float precision.
+    `on_step_start(i, n, t)` runs before each UNet call (FABRIC collects its reference attention there).
     """
     n = len(prompts)
     if not (len(negative_prompts) == len(seeds) == n):
@@ -130,6 +132,8 @@ def sample(c: Components, prompts: Sequence[str], negative_prompts: Sequence[str
     for i, t in enumerate(timesteps):
         model_in = torch.cat([latents] * 2) if do_cfg else latents
         model_in = sched.scale_model_input(model_in, t)
+        if on_step_start is not None:
+            on_step_start(i, len(timesteps), t)
         pred = c.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
         if do_cfg:
             pred_uncond, pred_cond = pred.chunk(2)

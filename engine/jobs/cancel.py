@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from engine.core.errors import Cancelled
 
-JOB_KINDS = ("generate", "train", "batch", "blend")
+JOB_KINDS = ("generate", "train", "batch", "blend", "refine")
 
 
 class CancelToken(threading.Event):

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.core.errors import LibraryError
-from engine.core.files import atomic_path, fsync_dir
+from engine.core.files import atomic_path, fsync_dir, sha256_file
 from engine.models.safety import check_model_file
 from engine.styles import lora_format as F
 from engine.styles.library import Library
-from engine.styles.records import clean_name, clean_tags, new_style_id, now, sha256_file
+from engine.styles.records import clean_name, clean_tags, new_style_id, now
 from engine.styles.store import SCHEMA_VERSION, StyleInfo
 
 EXPORT_FORMATS = ("a1111", "diffusers")  # a1111: kohya keys (A1111, ComfyUI, Civitai); diffusers: PEFT keys

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from engine.core.errors import LibraryError
-from engine.core.files import atomic_write_bytes
+from engine.core.files import atomic_write_bytes, fsync_dir, sha256_file
 from engine.styles.db import DB_NAME, Database
 # base_model_mismatch and new_style_id are re-exported: callers know them as part of the library
 from engine.styles.records import (MAX_DESCRIPTION, base_model_mismatch, clean_name, clean_tags,  # noqa: F401
-                                   new_style_id, now, read_style_json, sha256_file)
+                                   new_style_id, now, read_style_json)
 from engine.styles.store import StyleInfo, _class_noun
 
 log = logging.getLogger(__name__)
@@ -288,6 +290,40 @@ class Library:
                 log.warning("library: skipped %s: %s", where, e)
                 skipped.append((where, str(e)))
         return AdoptReport(tuple(adopted), tuple(skipped))
+
+    def add_version(self, style_id: str, parent_version: int, write: Callable[[Path], None]) -> StyleInfo:
+        """Make version N+1 of a style: `write(folder)` fills a temporary folder (weights, style.json), which is
+        renamed to styles/<id>/v<N+1>/ and registered. Older versions are never touched; a failed write leaves
+        nothing behind."""
+        self.get(style_id)
+        self.find_version(f"{style_id}@v{int(parent_version)}")
+        final = self.next_version_folder(style_id)
+        tmp = final.parent / f".tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            write(tmp)
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self.register_folder(final)
+
+    def drop_newest_version(self, style_id: str, version: int) -> StyleInfo:
+        """Revert: remove `version` if it is the style's newest and not its only one (a refined version the artist
+        did not keep); returns the version that is newest again. Older versions are never touched."""
+        s = self.get(style_id)
+        if len(s.versions) < 2 or s.latest.version != int(version):
+            raise LibraryError(f"only the newest version of a style with several versions can be reverted; "
+                               f"{s.name!r} has {', '.join(f'v{v.version}' for v in s.versions)}")
+        folder = s.latest.folder
+        doomed = folder.parent / f".deleted-v{version}-{uuid.uuid4().hex[:6]}"
+        if folder.is_dir():
+            folder.rename(doomed)
+        with self.db.transaction() as con:
+            con.execute("DELETE FROM file_hashes WHERE style_id=? AND version=?", (style_id, int(version)))
+            con.execute("DELETE FROM versions WHERE style_id=? AND version=?", (style_id, int(version)))
+        shutil.rmtree(doomed, ignore_errors=True)
+        return self.get(style_id).latest
 
     def next_version_folder(self, style_id: str) -> Path:
         rows = self.db.query("SELECT MAX(version) AS v FROM versions WHERE style_id=?", (self._check_id(style_id),))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import uuid
 from pathlib import Path
@@ -53,14 +52,6 @@ def clean_tags(tags) -> tuple[str, ...]:
     if len(out) > MAX_TAGS:
         raise LibraryError(f"{len(out)} tags given; keep it to {MAX_TAGS}")
     return tuple(sorted(out))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_style_json(folder: Path) -> dict:

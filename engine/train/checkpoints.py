@@ -31,6 +31,7 @@ from engine.core.train_config import config_hash
 from engine.train.state import Counters
 from engine.core.errors import CheckpointError, DiskFullError  # noqa: F401
 from engine.core.files import fsync_dir
+from engine.core.files import sha256_file
 
 SCHEMA_VERSION = 1
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -46,14 +47,6 @@ def _write_bytes(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def library_versions() -> dict[str, str]:

@@ -1,0 +1,116 @@
+"""The Engine's feedback methods (engine/feedback/): ratings, "Use my feedback" (FABRIC) during generation, and
+refinement of a style into its next version (liked-image tuning + Diffusion-DPO). A mixin of engine.api.Engine,
+which owns the state these methods use."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+from engine.api.support import iterate
+from engine.styles.store import StyleInfo
+
+
+class FeedbackMethods:
+    def _feedback(self, styles, user: str, on: bool, params, do_cfg: bool, seed: int):
+        """The FABRIC context for one sample() call (a no-op context when off or when nothing is rated)."""
+        from engine.feedback.fabric import FabricParams, fabric
+
+        if not on or not styles:
+            return contextlib.nullcontext(None)
+        s = styles[0][0]
+        rated = self.ratings.list(s.id, None, user=user)  # every version's ratings: the taste, not the version
+        liked = [self._open_rated(r) for r in rated if r.liked]
+        disliked = [self._open_rated(r) for r in rated if r.disliked]
+        return fabric(self.model.components, [i for i in liked if i], [i for i in disliked if i],
+                      params or FabricParams(), do_cfg=do_cfg, seed=seed)
+
+    def _open_rated(self, r):
+        from PIL import Image
+
+        try:
+            with Image.open(self.data_dir / r.image) as im:
+                return im.convert("RGB")
+        except OSError:
+            return None  # the PNG was deleted: its rating stays, it just no longer steers
+
+    # ---- feedback: ratings and refinement ------------------------------------------------------------------
+    @property
+    def ratings(self):
+        """The ratings table (engine/feedback/ratings.py) in the library's database."""
+        from engine.feedback.ratings import Ratings
+
+        lib = self.library
+        with self._library_lock:
+            if getattr(self, "_ratings", None) is None:
+                self._ratings = Ratings(lib.db, self.data_dir)
+            return self._ratings
+
+    def rate_image(self, image, rating, tags=(), user: str = "local"):
+        """Rate one of `user`'s generated images (its path as GeneratedImage.path gave it, under outputs/<user>/):
+        1..5 stars or "up"/"down"; rating again changes the rating and tags. Returns the stored Rating."""
+        return self.ratings.rate(image, rating, tags, user)
+
+    def remove_rating(self, image, user: str = "local") -> bool:
+        """Remove `user`'s rating of an image; False when it had none."""
+        return self.ratings.remove(image, user)
+
+    def list_ratings(self, style_id: str | None = None, version: int | None = None, *, user: str | None = None):
+        """Ratings (oldest first), by style id, version and owner."""
+        return self.ratings.list(style_id, version, user=user)
+
+    def export_ratings(self, style_id: str | None = None, *, user: str | None = None) -> str:
+        """Ratings with their full recipes as a JSON document."""
+        return self.ratings.export(style_id, user=user)
+
+    def rating_summary(self, style_id: str, *, user: str | None = None) -> list[dict]:
+        """Per version of a style: how many ratings, liked share and mean stars (the Feedback tab's plot)."""
+        out = []
+        for v in self.style_versions(style_id):
+            rs = self.ratings.list(style_id, v.version, user=user)
+            if rs:
+                out.append({"version": v.version, "ratings": len(rs), "liked": sum(r.liked for r in rs) / len(rs),
+                            "mean": sum(r.rating for r in rs) / len(rs)})
+        return out
+
+    def set_version_defaults(self, style_ref: str, *, strength: float = 1.0, unet_weight: float = 1.0,
+                             te_weight: float = 1.0) -> dict:
+        """Save a version's defaults ("id@vN"): overall strength and UNet vs text-encoder weight, applied (times
+        the request's strength) whenever that version is used. Returns them."""
+        s = self.library.find_version(style_ref)
+        return self.ratings.set_defaults(s.id, s.version, strength, unet_weight, te_weight)
+
+    def version_defaults(self, style_ref: str) -> dict:
+        """A version's defaults (1.0 each unless set)."""
+        s = self.library.find_version(style_ref)
+        return self.ratings.defaults(s.id, s.version)
+
+    def refine(self, req, on_event: Callable | None = None, *, user: str = "local", job_id: str | None = None):
+        """Make version N+1 of a style from the ratings of version N (engine/feedback/refine.py): rating-weighted
+        tuning on liked images + Diffusion-DPO on liked x disliked pairs with v(N) as reference. v(N) is never
+        modified; Cancel stops within one step and saves nothing. Returns a RefineResult."""
+        from engine.core.feedback_config import RefineResult
+        from engine.feedback.refine import refine
+
+        caller = self.caller(user)
+        style = self.library.find_version(req.style)
+        self._style_for(caller, style.id, change=True)  # studio: only its owner (or an admin) refines a style
+        with self._job("refine", caller.name, job_id) as job:
+            if job.token.is_set():
+                return RefineResult(None, style, 0, cancelled=True)
+            ratings = [r for r in self.ratings.list(style.id, style.version)
+                       if not req.raters or r.user in req.raters]
+            return refine(self.model.source, self.data_dir, self.library, ratings, req, style, device=self.device,
+                          dtype=self.dtype, on_event=on_event, stop_event=job.token)
+
+    def revert_version(self, style_id: str, version: int) -> StyleInfo:
+        """Drop a refined version the artist did not keep (only the newest); the previous one is newest again."""
+        with self._lock:
+            if self._adapters is not None:
+                self._adapters.forget({style_id})
+            return self.library.drop_newest_version(style_id, version)
+
+    def refine_iter(self, req, *, user: str = "local", job_id: str | None = None) -> Iterator:
+        """`refine` in a worker thread: yields TrainProgress / TrainLog events, then the RefineResult."""
+        from engine.core.feedback_config import RefineResult
+
+        return iterate(lambda emit: self.refine(req, emit, user=user, job_id=job_id), RefineResult)
