@@ -7,6 +7,7 @@ typed results; progress is reported through typed events.
 from __future__ import annotations
 
 import contextlib
+import io
 import datetime as dt
 import queue
 import threading
@@ -28,7 +29,7 @@ from engine.generate.batch import Grid, run_batch
 from engine.generate.sampler import decode, sample, to_pil
 from engine.jobs.cancel import Job, JobRegistry
 from engine.jobs.fair import FairScheduler
-from engine.models.loading import LoadedModel, load_base_model
+from engine.models.loading import DEMO_MODEL, LoadedModel, load_base_model
 from engine.styles.adapters import AdapterCache
 from engine.styles.blend import check_same_base
 from engine.styles.interop import ExportResult, ImportResult, export_style, import_file
@@ -76,6 +77,8 @@ class Engine:
         # Fold the active styles into the base weights while they stay selected: LoRA layers cost ~33% throughput
         # on the demo model with one style, fused ~0% (bench/generate.py); a change of styles unfuses first (exactly).
         self.fuse_styles = fuse_styles
+        self._ip_adapters: dict[str, object] = {}  # IP-Adapter folder -> loaded IPAdapter (instant styles)
+        self._ip_hook = None  # attaches the IP-Adapter to the current UNet while an instant style is in use
 
     # ---- model ---------------------------------------------------------------------------------------------
     @property
@@ -100,6 +103,7 @@ class Engine:
             new = load_base_model(source or None, device=self.device, dtype=self.dtype,
                                   cache_dir=self.data_dir / "cache")
             self._model, self._adapters, self.load_error = new, None, None
+            self._ip_adapters, self._ip_hook = {}, None
             return new.describe()
 
     # ---- jobs and cancel -----------------------------------------------------------------------------------
@@ -144,6 +148,8 @@ class Engine:
             m = self.model
             c = m.components
             styles = self._activate_styles(req.active_styles)
+            instant, image_embeds = self._activate_instant(req.instant_style, req.instant_strength,
+                                                           req.instant_style_only)
             prompts = [_with_triggers(p, styles) for p in req.prompts]
             n = len(prompts)
             width, height = req.width or c.default_size, req.height or c.default_size
@@ -168,9 +174,9 @@ class Engine:
                                   [req.negative_prompt] * n, seeds,
                                   num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
                                   guidance_rescale=req.guidance_rescale, scheduler=req.scheduler, height=height,
-                                  width=width, callback=cb)
+                                  width=width, callback=cb, image_embeds=image_embeds)
                     for seed, prompt, img in zip(seeds, prompts, to_pil(imgs)):
-                        recipe = self._recipe(req, seed, width, height, prompt, styles)
+                        recipe = self._recipe(req, seed, width, height, prompt, styles, instant)
                         path = out_dir / f"{int(time.time() * 1000)}-{seed}.png"
                         done.append(GeneratedImage(img, recipe, recipes.save_png(img, recipe, path)))
             except Cancelled:
@@ -199,7 +205,7 @@ class Engine:
 
     # ---- train ---------------------------------------------------------------------------------------------
     def train(self, cfg: TrainConfig, name: str, on_event: Callable | None = None, *, run_dir: Path | None = None,
-              user: str = "local", job_id: str | None = None) -> TrainJobResult:
+              user: str = "local", job_id: str | None = None, into_style: str | None = None) -> TrainJobResult:
         """Ingest images, make priors, train a LoRA and publish it as a style (engine/train/job.py).
 
         Holds the model lock for the whole run: training and generation share one queue.
@@ -212,14 +218,15 @@ class Engine:
                                       None, [], [])
             if self._adapters is not None:  # prior images come from the base model, not the last style used
                 self._adapters.activate_many([])
+            self._detach_instant()
             return run_training(self.model, self.data_dir, cfg, name, run_dir=run_dir, on_event=on_event,
-                                stop_event=job.token)
+                                stop_event=job.token, style_id=into_style)
 
     def train_iter(self, cfg: TrainConfig, name: str, *, run_dir: Path | None = None, user: str = "local",
-                   job_id: str | None = None) -> Iterator:
+                   job_id: str | None = None, into_style: str | None = None) -> Iterator:
         """`train` in a worker thread: yields the trainer's events, then the TrainJobResult."""
-        return _iterate(lambda emit: self.train(cfg, name, emit, run_dir=run_dir, user=user, job_id=job_id),
-                        TrainJobResult)
+        return _iterate(lambda emit: self.train(cfg, name, emit, run_dir=run_dir, user=user, job_id=job_id,
+                                                into_style=into_style), TrainJobResult)
 
     def resumable_runs(self) -> list[ResumableRun]:
         """Runs to offer "resume?": interrupted (their worker died: power cut, kill) and cancelled after a step."""
@@ -328,6 +335,135 @@ class Engine:
         m = self.model
         return base_model_mismatch(self.library.find_version(style_id), m.fingerprint, m.name)
 
+    # ---- instant styles (IP-Adapter) ---------------------------------------------------------------------------
+    def _is_demo(self) -> bool:
+        try:
+            return Path(self.model.source).resolve() == DEMO_MODEL.resolve()
+        except OSError:
+            return False
+
+    def _ip_adapter(self):
+        """The IP-Adapter for the loaded model (the demo one, or `settings.ip_adapter`), loaded once."""
+        from engine.styles.instant import load_adapter, resolve_adapter
+
+        folder = resolve_adapter(self.settings.ip_adapter, demo=self._is_demo())
+        key = str(folder)
+        if key not in self._ip_adapters:
+            c = self.model.components
+            self._ip_adapters[key] = load_adapter(folder, device=c.device, dtype=c.dtype)
+        return self._ip_adapters[key]
+
+    def create_instant_style(self, name: str, reference_image_paths, *, style_only: bool = True,
+                             strength: float = 0.8) -> StyleInfo:
+        """A style from 1-8 reference images, ready at once (no training): the images go through the image intake
+        (IM checks), are stored by content hash with their cached image embeddings as v1 of a new library entry
+        of kind "instant". Generate with it through GenerateRequest.instant_style."""
+        from engine.core.images import load_image
+        from engine.styles.instant import (EMBEDS_FILE, MAX_REFERENCES, preview_strip, reference_pngs)
+        from engine.styles.records import clean_name
+        from engine.styles.store import publish_files
+
+        name = clean_name(name)
+        paths = [p for p in (reference_image_paths or []) if p]
+        if not 1 <= len(paths) <= MAX_REFERENCES:
+            raise ConfigError(f"give 1 to {MAX_REFERENCES} reference images; {len(paths)} were given")
+        if not 0.0 <= float(strength) <= 2.0:
+            raise ConfigError(f"`strength` must be between 0 and 2 but is {strength}")
+        images = [load_image(p)[0] for p in paths]
+        refs = reference_pngs(images)
+        with self._lock:
+            adapter = self._ip_adapter()
+            embeds = adapter.embed(images)
+            m = self.model
+        from safetensors.torch import save as save_tensors
+
+        files = {f"ref-{h[:16]}.png": data for _, h, data in refs}
+        keep = [i for i, _, _ in refs]  # one embedding per stored reference
+        files[EMBEDS_FILE] = save_tensors({"image_embeds": embeds[keep].contiguous()},
+                                          metadata={"adapter": adapter.fingerprint})
+        buf = io.BytesIO()
+        preview_strip(images).save(buf, format="PNG")
+        files["preview.png"] = buf.getvalue()
+        meta = {"kind": "instant", "preset": "style", "trigger_token": "instant", "weights_file": EMBEDS_FILE,
+                "source": "instant", "base_model_fingerprint": m.fingerprint, "base_model": m.name,
+                "recommended_strength": float(strength),
+                "instant": {"references": [f"ref-{h[:16]}.png" for _, h, _ in refs], "sha256": [h for _, h, _ in refs],
+                            "adapter": adapter.folder.name, "adapter_fingerprint": adapter.fingerprint,
+                            "strength": float(strength), "style_only": bool(style_only), "combine": "mean"}}
+        return publish_files(self.data_dir, name, files, meta)
+
+    def instant_references(self, style_id: str) -> list[Path]:
+        """The reference images of an instant style's newest instant version (for its library card)."""
+        import json
+
+        v = next((v for v in reversed(self.library.versions(style_id)) if v.kind == "instant"), None)
+        if v is None:
+            return []
+        meta = json.loads((v.folder / "style.json").read_text("utf-8"))
+        return [v.folder / f for f in meta.get("instant", {}).get("references", []) if (v.folder / f).is_file()]
+
+    def _instant_embeds(self, v: StyleInfo, adapter) -> "torch.Tensor":
+        """The version's cached embeddings, recomputed from its references if made with another adapter."""
+        from PIL import Image
+        from safetensors import safe_open
+
+        from engine.styles.instant import combine_embeds
+
+        with safe_open(str(v.lora), framework="pt") as f:
+            cached = f.metadata().get("adapter") == adapter.fingerprint
+            embeds = f.get_tensor("image_embeds") if cached else None
+        if embeds is None:
+            refs = [v.folder / p.name for p in self.instant_references(v.id)]
+            embeds = adapter.embed([Image.open(p).convert("RGB") for p in refs])
+        return combine_embeds(embeds)
+
+    def _activate_instant(self, style_id: str, strength: float, style_only: bool):
+        """Attach the IP-Adapter with InstantStyle block scales and return (version, [1, D] embedding), or detach
+        it and return (None, None). Call under the model lock."""
+        from engine.styles.instant import IPAdapterHook, style_blocks_for
+
+        if not style_id:
+            self._detach_instant()
+            return None, None
+        v = self.library.find_version(style_id)
+        if v.kind != "instant":
+            v = next((x for x in reversed(self.library.versions(v.id)) if x.kind == "instant"), None)
+            if v is None:
+                raise ConfigError(f"style {style_id!r} is not an instant style; pick it among the LoRA styles")
+        check_same_base([v], self.model.fingerprint, self.model.name)
+        adapter = self._ip_adapter()
+        embeds = self._instant_embeds(v, adapter)
+        unet = self.model.components.unet
+        if self._ip_hook is None or self._ip_hook.unet is not unet:
+            self._ip_hook = IPAdapterHook(unet)
+        self._ip_hook.attach(adapter)
+        self._ip_hook.set_scale(strength, style_blocks_for(self._is_demo()) if style_only else None)
+        return v, embeds
+
+    def _detach_instant(self) -> None:
+        if self._ip_hook is not None:
+            self._ip_hook.detach()
+
+    def train_from_instant(self, style_id: str, *, max_train_steps: int | None = None, user: str = "local",
+                           job_id: str | None = None) -> Iterator:
+        """"Train it properly": a DreamBooth run (the style preset) on an instant style's reference images; the
+        result is published as the next version of the same library entry. Yields the trainer's events, then the
+        TrainJobResult (see `train_iter`)."""
+        from engine.core.train_config import demo_settings, presets, suggest_trigger_token
+
+        refs = self.instant_references(style_id)
+        if not refs:
+            raise ConfigError(f"style {style_id!r} has no instant version with reference images to train on")
+        style = self.get_style(style_id)
+        token = suggest_trigger_token(self.model.components.tokenizer)
+        values = presets("style", token=token)
+        if self._is_demo():
+            values.update(demo_settings("style"))
+        if max_train_steps:
+            values["max_train_steps"] = int(max_train_steps)
+        cfg = TrainConfig(instance_images=tuple(str(p) for p in refs), **values)
+        return self.train_iter(cfg, style.name, user=user, job_id=job_id, into_style=style.id)
+
     def _activate_styles(self, weighted) -> list[tuple[StyleInfo, float, float]]:
         """Activate exactly these styles ((id, strength) or (id, UNet weight, text-encoder weight)), loading each
         LoRA once (then cached) and setting all weights in one set_adapters call; none switches LoRA off.
@@ -349,8 +485,9 @@ class Engine:
         return out
 
     def _recipe(self, req: GenerateRequest, seed: int, width: int, height: int, prompt: str,
-                styles: list[tuple[StyleInfo, float, float]]) -> dict:
-        """Everything that remakes the image; `styles` lists every applied style (recipe schema 2)."""
+                styles: list[tuple[StyleInfo, float, float]], instant: StyleInfo | None = None) -> dict:
+        """Everything that remakes the image; `styles` lists every applied style (recipe schema 2); an instant style
+        is recorded by id@version with its strength and style-only switch (the request's own field names)."""
         m = self._model
         listed = [{"id": s.id, "version": s.version, "name": s.name, "strength": wu, "trigger_token": s.trigger_token,
                    **({"text_encoder_strength": wt} if wt != wu else {})} for s, wu, wt in styles]
@@ -358,7 +495,10 @@ class Engine:
                 "num_inference_steps": req.num_inference_steps, "guidance_scale": req.guidance_scale,
                 "guidance_rescale": req.guidance_rescale, "width": width, "height": height, "seed": seed,
                 "scheduler": req.scheduler, "model": m.name, "model_fingerprint": m.fingerprint,
-                "prediction_type": m.prediction_type, "styles": listed, "app": f"Stylebooth {APP_VERSION}",
+                "prediction_type": m.prediction_type, "styles": listed,
+                **({"instant_style": f"{instant.id}@v{instant.version}", "instant_strength": req.instant_strength,
+                    "instant_style_only": req.instant_style_only} if instant else {}),
+                "app": f"Stylebooth {APP_VERSION}",
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
     def _out_dir(self, user: str) -> Path:
@@ -428,6 +568,8 @@ class Engine:
                 self.library.find_version(sid)  # an unknown id fails before any image is made
 
             current: list = []  # the styles of the group being sampled, for its recipes
+            instant, image_embeds = self._activate_instant(req.instant_style, req.instant_strength,
+                                                           req.instant_style_only)
 
             def activate(style: str, strength: float):
                 current[:] = self._activate_styles(((style, strength),) if style else ())
@@ -435,11 +577,11 @@ class Engine:
                 return lambda p: _with_triggers(p, styles)
 
             def recipe(gen, seed, width, height, prompt):
-                return self._recipe(gen, seed, width, height, prompt, current)
+                return self._recipe(gen, seed, width, height, prompt, current, instant)
 
             out = self._out_dir(user) / f"batch-{dt.datetime.now().strftime('%H%M%S')}-{job.id[:6]}"
             return run_batch(req, self.model.components, out, activate=activate, recipe=recipe,
-                             check=job.token.check, on_progress=on_progress)
+                             check=job.token.check, on_progress=on_progress, image_embeds=image_embeds)
 
     def generate_batch_iter(self, req: BatchRequest, *, user: str = "local",
                             job_id: str | None = None) -> Iterator[Progress | BatchResult]:
