@@ -475,6 +475,9 @@ class Engine:
         for item in weighted:
             sid, wu, wt = (item[0], item[1], item[1]) if len(item) == 2 else item
             out.append((self.library.find_version(sid), float(wu), float(wt)))
+            if out[-1][0].kind == "instant":
+                raise ConfigError(f"{out[-1][0].name!r} is an instant style (reference images, no LoRA): pick it "
+                                  "as the instant style, or train it first")
         check_same_base([s for s, _, _ in out], self.model.fingerprint, self.model.name)
         if not out and self._adapters is None:
             return out
@@ -496,7 +499,8 @@ class Engine:
                 "guidance_rescale": req.guidance_rescale, "width": width, "height": height, "seed": seed,
                 "scheduler": req.scheduler, "model": m.name, "model_fingerprint": m.fingerprint,
                 "prediction_type": m.prediction_type, "styles": listed,
-                **({"instant_style": f"{instant.id}@v{instant.version}", "instant_strength": req.instant_strength,
+                **({"instant_style": instant.id, "instant_style_version": instant.version,
+                    "instant_strength": req.instant_strength,
                     "instant_style_only": req.instant_style_only} if instant else {}),
                 "app": f"Stylebooth {APP_VERSION}",
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}

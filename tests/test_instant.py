@@ -71,7 +71,7 @@ def test_generate_with_instant_then_without_is_bare_again(engine, refs):
     res = engine.generate(GenerateRequest(prompt="a red circle", num_inference_steps=2, instant_style=sid,
                                           instant_strength=0.5))
     r = res.images[0].recipe
-    assert r["instant_style"] == f"{sid}@v1" and r["instant_strength"] == 0.5 and r["instant_style_only"] is True
+    assert r["instant_style"] == sid and r["instant_style_version"] == 1 and r["instant_strength"] == 0.5 and r["instant_style_only"] is True
 
 
 def test_instant_with_a_lora_style_and_in_a_2x2_batch(engine, tiny_sd, refs):
@@ -85,7 +85,7 @@ def test_instant_with_a_lora_style_and_in_a_2x2_batch(engine, tiny_sd, refs):
     res = engine.generate_batch(BatchRequest(prompts="a red circle\na blue square", seeds_per_prompt=2,
                                              num_inference_steps=2, instant_style=sid, styles=("", lora.id)))
     assert len(res.paths) == 8 and res.grid_path is not None
-    assert all(engine.read_recipe(p)["instant_style"] == f"{sid}@v1" for p in res.paths)
+    assert all(engine.read_recipe(p)["instant_style"] == sid for p in res.paths)
 
 
 def test_unknown_or_non_instant_style_is_refused(engine):
@@ -113,3 +113,22 @@ def test_train_it_properly_makes_v2_of_the_same_entry(engine, tmp_path):
     versions = engine.style_versions(sid)
     assert [v.kind for v in versions] == ["instant", "lora"]
     assert engine.instant_references(sid)  # the card still shows the references of v1
+
+
+def test_ui_panel_creates_previews_and_trains(engine, refs):
+    from ui.generate_tab import GenerateHandlers
+    from ui.instant_panel import InstantHandlers
+
+    h = InstantHandlers(engine)
+    out = h.create(refs[:2], "Panel look", 0.7, True)
+    assert out["preview"] is not None and len(h.references(out["style_id"])) == 2
+    assert out["style_id"] in {sid for _, sid in GenerateHandlers(engine).instant_choices()}
+    assert out["style_id"] not in {sid for _, sid in GenerateHandlers(engine).style_choices()}
+    lines = list(h.train(out["style_id"], steps=2))
+    assert "v2" in lines[-1]
+
+
+def test_the_app_builds_with_the_panel(engine):
+    from ui.app import build_app
+
+    assert build_app(engine) is not None

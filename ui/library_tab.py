@@ -16,6 +16,7 @@ import gradio as gr
 from engine.core.errors import ConfigError
 
 from .downloads import copy_for_download
+from .instant_panel import build_instant_panel
 
 PRESETS = [("All", ""), ("Subjects", "subject"), ("Styles", "style")]
 EXPORT_FORMATS = [("A1111 / ComfyUI (kohya keys)", "a1111"), ("diffusers (PEFT keys)", "diffusers")]
@@ -26,6 +27,8 @@ def _card_caption(s) -> str:
     v = s.latest
     tags = f" · #{' #'.join(s.tags)}" if s.tags else ""
     state = " · archived" if s.archived else (" · in the trash" if s.trashed else "")
+    if v.kind == "instant":  # its picture is the strip of its reference images
+        return f"{s.name} ({s.id} v{v.version}) · instant style (reference images){tags}{state}"
     return f"{s.name} ({s.id} v{v.version}) · {s.preset} · trigger “{v.trigger_token}”{tags}{state}"
 
 
@@ -206,6 +209,7 @@ def build_library_tab(engine) -> LibraryTab:
                                               label="Kind")
                 c["import_tags"] = gr.Textbox(label="Tags (optional)")
                 do_import = gr.Button("Import", variant="primary", elem_id="lib-import")
+            c["instant"] = build_instant_panel(engine, c["style"])
 
     filters = [c["query"], c["tag"], c["preset"], c["show"]]
     detail_outs = [c["details"], c["name"], c["tags"], c["description"], c["trigger"]]
