@@ -99,6 +99,33 @@ def make_pair(rng: random.Random):
     return draw_texture(ref, texture), draw_texture(tgt, texture), cap
 
 
+def pretrain_encoder(enc, steps: int, batch: int, seed: int, seconds: float) -> None:
+    """Stage 1: teach the tiny encoder what a scene is made of (texture, colours, shape) with linear heads on its
+    projected embedding: a cheap supervised warm start, so the adapter stage does not spend its budget on it."""
+    names = {"texture": ADAPTER_TEXTURES, "fg": tuple(sorted(W.COLORS)), "bg": tuple(sorted(W.COLORS)),
+             "shape": W.TRAIN_SHAPES}
+    dim = enc.config.projection_dim
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, len(v)) for k, v in names.items()})
+    opt = torch.optim.AdamW(list(enc.parameters()) + list(heads.parameters()), lr=2e-3, weight_decay=1e-2)
+    t0 = time.time()
+    for step in range(steps):
+        rng = random.Random(seed * 31 + step)
+        imgs, labels = [], {k: [] for k in names}
+        for _ in range(batch):
+            sc = W.random_scene(rng, W.TRAIN_SHAPES)
+            tex = rng.choices(ADAPTER_TEXTURES, weights=ADAPTER_TEXTURE_WEIGHTS)[0]
+            imgs.append(draw_texture(sc, tex))
+            for k, v in (("texture", tex), ("fg", sc.fg), ("bg", sc.bg), ("shape", sc.shape)):
+                labels[k].append(names[k].index(v))
+        emb = enc(clip_pixels(imgs)).image_embeds
+        loss = sum(F.cross_entropy(heads[k](emb), torch.tensor(labels[k])) for k in names)
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        if (step + 1) % 50 == 0:
+            print(f"encoder step {step+1} loss {loss.item():.3f} {time.time()-t0:.0f}s", flush=True)
+        if time.time() - t0 > seconds:
+            break
+
+
 def build_initial_state(unet, image_dim: int) -> dict:
     """diffusers' IP-Adapter state dict; to_k_ip/to_v_ip start as copies of each block's to_k/to_v (as Ye et al.)."""
     cad = unet.config.cross_attention_dim
@@ -146,6 +173,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--encoder-steps", type=int, default=600)
+    ap.add_argument("--encoder-seconds", type=float, default=90)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -160,6 +189,8 @@ def main() -> None:
     noise_sched = DDPMScheduler.from_pretrained(a.base / "scheduler")
     acp = noise_sched.alphas_cumprod
     enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION_CONFIG))
+    t_start = time.time()
+    pretrain_encoder(enc, a.encoder_steps, 64, a.seed, a.encoder_seconds)
     unet._load_ip_adapter_weights([build_initial_state(unet, VISION_CONFIG["projection_dim"])])
     # classic (non-SDPA) processors for training: CPU SDPA backward is slow for 2-head attention
     procs = {}
@@ -179,13 +210,14 @@ def main() -> None:
     for p in adapter_params:
         p.requires_grad_(True)
     params = adapter_params + list(enc.parameters())
+    groups = [{"params": adapter_params, "lr": a.lr}, {"params": list(enc.parameters()), "lr": a.lr * 0.3}]
     print(f"trainable: adapter {sum(p.numel() for p in adapter_params):,} + encoder "
           f"{sum(p.numel() for p in enc.parameters()):,} params", flush=True)
-    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(groups, weight_decay=1e-2)
     warm = 100
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / a.steps))))
-    t0, losses, step = time.time(), [], 0
+    t0, losses, step = t_start, [], 0
     for step in range(a.steps):
         rng = random.Random(a.seed * 1_000_003 + step)
         g = torch.Generator().manual_seed(a.seed * 7919 + step)
@@ -196,7 +228,9 @@ def main() -> None:
             cond = te(ids)[0]
             lat = vae.encode(vae_pixels(tgts)).latent_dist.sample(g) * vae.config.scaling_factor
         noise = torch.randn(lat.shape, generator=g)
+        # half the batch at low-to-mid noise, where fine texture is decided (uniform t spends most steps on layout)
         t = torch.randint(0, 1000, (a.batch,), generator=g)
+        t[a.batch // 2:] = torch.randint(0, 500, (a.batch - a.batch // 2,), generator=g)
         noisy = noise_sched.add_noise(lat, noise, t)
         target = noise_sched.get_velocity(lat, noise, t)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -205,7 +239,9 @@ def main() -> None:
             keep = (torch.rand(a.batch, generator=g) > 0.1).float()[:, None]
             pred = unet(noisy, t, cond, added_cond_kwargs={"image_embeds": [(emb * keep)[:, None, :]]}).sample
         per = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per * min_snr_v_weight(acp, t)).mean()
+        # plain v-loss: min-SNR weighting (used for the base model) would down-weight exactly the low-noise steps
+        # where the texture lives
+        loss = per.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -218,7 +254,7 @@ def main() -> None:
         if el > a.minutes * 60:
             print(f"time budget reached after {step+1} steps", flush=True)
             break
-    seconds = time.time() - t0
+    seconds = time.time() - t_start
     a.out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
     save_file(export_state(unet), str(a.out / "ip_adapter.safetensors"))
