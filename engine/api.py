@@ -354,7 +354,7 @@ class Engine:
         return self._ip_adapters[key]
 
     def create_instant_style(self, name: str, reference_image_paths, *, style_only: bool = True,
-                             strength: float = 0.8) -> StyleInfo:
+                             strength: float = 1.0) -> StyleInfo:
         """A style from 1-8 reference images, ready at once (no training): the images go through the image intake
         (IM checks), are stored by content hash with their cached image embeddings as v1 of a new library entry
         of kind "instant". Generate with it through GenerateRequest.instant_style."""

@@ -75,7 +75,7 @@ def build_instant_panel(engine, style_dropdown) -> dict[str, Any]:
                              type="filepath", elem_id="instant-files")
         c["name"] = gr.Textbox(label="Name", elem_id="instant-name")
         with gr.Row():
-            c["strength"] = gr.Slider(0, 2, value=0.8, step=0.05, label="Strength", elem_id="instant-strength")
+            c["strength"] = gr.Slider(0, 2, value=1.0, step=0.05, label="Strength", elem_id="instant-strength")
             c["style_only"] = gr.Checkbox(value=True, label="Style only", info="off: style and content",
                                           elem_id="instant-style-only")
         create = gr.Button("Create", variant="primary", elem_id="instant-create")

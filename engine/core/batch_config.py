@@ -41,7 +41,7 @@ class BatchRequest:
     make_zip: bool = True
     # An instant style over the whole batch (on top of each cell's LoRA style); see GenerateRequest.
     instant_style: str = ""
-    instant_strength: float = 0.8
+    instant_strength: float = 1.0
     instant_style_only: bool = True
     schema_version: int = 1
 

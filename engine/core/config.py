@@ -149,7 +149,7 @@ class GenerateRequest:
     # An instant style (library version of kind "instant": reference images through the IP-Adapter), "" = none.
     # Its strength is the IP-Adapter scale; style-only injects the image only into the style blocks (InstantStyle).
     instant_style: str = ""
-    instant_strength: float = 0.8
+    instant_strength: float = 1.0
     instant_style_only: bool = True
     schema_version: int = 1
 
