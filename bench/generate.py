@@ -6,7 +6,8 @@ Then the cost of styles, same run, same model: bare base model, one style (plain
 weights), two styles blended, and switching between two cached styles on every request; images/s and the ratio
 to bare (goal: one style costs <= 5%). The styles are random-B LoRAs in the trainer's format on the subject
 preset's layers (attention, feed-forward, ResNet convs; rank 4; text encoder too), or with --train-steps N two
-LoRAs trained for N steps on the bundled examples. --skip-styles leaves that part out.
+LoRAs trained for N steps on the bundled examples. --skip-styles leaves that part out. On the demo model also an
+instant style (IP-Adapter, 4 references; goal <= 15% over bare) and the time to create one (goal < 1 s).
 
 Prints images/s and peak memory of both and their ratios (ours / diffusers: > 1.0 means we are faster; memory
 ratio < 1.0 means we use less), plus the demo-model latency check "4 images of 4 prompts". Memory: on CUDA,
@@ -207,6 +208,18 @@ def bench_styles(a) -> None:
         "switch A/B each request, fused": lambda: switching(fused, "fused"),
         "switch A/B each request, no fuse": lambda: switching(plain, "plain"),
     }
+    instant_note = ""
+    if not a.model:  # instant styles: the bundled demo IP-Adapter (a real model needs `ip_adapter` in settings)
+        inst = Engine(Settings(model=a.model, data_dir=data))
+        refs = sorted((ROOT / "assets" / "examples" / "checkered").glob("*.png"))[:4]
+        t_first = _timed(lambda: inst.create_instant_style("bench", refs))  # includes loading the adapter once
+        t_create = min(_timed(lambda: inst.create_instant_style("bench", refs)) for _ in range(3))
+        sid = inst.create_instant_style("bench", refs).id
+        instant_note = (f"create_instant_style with 4 references: {t_create:.3f} s (best of 3; first call, which "
+                        f"also loads the IP-Adapter: {t_first:.3f} s; goal < 1 s)")
+        variants["instant style, style only"] = lambda: inst.generate(GenerateRequest(instant_style=sid, **common))
+        variants["instant style, style and content"] = lambda: inst.generate(
+            GenerateRequest(instant_style=sid, instant_style_only=False, **common))
     for fn in variants.values():
         fn()  # warm-up: loads the LoRAs once (then cached)
     best = {k: float("inf") for k in variants}
@@ -218,6 +231,8 @@ def bench_styles(a) -> None:
     for k, t in best.items():
         print(f"  {k:34s} {n / t:8.2f} images/s  ratio vs bare {best['bare base model'] / t:6.3f}  "
               f"(cost {100 * (t / best['bare base model'] - 1):+6.1f}%)")
+    if instant_note:
+        print(instant_note + "; instant style cost goal <= 15% over bare")
 
 
 def _timed(fn) -> float:

@@ -74,3 +74,34 @@ def tiny_sd(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd_v(tmp_path_factory) -> Path:
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd_v") / "model", prediction_type="v_prediction", seed=1)
+
+
+def build_tiny_ip_adapter(out: Path, unet_dir: Path, seed: int = 0) -> Path:
+    """A random-weight IP-Adapter folder in diffusers' layout (ip_adapter.safetensors + image_encoder/)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(unet_dir)
+    enc = CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32,
+                                                         intermediate_size=37, num_hidden_layers=1,
+                                                         num_attention_heads=4, projection_dim=16))
+    enc.save_pretrained(out / "image_encoder")
+    cad = unet.config.cross_attention_dim
+    sd = {"image_proj.proj.weight": torch.randn(4 * cad, 16) * 0.3, "image_proj.proj.bias": torch.randn(4 * cad) * 0.1,
+          "image_proj.norm.weight": torch.ones(cad), "image_proj.norm.bias": torch.zeros(cad)}
+    key = 1
+    for name, mod in unet.named_modules():
+        if name.endswith("attn2"):
+            sd[f"ip_adapter.{key}.to_k_ip.weight"] = torch.randn_like(mod.to_k.weight) * 0.3
+            sd[f"ip_adapter.{key}.to_v_ip.weight"] = torch.randn_like(mod.to_v.weight) * 0.3
+            key += 2
+    save_file(sd, str(out / "ip_adapter.safetensors"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ip_adapter(tiny_sd, tmp_path_factory) -> Path:
+    return build_tiny_ip_adapter(tmp_path_factory.mktemp("tiny_ipa") / "adapter", tiny_sd / "unet")

@@ -167,7 +167,8 @@ def test_app_wiring(engine):
     gen_id = next(i for i, f in by_id.items() if f.api_name == "generate")
     gpu = [f for f in by_id.values() if f.concurrency_id == "gpu"]
     assert {f.name for f in gpu} == {"on_generate", "on_switch", "on_train", "on_resume", "on_import", "on_batch",
-                                     "on_strip", "on_preview", "on_bake", "on_round", "on_refine"}  # one GPU
+                                     "on_strip", "on_preview", "on_bake", "on_round", "on_refine",
+                                     "on_create_instant", "on_train_instant"}  # one GPU
     assert any(gen_id in f.cancels for f in by_id.values() if f.is_cancel_function)  # Cancel also stops the UI side
 
 

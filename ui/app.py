@@ -147,6 +147,10 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
         style = dict(fn=style_dropdown, inputs=None, outputs=pickers, queue=False, api_visibility="private")
         demo.load(**style)
         gen_tab.select(**style)
+        instant = dict(fn=gen.handlers.instant_dropdown, inputs=None, outputs=[gen.fields["instant_style"]],
+                       queue=False, api_visibility="private")
+        demo.load(**instant)
+        gen_tab.select(**instant)
         train.train_event.then(**style)
         train.resume_event.then(**style)
         # The Library lists styles trained or imported since the page was built.

@@ -128,11 +128,22 @@ class GenerateHandlers:
         return {"seed": random.randint(0, MAX_SEED)}
 
     def style_choices(self, user: str | None = None) -> list[tuple[str, str]]:
-        """(label, id) for the Style dropdown: "no style" first, then the styles `user` may use, newest first."""
+        """(label, id) for the Style dropdown: "no style" first, then the styles `user` may use, newest first
+        (instant styles have their own picker)."""
         # Built before anyone asks (the page layout): in studio mode nobody's styles go into it.
         anonymous = user is None and getattr(self.engine, "studio", None) is not None
         styles = self.engine.list_styles(user=user or self.user) if self.engine is not None and not anonymous else []
-        return [("No style", "")] + [(s.label, s.id) for s in styles]
+        return [("No style", "")] + [(s.label, s.id) for s in styles if s.kind != "instant"]
+
+    def instant_choices(self, user: str | None = None) -> list[tuple[str, str]]:
+        """(label, id) for the Instant style dropdown: styles with an instant version (reference images)."""
+        anonymous = user is None and getattr(self.engine, "studio", None) is not None
+        styles = self.engine.library_list(user=user or self.user) if self.engine is not None and not anonymous else []
+        return [("No instant style", "")] + [(f"{s.name} ({s.id})", s.id) for s in styles
+                                             if any(v.kind == "instant" for v in s.versions)]
+
+    def instant_dropdown(self) -> gr.Dropdown:
+        return gr.Dropdown(choices=self.instant_choices())
 
     def style_dropdown(self, request: gr.Request = None) -> gr.Dropdown:
         """The Style dropdown with fresh choices (styles trained since the page was built) for who is asking."""
@@ -248,7 +259,8 @@ class GenerateTab:
     style_dropdowns: list  # every dropdown that lists styles (refreshed when styles are trained or imported)
 
 
-def _form(d: dict[str, Any], styles: list[tuple[str, str]]) -> dict[str, gr.components.Component]:
+def _form(d: dict[str, Any], styles: list[tuple[str, str]],
+          instant: list[tuple[str, str]] = ()) -> dict[str, gr.components.Component]:
     """The components, one per GenerateRequest field, keyed by field name."""
     sched = [(SCHEDULER_LABELS.get(k, k), k) for k in SCHEDULERS]
     f: dict[str, gr.components.Component] = {}
@@ -267,6 +279,13 @@ def _form(d: dict[str, Any], styles: list[tuple[str, str]]) -> dict[str, gr.comp
     # More styles at once, (id, strength) pairs: set by the "More styles" rows below (build_generate_tab wires
     # them) or by a dropped recipe; the request takes them by this field name.
     f["styles"] = gr.State(value=d["styles"])
+    with gr.Row(equal_height=True):  # an instant style (IP-Adapter) on top of the LoRA styles
+        f["instant_style"] = gr.Dropdown(instant, value=d["instant_style"], label="Instant style", scale=4,
+                                         elem_id="instant-style", info="reference images, no training")
+        f["instant_strength"] = gr.Slider(0, 2, value=d["instant_strength"], step=0.05, label="Instant strength",
+                                          scale=2)
+        f["instant_style_only"] = gr.Checkbox(value=d["instant_style_only"], label="Style only", scale=1,
+                                              info="off: style and content")
     with gr.Row():
         f["num_inference_steps"] = gr.Slider(1, 150, value=d["num_inference_steps"], step=1, label="Steps",
                                              elem_id="steps")
@@ -292,7 +311,7 @@ def build_generate_tab(engine) -> GenerateTab:
     h = GenerateHandlers(engine)
     with gr.Row():
         with gr.Column(scale=1):
-            fields = _form(default_values(), h.style_choices())
+            fields = _form(default_values(), h.style_choices(), h.instant_choices())
             assert int_fields(GenerateRequest, fields) == INT_FIELDS, "an int field needs a Slider or Number"
             dice = gr.Button("Random seed", size="sm")
             with gr.Row():

@@ -18,6 +18,7 @@ from engine.core.errors import ConfigError
 
 from .downloads import copy_for_download
 from .session import user_of
+from .instant_panel import build_instant_panel
 
 PRESETS = [("All", ""), ("Subjects", "subject"), ("Styles", "style")]
 EXPORT_FORMATS = [("A1111 / ComfyUI (kohya keys)", "a1111"), ("diffusers (PEFT keys)", "diffusers")]
@@ -41,6 +42,8 @@ def _card_caption(s) -> str:
     tags = f" · #{' #'.join(s.tags)}" if s.tags else ""
     state = " · archived" if s.archived else (" · in the trash" if s.trashed else "")
     shared = f" · shared by {s.owner}" if getattr(s, "shared", False) else ""
+    if v.kind == "instant":  # its picture is the strip of its reference images
+        return f"{s.name} ({s.id} v{v.version}) · instant style (reference images){tags}{state}{shared}"
     return f"{s.name} ({s.id} v{v.version}) · {s.preset} · trigger “{v.trigger_token}”{tags}{state}{shared}"
 
 
@@ -237,6 +240,7 @@ def build_library_tab(engine) -> LibraryTab:
                                               label="Kind")
                 c["import_tags"] = gr.Textbox(label="Tags (optional)")
                 do_import = gr.Button("Import", variant="primary", elem_id="lib-import")
+            c["instant"] = build_instant_panel(engine, c["style"])
 
     filters = [c["query"], c["tag"], c["preset"], c["show"]]
     detail_outs = [c["details"], c["name"], c["tags"], c["description"], c["trigger"]]

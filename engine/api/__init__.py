@@ -41,6 +41,7 @@ from engine.styles.library import Library, LibraryStyle
 from engine.styles.store import StyleInfo
 from engine.api.blends import BlendMethods
 from engine.api.feedback import FeedbackMethods
+from engine.api.instant import InstantMethods
 from engine.api.library import LibraryMethods
 from engine.api.support import charged, iterate, with_triggers
 from engine.studio.service import Studio
@@ -62,7 +63,7 @@ def pick_device() -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
-class Engine(LibraryMethods, BlendMethods, FeedbackMethods):
+class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods):
     """Everything that touches models and files. Thread-safe: model work runs one job at a time."""
 
     def __init__(self, settings: Settings | None = None, *, device: str | None = None,
@@ -88,6 +89,8 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods):
         # Fold the active styles into the base weights while they stay selected: LoRA layers cost ~33% throughput
         # on the demo model with one style, fused ~0% (bench/generate.py); a change of styles unfuses first (exactly).
         self.fuse_styles = fuse_styles
+        self._ip_adapters: dict[str, object] = {}  # IP-Adapter folder -> loaded IPAdapter (instant styles)
+        self._ip_hook = None  # attaches the IP-Adapter to the current UNet while an instant style is in use
         # Studio mode (--listen/--share): accounts, ownership and quotas. None: one local user, who owns everything
         # and pays nothing.
         self.studio: Studio | None = None
@@ -176,6 +179,7 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods):
             new = load_base_model(source or None, device=self.device, dtype=self.dtype,
                                   cache_dir=self.data_dir / "cache")
             self._model, self._adapters, self.load_error = new, None, None
+            self._ip_adapters, self._ip_hook = {}, None
             return new.describe()
 
     # ---- jobs and cancel -----------------------------------------------------------------------------------
@@ -233,6 +237,8 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods):
             m = self.model
             c = m.components
             styles = self._activate_styles(req.active_styles)
+            instant, image_embeds = self._activate_instant(req.instant_style, req.instant_strength,
+                                                           req.instant_style_only)
             prompts = [with_triggers(p, styles) for p in req.prompts]
             n = len(prompts)
             width, height = req.width or c.default_size, req.height or c.default_size
@@ -260,9 +266,9 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods):
                                       [req.negative_prompt] * n, seeds,
                                       num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
                                       guidance_rescale=req.guidance_rescale, scheduler=req.scheduler, height=height,
-                                      width=width, callback=cb, on_step_start=hook)
+                                      width=width, callback=cb, on_step_start=hook, image_embeds=image_embeds)
                     for seed, prompt, img in zip(seeds, prompts, to_pil(imgs)):
-                        recipe = self._recipe(req, seed, width, height, prompt, styles)
+                        recipe = self._recipe(req, seed, width, height, prompt, styles, instant)
                         path = out_dir / f"{int(time.time() * 1000)}-{seed}.png"
                         # Written in the background (PNG encoding releases the GIL), so the next batch starts at
                         # once; every file is on disk before this job reports done (see `finally`).
@@ -306,7 +312,7 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods):
     # ---- train ---------------------------------------------------------------------------------------------
     @charged("train")
     def train(self, cfg: TrainConfig, name: str, on_event: Callable | None = None, *, run_dir: Path | None = None,
-              user: str = "local", job_id: str | None = None) -> TrainJobResult:
+              user: str = "local", job_id: str | None = None, into_style: str | None = None) -> TrainJobResult:
         """Ingest images, make priors, train a LoRA and publish it as a style (engine/train/job.py).
 
         Holds the model lock for the whole run: training and generation share one queue.
@@ -319,16 +325,18 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods):
                                       None, [], [])
             if self._adapters is not None:  # prior images come from the base model, not the last style used
                 self._adapters.activate_many([])
+            self._detach_instant()
             return run_training(self.model, self.data_dir, cfg, name, run_dir=run_dir, on_event=on_event,
-                                stop_event=job.token,
+                                stop_event=job.token, style_id=into_style,
                                 on_run_dir=lambda d: self.library.set_run_owner(d.name, user))
 
     def train_iter(self, cfg: TrainConfig, name: str, *, run_dir: Path | None = None, user: str = "local",
-                   job_id: str | None = None) -> Iterator:
+                   job_id: str | None = None, into_style: str | None = None) -> Iterator:
         """`train` in a worker thread: yields the trainer's events, then the TrainJobResult."""
         job_id = job_id or uuid.uuid4().hex
-        return iterate(lambda emit: self.train(cfg, name, emit, run_dir=run_dir, user=user, job_id=job_id),
-                        TrainJobResult, self._waiting(job_id, user))
+        extra = {"into_style": into_style} if into_style else {}
+        return iterate(lambda emit: self.train(cfg, name, emit, run_dir=run_dir, user=user, job_id=job_id, **extra),
+                       TrainJobResult, self._waiting(job_id, user))
 
     def resumable_runs(self, *, user: str | Caller = LOCAL) -> list[ResumableRun]:
         """Runs to offer "resume?": interrupted (their worker died: power cut, kill) and cancelled after a step;
@@ -358,6 +366,9 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods):
         for item in weighted:
             sid, wu, wt = (item[0], item[1], item[1]) if len(item) == 2 else item
             info = self.library.find_version(sid)
+            if info.kind == "instant":
+                raise ConfigError(f"{info.name!r} is an instant style (reference images, no LoRA): pick it as the "
+                                  "instant style, or train it first")
             d = self.ratings.defaults(info.id, info.version)  # the version's hand-set defaults (Feedback tab)
             out.append((info, float(wu) * d["strength"] * d["unet_weight"], float(wt) * d["strength"] * d["te_weight"]))
         check_same_base([s for s, _, _ in out], self.model.fingerprint, self.model.name)
@@ -370,8 +381,9 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods):
         return out
 
     def _recipe(self, req: GenerateRequest, seed: int, width: int, height: int, prompt: str,
-                styles: list[tuple[StyleInfo, float, float]]) -> dict:
-        """Everything that remakes the image; `styles` lists every applied style (recipe schema 2)."""
+                styles: list[tuple[StyleInfo, float, float]], instant: StyleInfo | None = None) -> dict:
+        """Everything that remakes the image; `styles` lists every applied style (recipe schema 2); an instant style
+        is recorded by id@version with its strength and style-only switch (the request's own field names)."""
         m = self._model
         listed = [{"id": s.id, "version": s.version, "name": s.name, "strength": wu, "trigger_token": s.trigger_token,
                    **({"text_encoder_strength": wt} if wt != wu else {})} for s, wu, wt in styles]
@@ -379,7 +391,11 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods):
                 "num_inference_steps": req.num_inference_steps, "guidance_scale": req.guidance_scale,
                 "guidance_rescale": req.guidance_rescale, "width": width, "height": height, "seed": seed,
                 "scheduler": req.scheduler, "model": m.name, "model_fingerprint": m.fingerprint,
-                "prediction_type": m.prediction_type, "styles": listed, "app": f"Stylebooth {APP_VERSION}",
+                "prediction_type": m.prediction_type, "styles": listed,
+                **({"instant_style": instant.id, "instant_style_version": instant.version,
+                    "instant_strength": req.instant_strength,
+                    "instant_style_only": req.instant_style_only} if instant else {}),
+                "app": f"Stylebooth {APP_VERSION}",
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
     def _out_dir(self, user: str) -> Path:

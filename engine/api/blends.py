@@ -87,6 +87,8 @@ class BlendMethods:
                 self.library.find_version(sid)  # an unknown id fails before any image is made
 
             current: list = []  # the styles of the group being sampled, for its recipes
+            instant, image_embeds = self._activate_instant(req.instant_style, req.instant_strength,
+                                                           req.instant_style_only)
 
             def activate(style: str, strength: float):
                 current[:] = self._activate_styles(((style, strength),) if style else ())
@@ -94,11 +96,11 @@ class BlendMethods:
                 return lambda p: with_triggers(p, styles)
 
             def recipe(gen, seed, width, height, prompt):
-                return self._recipe(gen, seed, width, height, prompt, current)
+                return self._recipe(gen, seed, width, height, prompt, current, instant)
 
             out = self._out_dir(user) / f"batch-{dt.datetime.now().strftime('%H%M%S')}-{job.id[:6]}"
             return run_batch(req, self.model.components, out, activate=activate, recipe=recipe,
-                             check=job.token.check, on_progress=on_progress)
+                             check=job.token.check, on_progress=on_progress, image_embeds=image_embeds)
 
     def generate_batch_iter(self, req: BatchRequest, *, user: str = "local",
                             job_id: str | None = None) -> Iterator[Progress | BatchResult]:

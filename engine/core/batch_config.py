@@ -39,6 +39,10 @@ class BatchRequest:
     batch_size: int = 4  # images per sampling call (same style and strength)
     make_grid: bool = True
     make_zip: bool = True
+    # An instant style over the whole batch (on top of each cell's LoRA style); see GenerateRequest.
+    instant_style: str = ""
+    instant_strength: float = 1.0
+    instant_style_only: bool = True
     schema_version: int = 1
 
     def __post_init__(self) -> None:
@@ -97,4 +101,5 @@ class BatchRequest:
                                num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
                                guidance_rescale=self.guidance_rescale, width=self.width, height=self.height,
                                seed=seed, scheduler=self.scheduler, style=style,
-                               style_strength=strength if style else 1.0)
+                               style_strength=strength if style else 1.0, instant_style=self.instant_style,
+                               instant_strength=self.instant_strength, instant_style_only=self.instant_style_only)

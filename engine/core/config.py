@@ -112,6 +112,16 @@ def style_pairs(value, field: str = "styles") -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
+def check_instant(req) -> None:
+    """The instant-style fields shared by GenerateRequest and BatchRequest."""
+    _check(isinstance(req.instant_style, str) and len(req.instant_style) <= 200,
+           "`instant_style` must be an instant style's id from the library (\"\" for none)")
+    _check(0.0 <= req.instant_strength <= 2.0,
+           f"`instant_strength` must be between 0 and 2 but is {req.instant_strength}")
+    _check(isinstance(req.instant_style_only, bool),
+           f"`instant_style_only` must be true or false, not {req.instant_style_only!r}")
+
+
 @dataclass(frozen=True)
 class GenerateRequest:
     """One press of Generate: `batch_count` batches of `batch_size` images; image k uses seed `seed + k`."""
@@ -136,10 +146,16 @@ class GenerateRequest:
     # Each non-empty line of `prompt` is its own prompt, all in one batch (batch_size images per line): a list of
     # prompts costs one sampling loop instead of one per prompt.
     prompt_per_line: bool = False
+    # An instant style (library version of kind "instant": reference images through the IP-Adapter), "" = none.
+    # Its strength is the IP-Adapter scale; style-only injects the image only into the style blocks (InstantStyle).
+    instant_style: str = ""
+    instant_strength: float = 1.0
+    instant_style_only: bool = True
     schema_version: int = 1
 
     def __post_init__(self) -> None:
         _coerce(self)
+        check_instant(self)
         _check(isinstance(self.prompt, str) and self.prompt.strip() != "",
                "`prompt` is empty: describe the image you want, e.g. 'a red circle on a blue background'")
         _check(len(self.prompt) <= MAX_PROMPT_CHARS and len(self.negative_prompt) <= MAX_PROMPT_CHARS,
@@ -206,6 +222,9 @@ class Settings:
     # While the app is open to the network (--listen, --share), the Model box loads only these sources (plus the
     # demo model and `model`): a remote user must not make the server open arbitrary paths (ui.app.AppHandlers).
     allowed_models: tuple[str, ...] = ()
+    # The IP-Adapter for instant styles on a real model: a local folder (h94/IP-Adapter layout or ours) or a hub id
+    # when online; "" = the bundled demo IP-Adapter (demo model only).
+    ip_adapter: str = ""
     schema_version: int = 1
 
     def __post_init__(self) -> None:

@@ -123,8 +123,10 @@ RecipeFn = Callable[..., dict]  # (GenerateRequest, seed, width, height, prompt)
 
 
 def run_batch(req: BatchRequest, components, out_dir: Path, *, activate: Activate, recipe: RecipeFn,
-              check: Callable[[], None], on_progress: Callable[[Progress], None] | None = None) -> BatchResult:
-    """Run the whole batch; `check()` raises Cancelled to stop (what was made is kept, with a grid and zip)."""
+              check: Callable[[], None], on_progress: Callable[[Progress], None] | None = None,
+              image_embeds=None) -> BatchResult:
+    """Run the whole batch; `check()` raises Cancelled to stop (what was made is kept, with a grid and zip).
+    `image_embeds` ([1, D]): an instant style's embedding for every image (its IP-Adapter already attached)."""
     t0 = time.perf_counter()
     c = components
     cells, row_labels, col_labels = plan(req)
@@ -157,7 +159,7 @@ def run_batch(req: BatchRequest, components, out_dir: Path, *, activate: Activat
             imgs = sample(c, prompts, [req.negative_prompt] * len(group), [cell.seed for cell in group],
                           num_inference_steps=steps, guidance_scale=req.guidance_scale,
                           guidance_rescale=req.guidance_rescale, scheduler=req.scheduler, height=height,
-                          width=width, callback=cb)
+                          width=width, callback=cb, image_embeds=image_embeds)
             for cell, prompt, img in zip(group, prompts, to_pil(imgs)):
                 gen = req.generate_request(cell.prompt, cell.seed, cell.style, cell.strength)
                 path = out_dir / f"{stamp}-{cell.index:04d}-r{cell.row}-c{cell.col}-s{cell.seed}.png"

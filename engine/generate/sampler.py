@@ -97,6 +97,7 @@ def sample(c: Components, prompts: Sequence[str], negative_prompts: Sequence[str
            scheduler: str = "dpmpp_2m", height: int | None = None, width: int | None = None,
            callback: StepCallback | None = None, output: str = "image",
            prompt_embeds: torch.Tensor | None = None, negative_embeds: torch.Tensor | None = None,
+           image_embeds: torch.Tensor | None = None,
            on_step_start: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Denoise one batch: image i uses `prompts[i]`, `negative_prompts[i]` and its own generator seeded `seeds[i]`.
 
@@ -104,6 +105,10 @@ def sample(c: Components, prompts: Sequence[str], negative_prompts: Sequence[str
     Conditional and unconditional halves go through the UNet in **one** batched call, in the pipeline's order
     (unconditional first), so results match `StableDiffusionPipeline` to float precision.
     `on_step_start(i, n, t)` runs before each UNet call (FABRIC collects its reference attention there).
+
+    `image_embeds` ([B, D] or [1, D], one image-encoder embedding per image) conditions an IP-Adapter loaded into
+    the UNet (Ye et al. 2023): the conditional half gets it, the unconditional half gets zeros, exactly as
+    `StableDiffusionPipeline.prepare_ip_adapter_image_embeds` does for an `ImageProjection` adapter.
     """
     n = len(prompts)
     if not (len(negative_prompts) == len(seeds) == n):
@@ -120,6 +125,10 @@ def sample(c: Components, prompts: Sequence[str], negative_prompts: Sequence[str
         embeds = torch.cat([uncond, cond])
     else:
         embeds = cond
+    added = None
+    if image_embeds is not None:
+        ie = image_embeds.to(c.device, c.dtype).reshape(-1, 1, image_embeds.shape[-1]).expand(n, 1, -1)
+        added = {"image_embeds": [torch.cat([torch.zeros_like(ie), ie]) if do_cfg else ie]}
 
     # One generator per image: image i of a batch with seed s equals a single image with seed s + i.
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
@@ -134,7 +143,7 @@ def sample(c: Components, prompts: Sequence[str], negative_prompts: Sequence[str
         model_in = sched.scale_model_input(model_in, t)
         if on_step_start is not None:
             on_step_start(i, len(timesteps), t)
-        pred = c.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        pred = c.unet(model_in, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
         if do_cfg:
             pred_uncond, pred_cond = pred.chunk(2)
             pred = cfg_combine(pred_uncond, pred_cond, guidance_scale)

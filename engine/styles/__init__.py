@@ -8,5 +8,7 @@ Owns: styles/<id>/v<N>/ folders and the library tables of <data_dir>/stylebooth.
   interop.py      import (safetensors only, matched, MF-3/4/7/8) and export (diffusers, A1111) of styles
   adapters.py     applying one or several styles to the loaded model (LoRA adapters fused, embedding tokens)
   blend.py        live weighted blends and bakes into new styles (exact rank concatenation or SVD)
+  instant.py      instant styles: IP-Adapter folders (demo / local / hub), image embeddings, attaching the
+                  adapter with InstantStyle block scales
 May import: engine.core, engine.models.
 """

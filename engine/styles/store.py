@@ -43,7 +43,7 @@ class StyleInfo:
     created: str
     folder: Path
     # Library fields (engine/styles/library.py); defaults keep folder-only readers and older callers working.
-    kind: str = "lora"  # "lora" | "embedding" (textual inversion); "instant" and "blend" come later
+    kind: str = "lora"  # "lora" | "embedding" (textual inversion) | "instant" (IP-Adapter references)
     lora_file: str = "lora.safetensors"  # the weights file in `folder` (an embedding's too)
     base_model: str = ""  # the base model's name when it was trained or imported, for "trained on X" messages
     prompt_template: str = ""
@@ -82,37 +82,58 @@ def _class_noun(style: dict) -> str:
     return words[-1] if words else ""
 
 
-def publish(data_dir: Path, name: str, lora_path: Path, style_json: Path, preview: Path | None = None) -> StyleInfo:
-    """Copy a training result into the library as a new style (version 1), atomically.
+def publish(data_dir: Path, name: str, lora_path: Path, style_json: Path, preview: Path | None = None, *,
+            style_id: str | None = None) -> StyleInfo:
+    """Copy a training result into the library as a new style (version 1), or as the next version of `style_id`.
 
     The folder is complete under a temporary name, renamed into place, and only then registered in the library
     database (TR-10); a crash in between leaves a folder that the library adopts when it next opens.
     """
-    styles = data_dir / "styles"
-    styles.mkdir(parents=True, exist_ok=True)
-    style_id = f"{_slug(name)}-{uuid.uuid4().hex[:6]}"
-    final = styles / style_id / "v1"
-    tmp = styles / style_id / f".tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        meta = json.loads(Path(style_json).read_text("utf-8"))
-        meta.update(name=name, id=style_id, version=1, schema_version=SCHEMA_VERSION)
-        validate_style_json(meta)  # before the rename: a published folder that the library would skip helps nobody
-        shutil.copyfile(lora_path, tmp / "lora.safetensors")
-        if preview and Path(preview).is_file():
-            shutil.copyfile(preview, tmp / "preview.png")
-        (tmp / "style.json").write_text(json.dumps(meta, indent=1), "utf-8")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    files: dict[str, Path | bytes] = {"lora.safetensors": Path(lora_path)}
+    if preview and Path(preview).is_file():
+        files["preview.png"] = Path(preview)
+    return publish_files(data_dir, name, files, json.loads(Path(style_json).read_text("utf-8")), style_id=style_id)
+
+
+def publish_files(data_dir: Path, name: str, files: dict, meta: dict, *, style_id: str | None = None) -> StyleInfo:
+    """Write a version folder from `files` ({relative name: Path or bytes}; "refs/x.png" makes a subfolder) and
+    `meta` (style.json): v1 of a new style, or v(N+1) of the existing style `style_id` (its name is kept)."""
     from engine.styles.library import Library  # late: the library builds on this module
 
+    styles = data_dir / "styles"
+    styles.mkdir(parents=True, exist_ok=True)
     lib = Library(data_dir)
     try:
+        if style_id is None:
+            style_id, version = f"{_slug(name)}-{uuid.uuid4().hex[:6]}", 1
+        else:
+            existing = lib.get(style_id)
+            name = existing.name
+            version = int(lib.next_version_folder(style_id).name[1:])
+        final = styles / style_id / f"v{version}"
+        tmp = styles / style_id / f".tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            meta = dict(meta, name=name, id=style_id, version=version, schema_version=SCHEMA_VERSION)
+            validate_style_json(meta)  # before the rename: a published folder the library would skip helps nobody
+            for rel, src in files.items():
+                if rel.startswith(".") or ".." in rel.split("/"):
+                    raise LibraryError(f"bad file name {rel!r} in a style version")
+                dst = tmp / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(src, bytes):
+                    dst.write_bytes(src)
+                else:
+                    shutil.copyfile(src, dst)
+            (tmp / "style.json").write_text(json.dumps(meta, indent=1), "utf-8")
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return lib.register_folder(final)
     finally:
         lib.close()

@@ -31,9 +31,10 @@ def new_run_dir(data_dir: Path, name: str) -> Path:
 
 
 def run_training(model, data_dir: Path, cfg: TrainConfig, name: str, *, run_dir: Path | None = None,
-                 on_event: Callable | None = None, stop_event=None,
+                 on_event: Callable | None = None, stop_event=None, style_id: str | None = None,
                  on_run_dir: Callable[[Path], None] | None = None) -> TrainJobResult:
-    """Run one training job on the loaded base `model` (an engine.models.loading.LoadedModel)."""
+    """Run one training job on the loaded base `model` (an engine.models.loading.LoadedModel); the result is a new
+    style, or the next version of the library entry `style_id` ("train it properly" for an instant style)."""
     emit = on_event or (lambda e: None)
     name = name.strip()
     if not name:
@@ -87,7 +88,7 @@ def run_training(model, data_dir: Path, cfg: TrainConfig, name: str, *, run_dir:
 
     # 4. publish the style where the Generate tab (and later the library) finds it
     preview = result.style_json_path.parent / "preview.png"
-    style = publish(data_dir, name, result.lora_path, result.style_json_path, preview)
+    style = publish(data_dir, name, result.lora_path, result.style_json_path, preview, style_id=style_id)
     emit(TrainLog(f"style '{style.name}' ready: use trigger '{style.trigger_token}' in the Generate tab"))
     return TrainJobResult(run_dir, result, style, rejected, notices)
 

@@ -1,0 +1,278 @@
+"""Train the demo IP-Adapter (Ye et al. 2023) for the bundled demo model, on the shapes world.
+
+What it learns: *style transfer*, not reconstruction. A training pair is a reference image of one scene and a
+target scene with the **same texture and colours** but (mostly) **another shape**; the target's caption names its
+shape and colours but never its texture, so the only way to get the texture right is to read it from the
+reference through the adapter. A quarter of the pairs keep the reference's shape (caption says "shape"), so the
+image features also carry content; that is what "style and content" (all blocks) shows and InstantStyle's
+block scales suppress.
+
+Stages: (1) a tiny `CLIPVisionModelWithProjection` (from a config, 32x32 input, 4x4 patches) gets a warm start
+with linear heads that read texture, colours and shape from its embedding (~90 s); (2) it is trained jointly with
+the IP-Adapter layers (an `ImageProjection`: image embedding -> 4 tokens, and `to_k_ip`/`to_v_ip` per
+cross-attention block) on the denoising loss through the frozen demo model (UNet, VAE, text encoder), with half of
+each batch at low-to-mid noise where texture is decided. The whole run stops at --minutes (default 13.5).
+
+The checkered texture is held out: it is in no training pair. Two extra *adapter-only* textures (vertical stripes,
+diagonal stripes), drawn here and never seen by the base model, teach the adapter to steer the frozen UNet towards
+patterns it cannot name, which is what a held-out texture needs.
+
+Saved in diffusers' IP-Adapter layout, loadable by plain diffusers:
+    assets/demo-ip-adapter/ip_adapter.safetensors   keys image_proj.* and ip_adapter.<1,3,5..>.to_{k,v}_ip.weight
+    assets/demo-ip-adapter/image_encoder/            CLIPVisionModelWithProjection (config.json + model.safetensors)
+    pipe.load_ip_adapter("assets/demo-ip-adapter", subfolder="", weight_name="ip_adapter.safetensors",
+                         image_encoder_folder="image_encoder")
+
+Usage: python scripts/train_demo_ip_adapter.py --out assets/demo-ip-adapter [--steps N] [--minutes M]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine.demo import world as W  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+VISION_CONFIG = dict(image_size=32, patch_size=4, num_channels=3, hidden_size=64, intermediate_size=128,
+                     num_hidden_layers=2, num_attention_heads=4, projection_dim=64)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIPImageProcessor's defaults: intake uses the same numbers
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+NUM_TOKENS = 4  # diffusers' ImageProjection loader assumes 4 image tokens
+# Adapter-only textures (the base model never saw them): vertical and diagonal stripes, and two 2-D patterns with
+# another period (6 px) and coverage than the held-out checkered (4 px, half the pixels): dots and grid lines.
+ADAPTER_TEXTURES = ("solid", "striped", "vstriped", "diagonal", "antidiagonal", "dotted", "grid")
+ADAPTER_TEXTURE_WEIGHTS = (0.2, 0.2, 0.15, 0.1, 0.1, 0.125, 0.125)
+
+
+def draw_texture(scene: W.Scene, texture: str) -> Image.Image:
+    """Draw a scene; the world's textures as the world draws them, plus the adapter-only ones."""
+    if texture in W.TEXTURES:
+        assert texture != "checkered", "checkered is held out of every training pair"
+        return W.draw(W.Scene(**{**scene.__dict__, "texture": texture}))
+    big = W.SIZE * W.SUPERSAMPLE
+    rgb = W.COLORS[scene.fg]
+    fill = np.empty((big, big, 3), np.uint8)
+    fill[:] = rgb
+    yy, xx = np.mgrid[0:big, 0:big]
+    half, px = 2 * W.SUPERSAMPLE, W.SUPERSAMPLE
+    if texture == "vstriped":
+        mask = (xx // half) % 2 == 1
+    elif texture == "diagonal":
+        mask = ((xx + yy) // (half + half // 2)) % 2 == 1
+    elif texture == "antidiagonal":
+        mask = ((xx - yy + 10 * big) // (half + half // 2)) % 2 == 1
+    elif texture == "dotted":  # 2 px dots every 6 px
+        mask = ((yy % (6 * px)) < 2 * px) & ((xx % (6 * px)) < 2 * px)
+    elif texture == "grid":  # 1 px lines every 6 px
+        mask = ((yy % (6 * px)) < px) | ((xx % (6 * px)) < px)
+    else:
+        raise ValueError(texture)
+    fill[mask] = W._second_tone(rgb)
+    canvas = Image.new("RGB", (big, big), W.COLORS[scene.bg])
+    canvas.paste(Image.fromarray(fill), (0, 0), W.shape_mask(scene, big))
+    return canvas.resize((W.SIZE, W.SIZE), Image.BOX)
+
+
+def clip_pixels(images) -> torch.Tensor:
+    """32x32 RGB images -> CLIPImageProcessor-normalised pixel values (resize/crop are identities at 32 px)."""
+    a = torch.from_numpy(np.stack([np.asarray(im, np.float32) / 255.0 for im in images])).permute(0, 3, 1, 2)
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    return ((a - mean) / std).contiguous()
+
+
+def vae_pixels(images) -> torch.Tensor:
+    a = np.stack([np.asarray(im, np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
+
+
+def caption_without_texture(scene: W.Scene, rng: random.Random, keep_shape: bool) -> str:
+    """The world's captions for the target with the texture word removed; "shape" for content-kept pairs."""
+    cap = W.caption(W.Scene(**{**scene.__dict__, "texture": "solid"}), rng).replace("solid ", "")
+    return cap.replace(scene.shape, "shape") if not keep_shape else cap
+
+
+def make_pair(rng: random.Random):
+    """(reference image, target image, caption). Same texture and colours; usually another shape."""
+    texture = rng.choices(ADAPTER_TEXTURES, weights=ADAPTER_TEXTURE_WEIGHTS)[0]
+    ref = W.random_scene(rng, W.TRAIN_SHAPES)
+    same = rng.random() < 0.25
+    tgt = W.random_scene(rng, W.TRAIN_SHAPES)
+    tgt = W.Scene(**{**tgt.__dict__, "fg": ref.fg, "bg": ref.bg, "shape": ref.shape if same else tgt.shape})
+    # content-kept pairs name "shape" 70% of the time (the reference must supply it), else the shape itself
+    cap = caption_without_texture(tgt, rng, keep_shape=not same or rng.random() < 0.3)
+    return draw_texture(ref, texture), draw_texture(tgt, texture), cap
+
+
+def pretrain_encoder(enc, steps: int, batch: int, seed: int, seconds: float) -> None:
+    """Stage 1: teach the tiny encoder what a scene is made of (texture, colours, shape) with linear heads on its
+    projected embedding: a cheap supervised warm start, so the adapter stage does not spend its budget on it."""
+    names = {"texture": ADAPTER_TEXTURES, "fg": tuple(sorted(W.COLORS)), "bg": tuple(sorted(W.COLORS)),
+             "shape": W.TRAIN_SHAPES}
+    dim = enc.config.projection_dim
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, len(v)) for k, v in names.items()})
+    opt = torch.optim.AdamW(list(enc.parameters()) + list(heads.parameters()), lr=2e-3, weight_decay=1e-2)
+    t0 = time.time()
+    for step in range(steps):
+        rng = random.Random(seed * 31 + step)
+        imgs, labels = [], {k: [] for k in names}
+        for _ in range(batch):
+            sc = W.random_scene(rng, W.TRAIN_SHAPES)
+            tex = rng.choices(ADAPTER_TEXTURES, weights=ADAPTER_TEXTURE_WEIGHTS)[0]
+            imgs.append(draw_texture(sc, tex))
+            for k, v in (("texture", tex), ("fg", sc.fg), ("bg", sc.bg), ("shape", sc.shape)):
+                labels[k].append(names[k].index(v))
+        emb = enc(clip_pixels(imgs)).image_embeds
+        loss = sum(F.cross_entropy(heads[k](emb), torch.tensor(labels[k])) for k in names)
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        if (step + 1) % 50 == 0:
+            print(f"encoder step {step+1} loss {loss.item():.3f} {time.time()-t0:.0f}s", flush=True)
+        if time.time() - t0 > seconds:
+            break
+
+
+def build_initial_state(unet, image_dim: int) -> dict:
+    """diffusers' IP-Adapter state dict; to_k_ip/to_v_ip start as copies of each block's to_k/to_v (as Ye et al.)."""
+    cad = unet.config.cross_attention_dim
+    proj = torch.nn.Linear(image_dim, NUM_TOKENS * cad)
+    sd = {"image_proj": {"proj.weight": proj.weight.data.clone() * 0.5, "proj.bias": torch.zeros(NUM_TOKENS * cad),
+                         "norm.weight": torch.ones(cad), "norm.bias": torch.zeros(cad)}, "ip_adapter": {}}
+    key_id = 1
+    for name, mod in unet.named_modules():
+        if name.endswith("attn2"):
+            sd["ip_adapter"][f"{key_id}.to_k_ip.weight"] = mod.to_k.weight.data.clone()
+            sd["ip_adapter"][f"{key_id}.to_v_ip.weight"] = mod.to_v.weight.data.clone()
+            key_id += 2
+    return sd
+
+
+def export_state(unet) -> dict[str, torch.Tensor]:
+    """The trained adapter back in the flat safetensors layout that `load_ip_adapter` reads."""
+    out = {}
+    p = unet.encoder_hid_proj.image_projection_layers[0]
+    out["image_proj.proj.weight"], out["image_proj.proj.bias"] = p.image_embeds.weight, p.image_embeds.bias
+    out["image_proj.norm.weight"], out["image_proj.norm.bias"] = p.norm.weight, p.norm.bias
+    key_id = 1
+    for name, proc in unet.attn_processors.items():  # same order diffusers' loader walks
+        if name.endswith("attn1.processor"):
+            continue
+        out[f"ip_adapter.{key_id}.to_k_ip.weight"] = proc.to_k_ip[0].weight
+        out[f"ip_adapter.{key_id}.to_v_ip.weight"] = proc.to_v_ip[0].weight
+        key_id += 2
+    return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", type=Path, default=REPO / "assets" / "demo-model")
+    ap.add_argument("--out", type=Path, default=REPO / "assets" / "demo-ip-adapter")
+    ap.add_argument("--steps", type=int, default=800, help="cosine LR horizon (the time budget may stop earlier)")
+    ap.add_argument("--minutes", type=float, default=13.5, help="stop (and save) after this wall time")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--encoder-steps", type=int, default=600)
+    ap.add_argument("--encoder-seconds", type=float, default=90)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor, IPAdapterAttnProcessor
+    from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    unet = UNet2DConditionModel.from_pretrained(a.base / "unet").requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(a.base / "vae").requires_grad_(False)
+    te = CLIPTextModel.from_pretrained(a.base / "text_encoder").requires_grad_(False)
+    tok = CLIPTokenizer.from_pretrained(a.base / "tokenizer")
+    noise_sched = DDPMScheduler.from_pretrained(a.base / "scheduler")
+    enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION_CONFIG))
+    t_start = time.time()
+    pretrain_encoder(enc, a.encoder_steps, 64, a.seed, a.encoder_seconds)
+    unet._load_ip_adapter_weights([build_initial_state(unet, VISION_CONFIG["projection_dim"])])
+    # classic (non-SDPA) processors for training: CPU SDPA backward is slow for 2-head attention
+    procs = {}
+    for name, proc in unet.attn_processors.items():
+        if name.endswith("attn1.processor"):
+            procs[name] = AttnProcessor()
+        else:
+            new = IPAdapterAttnProcessor(hidden_size=proc.hidden_size, cross_attention_dim=proc.cross_attention_dim,
+                                         num_tokens=proc.num_tokens, scale=1.0)
+            new.load_state_dict(proc.state_dict())
+            procs[name] = new
+    unet.set_attn_processor(procs)
+    adapter_params = list(unet.encoder_hid_proj.parameters())
+    for proc in unet.attn_processors.values():
+        if isinstance(proc, IPAdapterAttnProcessor):
+            adapter_params += list(proc.parameters())
+    for p in adapter_params:
+        p.requires_grad_(True)
+    params = adapter_params + list(enc.parameters())
+    groups = [{"params": adapter_params, "lr": a.lr}, {"params": list(enc.parameters()), "lr": a.lr * 0.3}]
+    print(f"trainable: adapter {sum(p.numel() for p in adapter_params):,} + encoder "
+          f"{sum(p.numel() for p in enc.parameters()):,} params", flush=True)
+    opt = torch.optim.AdamW(groups, weight_decay=1e-2)
+    warm = 100
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / a.steps))))
+    t0, losses, step = t_start, [], 0
+    for step in range(a.steps):
+        rng = random.Random(a.seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed(a.seed * 7919 + step)
+        refs, tgts, caps = zip(*[make_pair(rng) for _ in range(a.batch)])
+        caps = [c if rng.random() > 0.1 else "" for c in caps]
+        with torch.no_grad():
+            ids = tok(list(caps), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            cond = te(ids)[0]
+            lat = vae.encode(vae_pixels(tgts)).latent_dist.sample(g) * vae.config.scaling_factor
+        noise = torch.randn(lat.shape, generator=g)
+        # half the batch at low-to-mid noise, where fine texture is decided (uniform t spends most steps on layout)
+        t = torch.randint(0, 1000, (a.batch,), generator=g)
+        t[a.batch // 2:] = torch.randint(0, 500, (a.batch - a.batch // 2,), generator=g)
+        noisy = noise_sched.add_noise(lat, noise, t)
+        target = noise_sched.get_velocity(lat, noise, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            emb = enc(clip_pixels(refs)).image_embeds.float()
+            # 10% image dropout to zeros: the unconditional image embedding diffusers uses for CFG
+            keep = (torch.rand(a.batch, generator=g) > 0.1).float()[:, None]
+            pred = unet(noisy, t, cond, added_cond_kwargs={"image_embeds": [(emb * keep)[:, None, :]]}).sample
+        per = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        # plain v-loss: min-SNR weighting (used for the base model) would down-weight exactly the low-noise steps
+        # where the texture lives
+        loss = per.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step(); sched.step()
+        losses.append(loss.item())
+        el = time.time() - t0
+        if (step + 1) % 25 == 0:
+            print(f"step {step+1}/{a.steps} loss {np.mean(losses[-25:]):.4f} {el:.0f}s ({el/(step+1):.2f}s/step)",
+                  flush=True)
+        if el > a.minutes * 60:
+            print(f"time budget reached after {step+1} steps", flush=True)
+            break
+    seconds = time.time() - t_start
+    a.out.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+    save_file(export_state(unet), str(a.out / "ip_adapter.safetensors"))
+    enc.save_pretrained(a.out / "image_encoder", safe_serialization=True)
+    (a.out / "training.json").write_text(json.dumps(
+        {"steps_done": step + 1, "seconds": round(seconds), "final_loss": float(np.mean(losses[-50:])),
+         "batch": a.batch, "lr": a.lr, "seed": a.seed, "threads": a.threads, "vision_config": VISION_CONFIG,
+         "textures": dict(zip(ADAPTER_TEXTURES, ADAPTER_TEXTURE_WEIGHTS)), "held_out": "checkered"}, indent=1))
+    print(f"done: {step+1} steps in {seconds:.0f}s -> {a.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
