@@ -10,13 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.core.errors import LibraryError
-from engine.core.files import atomic_path, fsync_dir, sha256_file
+from engine.core.files import atomic_dir, atomic_path, sha256_file
 from engine.models.safety import check_model_file
 from engine.styles import lora_format as F
 from engine.styles.library import Library
@@ -171,20 +169,11 @@ def _write_version(lib: Library, name: str, files: dict[str, tuple[dict, dict]],
 
     style_id = new_style_id(name)
     final = lib.styles_dir / style_id / "v1"
-    tmp = lib.styles_dir / style_id / f".tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(final) as tmp:
         for fname, (tensors, file_meta) in files.items():
             save_file(tensors, str(tmp / fname), metadata=file_meta)
             check_model_file(tmp / fname, "safetensors", check_values=False)  # what we wrote parses
         (tmp / "style.json").write_text(json.dumps({**meta, "id": style_id, "version": 1}, indent=1), "utf-8")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return lib.register_folder(final, name=name, tags=meta.get("tags", ()))
 
 

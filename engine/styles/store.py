@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import uuid
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.core.errors import LibraryError
-from engine.core.files import fsync_dir
+from engine.core.files import atomic_dir
 
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
@@ -111,9 +110,7 @@ def publish_files(data_dir: Path, name: str, files: dict, meta: dict, *, style_i
             name = existing.name
             version = int(lib.next_version_folder(style_id).name[1:])
         final = styles / style_id / f"v{version}"
-        tmp = styles / style_id / f".tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        try:
+        with atomic_dir(final) as tmp:
             meta = dict(meta, name=name, id=style_id, version=version, schema_version=SCHEMA_VERSION)
             validate_style_json(meta)  # before the rename: a published folder the library would skip helps nobody
             for rel, src in files.items():
@@ -126,14 +123,6 @@ def publish_files(data_dir: Path, name: str, files: dict, meta: dict, *, style_i
                 else:
                     shutil.copyfile(src, dst)
             (tmp / "style.json").write_text(json.dumps(meta, indent=1), "utf-8")
-            for f in tmp.rglob("*"):
-                if f.is_file():
-                    with open(f, "rb") as fh:
-                        os.fsync(fh.fileno())
-            os.replace(tmp, final)
-            fsync_dir(final.parent)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return lib.register_folder(final)
     finally:
         lib.close()
