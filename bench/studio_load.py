@@ -15,7 +15,6 @@ test is `--users 20 --seconds 120`; acceptance: no errors, no cross-user data, p
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -30,22 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from engine.studio.accounts import Accounts  # noqa: E402
 from engine.studio.quota import Quotas  # noqa: E402
-from engine.styles.library import Library  # noqa: E402
-from engine.styles.store import publish  # noqa: E402
-from http_support import launched_app  # noqa: E402
-
-
-def make_style(data: Path, tmp: Path, name: str, owner: str, shared: bool = False) -> str:
-    lora, meta = tmp / f"{name}.safetensors", tmp / f"{name}.json"
-    lora.write_bytes(b"w")
-    meta.write_text(json.dumps({"schema_version": 1, "trigger_token": "olis", "preset": "style",
-                                "base_model": "demo", "base_model_fingerprint": "fp"}))
-    sid = publish(data, name, lora, meta).id
-    lib = Library(data, adopt=False)
-    lib.set_owner(sid, owner)
-    lib.set_shared(sid, shared)
-    lib.close()
-    return sid
+from http_support import launched_app, owned_style  # noqa: E402
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -79,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         for n in names:
             acc.add(n, f"{n}-password")
             quotas.set_monthly_free(n, 1000)
-            own[n] = make_style(app.data_dir, tmp, f"{n} style", n)
-        shared = make_style(app.data_dir, tmp, "studio shared", names[0], shared=True)
+            own[n] = owned_style(app.data_dir, tmp, f"{n} style", n)
+        shared = owned_style(app.data_dir, tmp, "studio shared", names[0], shared=True)
         admin = app.login("admin", app.one_time_password())
         cfg = admin.get("/config").json()
         by_elem = {c.get("props", {}).get("elem_id"): c for c in cfg["components"]}

@@ -185,3 +185,20 @@ def _wait_until_up(app: LaunchedApp, start_s: float) -> None:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"the app did not answer within {start_s} s:\n{app.output[-4000:]}")
+
+
+def owned_style(data: Path, tmp: Path, name: str, owner: str, shared: bool = False, weights: bytes = b"w") -> str:
+    """Publish a minimal style into the data dir's library, owned by `owner` (and shared with the studio if asked)."""
+    from engine.styles.library import Library
+    from engine.styles.store import publish
+
+    lora, meta = tmp / f"{name}.safetensors", tmp / f"{name}.json"
+    lora.write_bytes(weights)
+    meta.write_text(json.dumps({"schema_version": 1, "trigger_token": "olis", "preset": "style",
+                                "base_model": "demo", "base_model_fingerprint": "fp"}))
+    sid = publish(data, name, lora, meta).id
+    lib = Library(data, adopt=False)
+    lib.set_owner(sid, owner)
+    lib.set_shared(sid, shared)
+    lib.close()
+    return sid

@@ -3,32 +3,14 @@ contexts (two sessions, like two people) and each Library tab shows only that us
 only the admin sees the Studio tab. The app runs as `launcher.py --listen` (reached at 127.0.0.1 only)."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
-import pytest
 
-from http_support import launched_app
+from http_support import launched_app, owned_style
 from tests.browser_support import CHROMIUM, MARKS, screenshot
 
 from engine.studio.accounts import Accounts
-from engine.styles.library import Library
-from engine.styles.store import publish
 
 pytestmark = MARKS
-
-
-def _style(data: Path, tmp: Path, name: str, owner: str, shared: bool = False) -> str:
-    lora, meta = tmp / f"{name}.safetensors", tmp / f"{name}.json"
-    lora.write_bytes(b"w")
-    meta.write_text(json.dumps({"schema_version": 1, "trigger_token": "olis", "preset": "style",
-                                "base_model": "demo", "base_model_fingerprint": "fp"}))
-    sid = publish(data, name, lora, meta).id
-    lib = Library(data, adopt=False)
-    lib.set_owner(sid, owner)
-    lib.set_shared(sid, shared)
-    lib.close()
-    return sid
 
 
 def _login(context, url: str, user: str, password: str):
@@ -60,9 +42,9 @@ def test_two_users_in_two_browsers_each_see_only_their_own_library(tmp_path):
         acc = Accounts(app.data_dir / "stylebooth.db")
         acc.add("ann", "ann-password")
         acc.add("bob", "bob-password")
-        _style(app.data_dir, tmp_path, "Ann heart", "ann")
-        _style(app.data_dir, tmp_path, "Bob star", "bob")
-        _style(app.data_dir, tmp_path, "Studio ink", "bob", shared=True)
+        owned_style(app.data_dir, tmp_path, "Ann heart", "ann")
+        owned_style(app.data_dir, tmp_path, "Bob star", "bob")
+        owned_style(app.data_dir, tmp_path, "Studio ink", "bob", shared=True)
         admin_pw = app.one_time_password()
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])

@@ -10,32 +10,17 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from pathlib import Path
 
 import httpx
 import pytest
 
-from http_support import launched_app
+from http_support import launched_app, owned_style
 
 from engine.studio.accounts import MAX_FAILED, Accounts
 from engine.styles.library import Library
-from engine.styles.store import publish
 
 LOCAL_HEADERS = {"Host": "localhost", "X-Forwarded-For": "127.0.0.1", "X-Real-IP": "127.0.0.1",
                  "Forwarded": "for=127.0.0.1"}
-
-
-def _style(data: Path, tmp: Path, name: str, owner: str, shared: bool = False) -> str:
-    lora, meta = tmp / f"{name}.safetensors", tmp / f"{name}.json"
-    lora.write_bytes(b"weights of " + name.encode())
-    meta.write_text(json.dumps({"schema_version": 1, "trigger_token": "olis", "preset": "style",
-                                "base_model": "demo", "base_model_fingerprint": "fp"}))
-    sid = publish(data, name, lora, meta).id
-    lib = Library(data, adopt=False)
-    lib.set_owner(sid, owner)
-    lib.set_shared(sid, shared)
-    lib.close()
-    return sid
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +31,9 @@ def studio(tmp_path_factory):
         acc.add("ann", "ann-password")
         acc.add("Bob", "bob-password")
         acc.add("carl", "carl-password")
-        ids = {"ann": _style(app.data_dir, root, "Ann private", "ann"),
-               "bob": _style(app.data_dir, root, "Bob private", "bob"),
-               "shared": _style(app.data_dir, root, "Bob shared", "bob", shared=True)}
+        ids = {"ann": owned_style(app.data_dir, root, "Ann private", "ann", weights=b"weights of Ann private"),
+               "bob": owned_style(app.data_dir, root, "Bob private", "bob", weights=b"weights of Bob private"),
+               "shared": owned_style(app.data_dir, root, "Bob shared", "bob", weights=b"weights of Bob shared", shared=True)}
         app.client = app.login("admin", app.one_time_password())
         app.ann = app.login("ann", "ann-password")
         app.bob = app.login("BOB", "bob-password")  # MU-8: the same account
