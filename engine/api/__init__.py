@@ -34,6 +34,9 @@ from engine.generate import recipes
 from engine.generate.sampler import decode, sample, to_pil
 from engine.jobs.cancel import Job, JobRegistry
 from engine.jobs.fair import FairScheduler
+from engine.jobs.records import error_state, result_record
+from engine.jobs.runner import LiveJob, ProgressRecorder, current_frame
+from engine.jobs.store import JobStore
 from engine.models.loading import LoadedModel, load_base_model
 from engine.styles.adapters import AdapterCache
 from engine.styles.blend import check_same_base
@@ -42,6 +45,7 @@ from engine.styles.store import StyleInfo
 from engine.api.blends import BlendMethods
 from engine.api.feedback import FeedbackMethods
 from engine.api.instant import InstantMethods
+from engine.api.jobs import JobMethods
 from engine.api.library import LibraryMethods
 from engine.api.support import charged, iterate, with_triggers
 from engine.studio.service import Studio
@@ -63,7 +67,7 @@ def pick_device() -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
-class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods):
+class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, JobMethods):
     """Everything that touches models and files. Thread-safe: model work runs one job at a time."""
 
     def __init__(self, settings: Settings | None = None, *, device: str | None = None,
@@ -77,6 +81,11 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods):
         self.jobs = JobRegistry()  # queued and running jobs, each with its own cancel token
         self._png_writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stylebooth-png")
         self.fair = FairScheduler()  # whose job runs next on the one GPU: round-robin across users
+        # The queue's table (GR-12, TR-9): every job's state, progress and result. Jobs that a dead process left
+        # queued or running are marked interrupted now, before this process runs any.
+        self.job_store = JobStore(self.data_dir / "stylebooth.db")
+        self.interrupted_at_start = self.job_store.recover()
+        self._live: dict[str, LiveJob] = {}  # jobs running in this process that a page can follow (reattach)
         self._model: LoadedModel | None = None
         self._adapters: AdapterCache | None = None
         # `fallback_to_demo` (the app): a configured model that fails to load is replaced by the demo model, and
@@ -205,20 +214,53 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods):
 
     @contextlib.contextmanager
     def _job(self, kind: str, user: str, job_id: str | None) -> Iterator[Job]:
-        """Register the job (cancellable from now on), wait for its fair turn and the model, and run it.
+        """Register the job (cancellable from now on) and record it queued, wait for its fair turn and the model,
+        record it running, and run it; an error records it failed (cancelled for Cancelled).
 
-        A job cancelled while it waits leaves the line at once; its body sees the set token before it touches the
-        model and reports itself cancelled."""
+        Its result is recorded by the outermost call that sees it (`charged`, or the worker of `iterate`: the
+        thread's JobFrame); a job outside any frame is recorded done here. A job cancelled while it waits leaves
+        the line at once; its body sees the set token before it touches the model and reports itself cancelled."""
         job = self.jobs.start(kind, user, job_id)
+        frame = current_frame()
+        if frame is not None and frame.settle is not None:
+            frame = None  # a second job inside one call: it records itself
+        self.job_store.add(job.id, user, kind, frame.request if frame else None)
+        if frame is not None:
+            frame.settle = lambda result, job_id=job.id: self._settle(job_id, result)
+            frame.fail = lambda e, job_id=job.id: self._failed(job_id, e)
+            if frame.live is not None:
+                frame.live.job_id = job.id
+                frame.live.listen(ProgressRecorder(self.job_store, job.id))
+                self._live[job.id] = frame.live
+                frame.closers.append(lambda job_id=job.id: self._live.pop(job_id, None))
         try:
             with self.fair.turn(user, job.id, cancelled=job.token):
                 if job.token.is_set():
                     yield job
                 else:
                     with self._lock:
+                        self.job_store.start(job.id)
                         yield job
+        except BaseException as e:
+            self._failed(job.id, e)
+            raise
+        else:
+            if frame is None:
+                self.job_store.finish(job.id, "done")
         finally:
-            self.jobs.finish(job)
+            if frame is None:
+                self.jobs.finish(job)
+            else:  # once its result is recorded: who waits for the job to end then finds it settled
+                frame.closers.append(lambda: self.jobs.finish(job))
+
+    def _failed(self, job_id: str, e: BaseException) -> None:
+        state, message = error_state(e)
+        self.job_store.finish(job_id, state, error=message)
+
+    def _settle(self, job_id: str, result) -> None:
+        """Record a finished job's result: its files (relative to the data dir), style, run; done or cancelled."""
+        state, record = result_record(result, self.job_store.relative)
+        self.job_store.finish(job_id, state, record)
 
     # ---- generate ------------------------------------------------------------------------------------------
     @charged("generate")
@@ -328,7 +370,12 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods):
             self._detach_instant()
             return run_training(self.model, self.data_dir, cfg, name, run_dir=run_dir, on_event=on_event,
                                 stop_event=job.token, style_id=into_style,
-                                on_run_dir=lambda d: self.library.set_run_owner(d.name, user))
+                                on_run_dir=lambda d: self._run_started(job.id, d, user))
+
+    def _run_started(self, job_id: str, run_dir: Path, user: str) -> None:
+        """A training job has its run folder: its owner and the queue row know it before any step (TR-9)."""
+        self.library.set_run_owner(run_dir.name, user)
+        self.job_store.note(job_id, run_id=run_dir.name)
 
     def train_iter(self, cfg: TrainConfig, name: str, *, run_dir: Path | None = None, user: str = "local",
                    job_id: str | None = None, into_style: str | None = None) -> Iterator:
