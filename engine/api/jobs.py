@@ -17,17 +17,12 @@ class JobMethods:
         line (queued or running here) and whether a stopped training run can resume."""
         caller = self.caller(user)
         jobs = self.job_store.list(None if caller.admin else caller.name, limit=limit)
-        resumable = None
+        resumable: set[str] | None = None
         out = []
         for j in jobs:
-            extra = {}
-            if j.open:
-                extra["position"] = self.fair.position(j.id)
-            if j.kind == "train" and j.state in ("interrupted", "cancelled") and j.result.get("run_id"):
-                if resumable is None:
-                    resumable = {r.run_id for r in self.resumable_runs(user=caller)}
-                extra["resumable"] = j.result["run_id"] in resumable
-            out.append(dataclasses.replace(j, **extra) if extra else j)
+            if resumable is None and self._may_resume(j):
+                resumable = {r.run_id for r in self.resumable_runs(user=caller)}
+            out.append(self._job_facts(j, resumable or set()))
         return out
 
     def job_status(self, job_id: str, user: str | Caller = LOCAL) -> JobInfo:
@@ -36,9 +31,21 @@ class JobMethods:
         job = self.job_store.get(job_id) if isinstance(job_id, str) else None
         if job is None or not caller.can_see(job.user):
             raise ConfigError(f"unknown job {str(job_id)[:40]!r}; pick one from your list of jobs")
+        runs = {r.run_id for r in self.resumable_runs(user=caller)} if self._may_resume(job) else set()
+        return self._job_facts(job, runs)
+
+    @staticmethod
+    def _may_resume(job: JobInfo) -> bool:
+        return job.kind == "train" and job.state in ("interrupted", "cancelled") and bool(job.result.get("run_id"))
+
+    def _job_facts(self, job: JobInfo, resumable_runs: set[str]) -> JobInfo:
+        """What this process knows beyond the row: the job's place in line, whether its run can resume."""
+        extra = {}
         if job.open:
-            job = dataclasses.replace(job, position=self.fair.position(job.id))
-        return job
+            extra["position"] = self.fair.position(job.id)
+        if self._may_resume(job):
+            extra["resumable"] = job.result["run_id"] in resumable_runs
+        return dataclasses.replace(job, **extra) if extra else job
 
     def reattach(self, job_id: str, user: str | Caller = LOCAL) -> Iterator:
         """Follow a job again after its page was closed: while it runs in this process, its latest event, the
