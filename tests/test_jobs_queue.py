@@ -140,3 +140,17 @@ def test_jobs_left_open_by_a_dead_worker_are_marked_interrupted_at_start(tiny_sd
                       "reused-pid": "interrupted", "alive": "running", "done": "done"}
     assert sorted(eng.interrupted_at_start) == ["gen-dead", "queued-dead", "reused-pid", "train-dead"]
     assert eng.job_status("train-dead").step == 5  # where the checkpoint was: what a resume starts from
+
+
+def test_a_job_id_is_reused_only_by_its_own_user_once_finished(tmp_path):
+    store = JobStore(tmp_path / "stylebooth.db")
+    store.add("r1", "ann", "generate", {"prompt": "first"})
+    with pytest.raises(ValueError, match="already in use"):
+        store.add("r1", "ann", "generate")  # still queued
+    store.start("r1")
+    store.finish("r1", "done", {"files": ["outputs/ann/x.png"]})
+    with pytest.raises(ValueError, match="already in use"):
+        store.add("r1", "bob", "generate")  # another user's id
+    store.add("r1", "ann", "generate", {"prompt": "again"})  # a retry of the same request
+    job = store.get("r1")
+    assert (job.state, job.request["prompt"], job.result, job.user) == ("queued", "again", {}, "ann")

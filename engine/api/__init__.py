@@ -4,15 +4,14 @@ It owns the loaded base model, one lock around all model work (one GPU, one queu
 registry of jobs with a cancel token each (Cancel stops one job within one step, not the others), the studio
 (callers, quotas) and the data directory. Methods take frozen request dataclasses and return typed results;
 progress is reported through typed events. This file holds the model, jobs, generation and training; the library
-methods live in library.py and blends and batches in blends.py (mixins of this one class), shared pieces in
-support.py.
+methods live in library.py, blends and batches in blends.py, the job queue (recording every job, my_jobs,
+job_status, reattach) in jobs.py (mixins of this one class), shared pieces in support.py.
 
 May import: every engine subpackage (it is the composition root); nothing imports it but ui/, the launcher,
 scripts and benches.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import re
 import threading
@@ -32,10 +31,9 @@ from engine.core.events import (GeneratedImage, GenerateResult, Progress, Queued
 from engine.core.train_config import TrainConfig
 from engine.generate import recipes
 from engine.generate.sampler import decode, sample, to_pil
-from engine.jobs.cancel import Job, JobRegistry
+from engine.jobs.cancel import JobRegistry
 from engine.jobs.fair import FairScheduler
-from engine.jobs.records import error_state, result_record
-from engine.jobs.runner import LiveJob, ProgressRecorder, current_frame
+from engine.jobs.runner import LiveJob
 from engine.jobs.store import JobStore
 from engine.models.loading import LoadedModel, load_base_model
 from engine.styles.adapters import AdapterCache
@@ -212,56 +210,6 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, JobM
             return None
         return self.fair.position(job_id)
 
-    @contextlib.contextmanager
-    def _job(self, kind: str, user: str, job_id: str | None) -> Iterator[Job]:
-        """Register the job (cancellable from now on) and record it queued, wait for its fair turn and the model,
-        record it running, and run it; an error records it failed (cancelled for Cancelled).
-
-        Its result is recorded by the outermost call that sees it (`charged`, or the worker of `iterate`: the
-        thread's JobFrame); a job outside any frame is recorded done here. A job cancelled while it waits leaves
-        the line at once; its body sees the set token before it touches the model and reports itself cancelled."""
-        job = self.jobs.start(kind, user, job_id)
-        frame = current_frame()
-        if frame is not None and frame.settle is not None:
-            frame = None  # a second job inside one call: it records itself
-        self.job_store.add(job.id, user, kind, frame.request if frame else None)
-        if frame is not None:
-            frame.settle = lambda result, job_id=job.id: self._settle(job_id, result)
-            frame.fail = lambda e, job_id=job.id: self._failed(job_id, e)
-            if frame.live is not None:
-                frame.live.job_id = job.id
-                frame.live.listen(ProgressRecorder(self.job_store, job.id))
-                self._live[job.id] = frame.live
-                frame.closers.append(lambda job_id=job.id: self._live.pop(job_id, None))
-        try:
-            with self.fair.turn(user, job.id, cancelled=job.token):
-                if job.token.is_set():
-                    yield job
-                else:
-                    with self._lock:
-                        self.job_store.start(job.id)
-                        yield job
-        except BaseException as e:
-            self._failed(job.id, e)
-            raise
-        else:
-            if frame is None:
-                self.job_store.finish(job.id, "done")
-        finally:
-            if frame is None:
-                self.jobs.finish(job)
-            else:  # once its result is recorded: who waits for the job to end then finds it settled
-                frame.closers.append(lambda: self.jobs.finish(job))
-
-    def _failed(self, job_id: str, e: BaseException) -> None:
-        state, message = error_state(e)
-        self.job_store.finish(job_id, state, error=message)
-
-    def _settle(self, job_id: str, result) -> None:
-        """Record a finished job's result: its files (relative to the data dir), style, run; done or cancelled."""
-        state, record = result_record(result, self.job_store.relative)
-        self.job_store.finish(job_id, state, record)
-
     # ---- generate ------------------------------------------------------------------------------------------
     @charged("generate")
     def generate(self, req: GenerateRequest, on_progress: Callable[[Progress], None] | None = None,
@@ -371,11 +319,6 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, JobM
             return run_training(self.model, self.data_dir, cfg, name, run_dir=run_dir, on_event=on_event,
                                 stop_event=job.token, style_id=into_style,
                                 on_run_dir=lambda d: self._run_started(job.id, d, user))
-
-    def _run_started(self, job_id: str, run_dir: Path, user: str) -> None:
-        """A training job has its run folder: its owner and the queue row know it before any step (TR-9)."""
-        self.library.set_run_owner(run_dir.name, user)
-        self.job_store.note(job_id, run_id=run_dir.name)
 
     def train_iter(self, cfg: TrainConfig, name: str, *, run_dir: Path | None = None, user: str = "local",
                    job_id: str | None = None, into_style: str | None = None) -> Iterator:

@@ -3,15 +3,75 @@ after the browser was closed or the app restarted. A mixin of engine.api.Engine,
 (`job_store`), the jobs running in this process (`_live`) and the fair line (`fair`)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from pathlib import Path
 from typing import Iterator
 
 from engine.core.caller import LOCAL, Caller
 from engine.core.errors import ConfigError
 from engine.core.jobs import JobInfo
+from engine.jobs.cancel import Job
+from engine.jobs.records import error_state, result_record
+from engine.jobs.runner import ProgressRecorder, current_frame
 
 
 class JobMethods:
+    @contextlib.contextmanager
+    def _job(self, kind: str, user: str, job_id: str | None) -> Iterator[Job]:
+        """Register the job (cancellable from now on) and record it queued, wait for its fair turn and the model,
+        record it running, and run it; an error records it failed (cancelled for Cancelled).
+
+        Its result is recorded by the outermost call that sees it (`charged`, or the worker of `iterate`: the
+        thread's JobFrame); a job outside any frame is recorded done here. A job cancelled while it waits leaves
+        the line at once; its body sees the set token before it touches the model and reports itself cancelled."""
+        job = self.jobs.start(kind, user, job_id)
+        frame = current_frame()
+        if frame is not None and frame.settle is not None:
+            frame = None  # a second job inside one call: it records itself
+        self.job_store.add(job.id, user, kind, frame.request if frame else None)
+        if frame is not None:
+            frame.settle = lambda result, job_id=job.id: self._settle(job_id, result)
+            frame.fail = lambda e, job_id=job.id: self._failed(job_id, e)
+            if frame.live is not None:
+                frame.live.job_id = job.id
+                frame.live.listen(ProgressRecorder(self.job_store, job.id))
+                self._live[job.id] = frame.live
+                frame.closers.append(lambda job_id=job.id: self._live.pop(job_id, None))
+        try:
+            with self.fair.turn(user, job.id, cancelled=job.token):
+                if job.token.is_set():
+                    yield job
+                else:
+                    with self._lock:
+                        self.job_store.start(job.id)
+                        yield job
+        except BaseException as e:
+            self._failed(job.id, e)
+            raise
+        else:
+            if frame is None:
+                self.job_store.finish(job.id, "done")
+        finally:
+            if frame is None:
+                self.jobs.finish(job)
+            else:  # once its result is recorded: who waits for the job to end then finds it settled
+                frame.closers.append(lambda: self.jobs.finish(job))
+
+    def _failed(self, job_id: str, e: BaseException) -> None:
+        state, message = error_state(e)
+        self.job_store.finish(job_id, state, error=message)
+
+    def _settle(self, job_id: str, result) -> None:
+        """Record a finished job's result: its files (relative to the data dir), style, run; done or cancelled."""
+        state, record = result_record(result, self.job_store.relative)
+        self.job_store.finish(job_id, state, record)
+
+    def _run_started(self, job_id: str, run_dir: Path, user: str) -> None:
+        """A training job has its run folder: its owner and the queue row know it before any step (TR-9)."""
+        self.library.set_run_owner(run_dir.name, user)
+        self.job_store.note(job_id, run_id=run_dir.name)
+
     def my_jobs(self, user: str | Caller = LOCAL, *, limit: int = 50) -> list[JobInfo]:
         """The caller's jobs, newest first (admins and the local user: everyone's), each with its place in the
         line (queued or running here) and whether a stopped training run can resume."""

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 from engine.core.events import Progress, TrainCheckpoint, TrainProgress
 
-KEEP_EVENTS = 64  # recent events kept for a follower that reattaches (previews included: keep it small)
+KEEP_EVENTS = 256  # recent events kept for a follower that reattaches or lags (a preview every few steps: small)
 
 
 class LiveJob:

@@ -89,9 +89,18 @@ class JobStore:
             raise ValueError(f"unknown job kind {kind!r}")
         now = self.clock()
         with self.db.write() as con:
-            con.execute("INSERT INTO jobs (id, user, kind, state, request, created, updated, host, worker) "
-                        "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
-                        (job_id, user, kind, _json(request or {}), now, now, self.host, self.worker))
+            # The same id again (a caller retrying one request, charged once): the finished row of the same user
+            # starts over; an open job or another user's is never replaced.
+            cur = con.execute(
+                "INSERT INTO jobs (id, user, kind, state, request, created, updated, host, worker) "
+                "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET kind = excluded.kind, "
+                "state = 'queued', request = excluded.request, step = 0, total = 0, message = '', result = '{}', "
+                "error = '', created = excluded.created, started = NULL, finished = NULL, updated = excluded.updated, "
+                "host = excluded.host, worker = excluded.worker "
+                f"WHERE jobs.user = excluded.user AND jobs.state IN {FINAL_STATES!r}",
+                (job_id, user, kind, _json(request or {}), now, now, self.host, self.worker))
+            if cur.rowcount != 1:
+                raise ValueError(f"job id {job_id[:40]!r} is already in use")
 
     def start(self, job_id: str) -> None:
         now = self.clock()
