@@ -57,7 +57,9 @@ def studio(tiny_sd, tmp_path_factory):
         acc = Accounts(app.data_dir / "stylebooth.db")
         acc.add("ann", "ann-password")
         acc.add("bob", "bob-password")
-        Quotas(app.data_dir / "stylebooth.db").set_monthly_free("ann", 100)
+        quotas = Quotas(app.data_dir / "stylebooth.db")
+        quotas.set_monthly_free("ann", 100)
+        quotas.add_credits("ann", 50)  # a training run costs 50 credits
         app.client = app.login("bob", "bob-password")  # reads /config (the page layout) for _values
         yield app
 
@@ -105,41 +107,43 @@ def _draw(folder: Path, n: int = 3) -> list[Path]:
     return out
 
 
-def test_tr9_a_training_run_killed_with_the_app_is_interrupted_and_resumable_after_restart(tiny_sd, tmp_path):
-    data_dir = tmp_path / "data"
-    with launched_app(tmp_path, "--model", str(tiny_sd), "--data-dir", str(data_dir)) as app:
-        store = JobStore(data_dir / "stylebooth.db")
-        uploads = app.upload(*_draw(tmp_path / "imgs"))
-        fn = app.fn_index("train", "click")
-        data = _values(app, fn, {"train-images": [app.file_data(p) for p in uploads], "style-name": "killed run",
-                                 "train-steps": 100000, "checkpointing-steps": 3, "validation-steps": 0,
-                                 "with-prior-preservation": False})
-        session = uuid.uuid4().hex
-        app.http.post("/gradio_api/queue/join", json={"data": data, "fn_index": fn, "session_hash": session,
-                                                      "event_data": None, "trigger_id": None}).raise_for_status()
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            jobs = store.list()
-            if jobs and jobs[0].state == "checkpointed":
-                break
-            assert not jobs or jobs[0].state in ("queued", "running"), (jobs, app.output[-3000:])
-            time.sleep(0.5)
-        else:
-            raise AssertionError(f"no checkpoint within 240 s: {store.list()}\n{app.output[-3000:]}")
-        app.proc.kill()  # the worker dies with the app: no chance to write anything
-        app.proc.wait(30)
-    job = store.get(jobs[0].id)
-    assert job.kind == "train" and job.state == "checkpointed"  # what the dead app left behind
+def test_tr9_a_training_run_killed_with_the_app_is_interrupted_and_resumable_after_restart(studio, tiny_sd,
+                                                                                          tmp_path):
+    """Runs after the GR-12 test on the same app (one app start less; the last test of this module: it kills the
+    app): ann's run dies with the app."""
+    store = JobStore(studio.data_dir / "stylebooth.db")
+    ann = studio.login("ann", "ann-password")
+    uploads = studio.upload(*_draw(tmp_path / "imgs"))
+    fn = studio.fn_index("train", "click")
+    data = _values(studio, fn, {"train-images": [studio.file_data(p) for p in uploads], "style-name": "killed run",
+                                "train-steps": 100000, "checkpointing-steps": 3, "validation-steps": 0,
+                                "with-prior-preservation": False})
+    ann.post("/gradio_api/queue/join", json={"data": data, "fn_index": fn, "session_hash": uuid.uuid4().hex,
+                                             "event_data": None, "trigger_id": None}).raise_for_status()
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        job = next((j for j in store.list("ann") if j.kind == "train"), None)
+        if job is not None and job.state == "checkpointed":
+            break
+        assert job is None or job.state in ("queued", "running"), (job, studio.output[-3000:])
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"no checkpoint within 240 s: {store.list()}\n{studio.output[-3000:]}")
+    studio.proc.kill()  # the worker dies with the app: no chance to write anything
+    studio.proc.wait(30)
+    assert store.get(job.id).state == "checkpointed"  # what the dead app left behind
 
-    with launched_app(tmp_path, "--model", str(tiny_sd), "--data-dir", str(data_dir)) as app:
+    with launched_app(tmp_path, "--listen", "--model", str(tiny_sd), "--data-dir", str(studio.data_dir)) as app:
         job = store.get(job.id)
         assert job.state == "interrupted" and job.result["run_id"] and job.step >= 3
-        msg = app.call(app.fn_index("jobs-refresh", "click"), [])
-        assert msg["success"], msg
-        table = msg["output"]["data"][0]["data"]
-        assert table[0][1] == "train" and "interrupted" in table[0][3] and "resume" in table[0][3]
-        client = Client(app.url, verbose=False, analytics_enabled=False)
-        _, picker = client.predict(api_name="/my_jobs")
-        status, gallery, files = client.predict(picker["value"], api_name="/follow_job")
-        assert picker["value"] == job.id and "interrupted" in status and "resume it in the Train tab" in status
+        client = Client(app.url, auth=("ann", "ann-password"), verbose=False, analytics_enabled=False)
+        table, picker = client.predict(api_name="/my_jobs")
+        assert picker["value"] == job.id and table["data"][0][1] == "train"
+        assert "interrupted" in table["data"][0][3] and "resume" in table["data"][0][3]
+        status, gallery, files = client.predict(job.id, api_name="/follow_job")
+        assert "interrupted" in status and "resume it in the Train tab" in status
         client.close()
+        bob = Client(app.url, auth=("bob", "bob-password"), verbose=False, analytics_enabled=False)
+        table, picker = bob.predict(api_name="/my_jobs")
+        assert picker["choices"] == [] and "killed run" not in json.dumps(table)
+        bob.close()
