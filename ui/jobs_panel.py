@@ -66,6 +66,18 @@ class JobsHandlers:
         except ValueError as e:  # unknown job (or another user's), errors of the job itself
             raise gr.Error(str(e)) from None
 
+    def cancel(self, job_id: str | None, user: str) -> dict[str, Any]:
+        """Stop one of the caller's jobs (also one whose page is gone); another user's job is not touched."""
+        if not job_id:
+            raise gr.Error("pick a job from the list first")
+        try:
+            job = self.engine.job_status(job_id, user)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        if not job.open or not self.engine.cancel(job.id, user=user):
+            return {"status": f"That job is not running here ({job.status}); nothing to cancel."}
+        return {"status": "Cancelling: it stops within one step (a training run after saving a checkpoint)."}
+
     @staticmethod
     def _line(ev) -> str | None:
         """A progress line for an event ("" for one not worth showing); None for the job's result."""
@@ -111,6 +123,7 @@ def build_jobs_panel(engine) -> JobsPanel:
         job = gr.Dropdown([], label="Job", scale=4, elem_id="jobs-pick")
         refresh = gr.Button("Refresh", scale=1, size="sm", elem_id="jobs-refresh")
         show = gr.Button("Show", variant="primary", scale=1, elem_id="jobs-show")
+        stop = gr.Button("Cancel job", variant="stop", scale=1, size="sm", elem_id="jobs-cancel")
     table = gr.Dataframe(headers=COLUMNS, interactive=False, elem_id="jobs-table")
     status = gr.Markdown("", elem_id="jobs-status")
     gallery = gr.Gallery(label="Images", columns=4, height=300, format="png", elem_id="jobs-gallery")
@@ -125,8 +138,12 @@ def build_jobs_panel(engine) -> JobsPanel:
         for update in h.follow(job_id, user_of(engine, request)):
             yield {comps[k]: v for k, v in update.items()}
 
+    def on_cancel(job_id, request: gr.Request):
+        return h.cancel(job_id, user_of(engine, request))["status"]
+
     listing = dict(fn=on_list, inputs=None, outputs=[table, job], queue=False, api_visibility="private")
     refresh.click(on_list, None, [table, job], api_name="my_jobs")
     # Following a job waits on the job, not on the GPU: several pages may follow at once.
     show.click(on_show, [job], [status, gallery, files], concurrency_limit=16, api_name="follow_job")
+    stop.click(on_cancel, [job], [status], queue=False, api_visibility="private")
     return JobsPanel(h, comps, listing)
