@@ -201,3 +201,27 @@ def test_a_killed_workers_training_job_resumes_on_the_other_from_its_checkpoint(
 def _held(runs: Path) -> list[int]:
     """Checkpoint steps the app's node holds now (in the one run folder of the test)."""
     return [int(p.name.split("-")[1]) for p in runs.glob("*/checkpoints/checkpoint-*") if p.name.split("-")[1].isdigit()]
+
+
+def test_cancel_on_the_cluster_keeps_a_resumable_checkpoint_and_refunds_once(cluster, tiny_sd, tmp_path):
+    """Cancel reaches the worker, which checkpoints where it stopped; the app's node holds that checkpoint, its
+    job.json offers "resume?", and the reservation is refunded exactly once."""
+    c, workers, backend = cluster
+    eng = _studio(Engine(Settings(model=str(tiny_sd), data_dir=str(tmp_path / "data")), cluster=backend))
+    eng.studio.quotas.add_credits("bob", 50)
+    cfg = _cfg(tiny_sd, _draw(tmp_path / "img"), max_train_steps=200, checkpointing_steps=1000)
+
+    def on_event(e):
+        if isinstance(e, TrainProgress) and e.step >= 2:
+            eng.cancel("bob-train")
+
+    res = eng.train(cfg, "square", on_event, user="bob", job_id="bob-train")
+    assert res.result.cancelled and res.style is None and 2 <= res.result.steps < 200
+    held = res.run_dir / "checkpoints" / f"checkpoint-{res.result.steps}"
+    assert (held / "manifest.json").is_file()  # saved on the worker at the stop, shipped here
+    [run] = eng.resumable_runs(user="bob")
+    assert (run.run_id, run.state, run.step, run.last_checkpoint) == (res.run_dir.name, "cancelled",
+                                                                      res.result.steps, res.result.steps)
+    assert eng.balance("bob").credits == 50
+    reasons = [r["reason"] for r in eng.studio.quotas.ledger("bob") if r["request_id"] == "bob-train"]
+    assert reasons == ["reserve train x1", "refund: failed or cancelled"]

@@ -18,9 +18,11 @@ class ClusterMethods:
     """Mixed into Engine; used when `Engine(cluster=...)` is set."""
 
     def _model_source(self) -> str:
+        """The base model the app would use, as a folder or file here: the one loaded (the UI may have switched
+        it), else the configured one; a hub id is its local snapshot."""
         from engine.models.loading import DEMO_MODEL
 
-        return str(self.settings.model or DEMO_MODEL)
+        return _local(self._model.source if self._model is not None else (self.settings.model or str(DEMO_MODEL)))
 
     def _resolve_styles(self, weighted) -> list:
         """(StyleInfo, UNet weight, text-encoder weight) for each requested style, as _activate_styles computes
@@ -48,9 +50,11 @@ class ClusterMethods:
                 "styles": [{"info": {k: v for k, v in dataclasses.asdict(s).items() if k != "folder"},
                             "hash": backend.files_ref(s.folder, _style_files(s.folder)), "unet": wu, "te": wt}
                            for s, wu, wt in styles],
-                "out_dir": str(self._out_dir(user))}
+                "out_dir": str(self._out_dir(user)), "fuse_styles": self.fuse_styles}
 
         def recipe(image: dict, model: dict) -> dict:
+            if self._model is not None and self._model.fingerprint == model["fingerprint"]:
+                model = {**model, "name": self._model.name}  # a hub model keeps its hub id, as in a local job
             return self._recipe(req, image["seed"], image["width"], image["height"], image["prompt"], styles,
                                 model=SimpleNamespace(**model))
 
@@ -69,12 +73,20 @@ class ClusterMethods:
         run_dir = run_dir or new_run_dir(self.data_dir, name)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.library.set_run_owner(run_dir.name, user)  # before any work, as a local run records it
-        source = cfg.base_model or self._model_source()
+        source = _local(cfg.base_model) if cfg.base_model else self._model_source()
         backend = self.cluster
         spec = {"job_id": job.id, "user": user, "model": backend.model_ref(source), "model_source": source,
                 "config": dataclasses.asdict(cfg), "name": name.strip(), "run_dir": str(run_dir),
                 "data_dir": str(self.data_dir), "style_id": into_style}
         return backend.run_train(spec, on_event, cancelled=job.token)
+
+
+def _local(src: str) -> str:
+    """A model folder or file here for `src` (a hub id becomes its local snapshot, downloaded if needed)."""
+    from engine.models.loading import download_from_hub
+
+    path = Path(src).expanduser()
+    return str(path) if path.exists() else str(download_from_hub(src))
 
 
 def _style_files(folder: Path) -> list[Path]:

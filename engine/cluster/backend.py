@@ -48,7 +48,7 @@ class RayBackend:
     folder, the same path on every worker; `max_retries`: how often Ray reruns a job whose worker died."""
 
     def __init__(self, address: str | None = "auto", *, gpus_per_job: float = 1, cpus_per_job: float = 1,
-                 root: str = DEFAULT_ROOT, max_retries: int = 3, fuse_styles: bool = True, **init_kwargs):
+                 root: str = DEFAULT_ROOT, max_retries: int = 3, **init_kwargs):
         if not ray.is_initialized():
             init_kwargs.setdefault("include_dashboard", False)
             init_kwargs.setdefault("logging_level", "warning")
@@ -59,7 +59,7 @@ class RayBackend:
             num_cpus=0, max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)).remote()
         self.gpus_per_job, self.cpus_per_job = gpus_per_job, cpus_per_job
-        self.root, self.max_retries, self.fuse_styles = root, max_retries, fuse_styles
+        self.root, self.max_retries = root, max_retries
         opts = dict(num_gpus=gpus_per_job, num_cpus=cpus_per_job, max_retries=max_retries, retry_exceptions=False)
         self._generate = ray.remote(worker.generate_task).options(**opts)
         self._train = ray.remote(worker.train_task).options(**opts)
@@ -109,7 +109,7 @@ class RayBackend:
         """Run a generation spec ({"job_id", "user", "model": model_ref, "request": GenerateRequest as a dict,
         "styles": [{"info": StyleInfo fields, "hash", "unet", "te"}], "out_dir"}) on a worker. Each image is written
         as <out_dir>/<ms>-<seed>.png with `recipe(image facts, model facts)` in it, atomically."""
-        spec = {**spec, "root": self.root, "fuse_styles": self.fuse_styles}
+        spec = {**spec, "root": self.root}
         out = self._run(self._generate, spec, None, on_progress, cancelled)
         from PIL import Image
 
@@ -131,7 +131,7 @@ class RayBackend:
 
         The run folder here gets job.json (so the Train tab can offer "resume?") and every checkpoint the worker
         saves; a run folder that already holds checkpoints resumes from them. Returns a TrainJobResult."""
-        from engine.core.events import TrainJobResult, TrainResult
+        from engine.core.events import TrainCheckpoint, TrainJobResult, TrainResult
         from engine.jobs import state as jobs
         from engine.styles.store import publish_files
 
@@ -143,8 +143,15 @@ class RayBackend:
         spec = {**spec, "root": self.root, "dataset": self.files_ref(base, images),
                 "images": [p.relative_to(base).as_posix() for p in images]}
         jobs.write_job(run_dir, "running", step=0, total=cfg["max_train_steps"], message="", config=cfg)
+
+        def event(e):
+            if isinstance(e, TrainCheckpoint):  # held here now: what "resume?" offers if the app stops
+                jobs.write_job(run_dir, "checkpointed", step=e.step, checkpoint=Path(e.path).name)
+            if on_event is not None:
+                on_event(e)
+
         try:
-            out = self._run(self._train, spec, str(run_dir), on_event, cancelled,
+            out = self._run(self._train, spec, str(run_dir), event, cancelled,
                             keep=int(cfg.get("checkpoints_total_limit", 2)))
         except BaseException as e:
             jobs.write_job(run_dir, "failed", message=str(e))
@@ -181,7 +188,7 @@ class RayBackend:
     def _run(self, fn, spec: dict, run_dir: str | None, on_event, cancelled, keep: int = 2) -> dict:
         job_id = spec["job_id"]
         ray.get(self.store.open_job.remote(job_id, run_dir, keep))
-        since, asked, attempts = 0, False, []
+        since, asked = 0, False
         try:
             ref = fn.remote(spec, self.store)
             while True:

@@ -43,7 +43,8 @@ class HeadStore:
 
     # ---- jobs ------------------------------------------------------------------------------------------------
     def open_job(self, job_id: str, run_dir: str | None = None, keep: int = 2) -> None:
-        self._jobs[job_id] = {"events": [], "attempts": [], "cancel": False, "run_dir": run_dir, "keep": keep}
+        self._jobs[job_id] = {"events": [], "base": 0, "attempts": [], "cancel": False, "run_dir": run_dir,
+                              "keep": keep}
 
     def close_job(self, job_id: str) -> list[str]:
         """Forget the job; returns the node ids of its attempts, in order."""
@@ -65,8 +66,15 @@ class HeadStore:
             job["events"].append(event)
 
     def events(self, job_id: str, since: int) -> list:
+        """The job's events from number `since` on; those before it were read (one reader: the app) and are
+        dropped, so a long run's progress does not pile up here."""
         job = self._jobs.get(job_id)
-        return job["events"][since:] if job else []
+        if job is None:
+            return []
+        drop = max(0, min(since - job["base"], len(job["events"])))
+        del job["events"][:drop]
+        job["base"] += drop
+        return job["events"][since - job["base"]:]
 
     def cancel(self, job_id: str) -> None:
         self._job(job_id)["cancel"] = True

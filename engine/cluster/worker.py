@@ -81,6 +81,8 @@ def generate_task(spec: dict, store) -> dict:
 
     job_id = spec["job_id"]
     attempt = ray.get(store.started.remote(job_id, node_id()))
+    if ray.get(store.cancelled.remote(job_id)):  # cancelled while it waited for a worker
+        return {"node": node_id(), "attempt": attempt, "images": [], "cancelled": True, "model": {}, "styles": []}
     device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
     req = from_dict(GenerateRequest, spec["request"])
     root = Path(spec["root"])
@@ -94,7 +96,7 @@ def generate_task(spec: dict, store) -> dict:
         c = m.components
         check_same_base([s for s, _, _ in styles], m.fingerprint, m.name)
         if styles and entry[1] is None:
-            entry[1] = AdapterCache(c, fuse=spec.get("fuse_styles", True))
+            entry[1] = AdapterCache(c, fuse=bool(spec.get("fuse_styles", True)))
         if entry[1] is not None:
             entry[1].activate_many([(s, wu if wu == wt else {"unet": wu, "text_encoder": wt})
                                     for s, wu, wt in styles if (wu, wt) != (0.0, 0.0)])
@@ -139,8 +141,7 @@ def generate_task(spec: dict, store) -> dict:
         finally:
             done.set()
     return {"node": node_id(), "attempt": attempt, "images": images, "cancelled": cancelled,
-            "model": {"name": m.name, "fingerprint": m.fingerprint, "prediction_type": m.prediction_type},
-            "styles": [dataclasses.asdict(s) | {"folder": ""} for s, _, _ in styles]}
+            "model": {"name": m.name, "fingerprint": m.fingerprint, "prediction_type": m.prediction_type}}
 
 
 # ---- training --------------------------------------------------------------------------------------------------
