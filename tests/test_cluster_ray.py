@@ -6,8 +6,9 @@ request exactly once, retries included. One cluster for the module: starting Ray
 from __future__ import annotations
 
 import json
-import os
+import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from PIL import Image  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from engine.api import Engine  # noqa: E402
+from engine.cluster.head import HeadStore  # noqa: E402
 from engine.core.config import ConfigError, GenerateRequest, Settings  # noqa: E402
 from engine.core.events import TrainCheckpoint, TrainLog, TrainProgress  # noqa: E402
 from engine.core.train_config import TrainConfig, presets  # noqa: E402
@@ -38,12 +40,29 @@ def cluster(tmp_path_factory):
     c.wait_for_nodes()
     from engine.cluster import ray_backend
 
-    backend = ray_backend(c.address, gpus_per_job=0, cpus_per_job=1, max_retries=2,
+    backend = ray_backend(c.address, gpus_per_job=0, cpus_per_job=1, max_retries=2, store_class=HoldingStore,
                           root=str(tmp_path_factory.mktemp("worker-root")), runtime_env={"env_vars": env},
                           log_to_driver=False)
     yield c, workers, backend
     ray.shutdown()
     c.shutdown()
+
+
+class HoldingStore(HeadStore):
+    """The store, except that the first attempt of job "ann-train" is held for a while right after its checkpoint-4
+    reached the app (the worker waits for that call to return): the test kills the worker's node in that window, so
+    the kill lands mid-run however fast or slow this machine is. The node to kill is written next to the run."""
+
+    def put_checkpoint(self, job_id, step, files):
+        path = super().put_checkpoint(job_id, step, files)
+        if job_id == "ann-train" and step == 4 and len(self.attempts(job_id)) == 1:
+            (Path(path).parents[1] / "node-to-kill").write_text(self.attempts(job_id)[0])
+            time.sleep(8)
+        return path
+
+
+# The actor process cannot import this test module by name (pytest put its folder on the path here only).
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _draw(folder: Path, n: int = 4) -> list[str]:
@@ -156,29 +175,26 @@ def test_a_killed_workers_training_job_resumes_on_the_other_from_its_checkpoint(
     images = _draw(tmp_path / "img")
     cfg = _cfg(tiny_sd, images, max_train_steps=40, checkpointing_steps=4, checkpoints_total_limit=20)
     events, killed = [], {}
-    first_ckpt = threading.Event()
 
-    def on_event(e):
-        events.append(e)
-        if isinstance(e, TrainCheckpoint) and e.step >= 4:
-            first_ckpt.set()
-
-    def killer():
-        first_ckpt.wait(300)
-        attempts = ray.get(backend.store.attempts.remote("ann-train"))
-        node = next(w for w in workers if w.node_id == attempts[-1])
-        killed["node"], killed["held"] = node.node_id, _held(tmp_path / "data" / "runs")
-        c.remove_node(node, allow_graceful=False)  # the machine dies mid-run
+    def killer():  # once checkpoint-4 is held by the app (HoldingStore), the first attempt's machine dies
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "data" / "runs").glob("*/node-to-kill")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        node_id = next((tmp_path / "data" / "runs").glob("*/node-to-kill")).read_text()
+        killed["node"], killed["held"] = node_id, _held(tmp_path / "data" / "runs")
+        c.remove_node(next(w for w in workers if w.node_id == node_id), allow_graceful=False)
 
     threading.Thread(target=killer, daemon=True).start()
-    res = eng.train(cfg, "ring", on_event, user="ann", job_id="ann-train")
+    res = eng.train(cfg, "ring", events.append, user="ann", job_id="ann-train")
     assert res.style is not None and res.result.steps == 40
 
     job, kind, attempts = next(h for h in backend.history if h[0] == "ann-train")
     assert len(attempts) == 2 and attempts[0] == killed["node"] and attempts[1] != killed["node"]
-    # Resumed from the newest checkpoint the app held, which is at least the one held when the worker died.
     resumed = res.result.resumed_from
-    assert resumed is not None and resumed >= max(killed["held"]) >= 4
+    assert resumed == max(killed["held"]) == 4  # the newest checkpoint the app held when the worker died
+    held = [e for e in events if isinstance(e, TrainCheckpoint)]  # each reported once, where the app holds it
+    assert [e.step for e in held] == list(range(4, 41, 4))
+    assert all(Path(e.path).is_relative_to(tmp_path / "data" / "runs") for e in held)
     log_at = next(i for i, e in enumerate(events) if isinstance(e, TrainLog) and "resuming from" in e.message)
     assert f"checkpoint-{resumed}" in events[log_at].message
     after = [e.step for e in events[log_at:] if isinstance(e, TrainProgress)]

@@ -40,7 +40,7 @@ from engine.styles.blend import check_same_base
 from engine.styles.library import Library, LibraryStyle
 from engine.styles.store import StyleInfo
 from engine.api.blends import BlendMethods
-from engine.api.cluster import ClusterMethods
+from engine.api.cluster import CLUSTER_KINDS, ClusterMethods
 from engine.api.feedback import FeedbackMethods
 from engine.api.instant import InstantMethods
 from engine.api.library import LibraryMethods
@@ -218,7 +218,7 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, Clus
         job = self.jobs.start(kind, user, job_id)
         try:
             with self.fair.turn(user, job.id, cancelled=job.token):
-                if job.token.is_set() or self.cluster is not None:  # cluster jobs use no model here
+                if job.token.is_set() or (self.cluster is not None and kind in CLUSTER_KINDS):  # no model here
                     yield job
                 else:
                     with self._lock:

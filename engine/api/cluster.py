@@ -14,6 +14,9 @@ from engine.core.events import GeneratedImage, GenerateResult
 from engine.core.train_config import TrainConfig
 
 
+CLUSTER_KINDS = ("generate", "train")  # the jobs that run on workers; blends, batches and refines stay here
+
+
 class ClusterMethods:
     """Mixed into Engine; used when `Engine(cluster=...)` is set."""
 

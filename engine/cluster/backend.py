@@ -23,7 +23,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from engine.cluster import worker
-from engine.cluster.content import Hasher
+from engine.cluster.content import Hasher, safe_rel
 from engine.cluster.fair import FairPool
 from engine.cluster.head import HeadStore
 from engine.core.errors import TrainingError
@@ -45,17 +45,18 @@ class RayBackend:
     """Jobs on a Ray cluster. `address`: "auto" (a cluster started on this machine with `ray start`), HOST:PORT,
     or None to start a local Ray instance (tests). `gpus_per_job`/`cpus_per_job`: what one job reserves on a
     worker (capacity() = how many jobs the cluster can run at once); `root`: the worker-side cache and scratch
-    folder, the same path on every worker; `max_retries`: how often Ray reruns a job whose worker died."""
+    folder, the same path on every worker; `max_retries`: how often Ray reruns a job whose worker died;
+    `store_class`: the store actor's class (HeadStore; tests subclass it to hold a worker at a chosen moment)."""
 
     def __init__(self, address: str | None = "auto", *, gpus_per_job: float = 1, cpus_per_job: float = 1,
-                 root: str = DEFAULT_ROOT, max_retries: int = 3, **init_kwargs):
+                 root: str = DEFAULT_ROOT, max_retries: int = 3, store_class: type = HeadStore, **init_kwargs):
         if not ray.is_initialized():
             init_kwargs.setdefault("include_dashboard", False)
             init_kwargs.setdefault("logging_level", "warning")
             ray.init(address=address, **init_kwargs)
         here = ray.get_runtime_context().get_node_id()
         # The store reads and writes this node's files: it must run here, and takes no worker slot.
-        self.store = ray.remote(HeadStore).options(
+        self.store = ray.remote(store_class).options(
             num_cpus=0, max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)).remote()
         self.gpus_per_job, self.cpus_per_job = gpus_per_job, cpus_per_job
@@ -134,6 +135,7 @@ class RayBackend:
         from engine.core.events import TrainCheckpoint, TrainJobResult, TrainResult
         from engine.jobs import state as jobs
         from engine.styles.store import publish_files
+        from engine.train.checkpoints import latest_step
 
         cfg = spec["config"]
         run_dir = Path(spec["run_dir"])
@@ -153,16 +155,22 @@ class RayBackend:
         try:
             out = self._run(self._train, spec, str(run_dir), event, cancelled,
                             keep=int(cfg.get("checkpoints_total_limit", 2)))
+        except ClusterError as e:  # every worker died: what the app holds stays resumable
+            held = latest_step(run_dir / "checkpoints")
+            jobs.write_job(run_dir, "cancelled" if held else "failed", step=held or 0, message=str(e))
+            raise
         except BaseException as e:
             jobs.write_job(run_dir, "failed", message=str(e))
             raise
         result = TrainResult(None, None, out["steps"], out["losses"], out["cancelled"], out["resumed_from"],
                              out["skipped"], out["micro_batch"], out["accumulation"])
         rejected = [tuple(r) for r in out["rejected"]]
-        if out["cancelled"] or not out["files"]:
+        if out["cancelled"]:
             jobs.write_job(run_dir, "cancelled", step=out["steps"])
             return TrainJobResult(run_dir, result, None, rejected, out["notices"])
-        files = dict(out["files"])
+        files = {safe_rel(n): data for n, data in out["files"].items() if "/" not in n}
+        if "style.json" not in files:
+            raise ClusterError("the worker finished training but sent no style.json back; resume the run")
         meta = json.loads(files.pop("style.json"))
         # The worker's paths mean nothing here: record what the app was given.
         meta["base_model"] = spec.get("model_source") or meta.get("base_model", "")
@@ -192,7 +200,7 @@ class RayBackend:
         try:
             ref = fn.remote(spec, self.store)
             while True:
-                ready, _ = ray.wait([ref], timeout=0.25)
+                ready, _ = ray.wait([ref], timeout=0.25)  # read after it ended, too: its last events are in
                 events = ray.get(self.store.events.remote(job_id, since))
                 since += len(events)
                 for e in events:

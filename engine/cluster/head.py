@@ -16,6 +16,7 @@ from pathlib import Path
 
 from engine.cluster.content import Bundle, ContentError, read_chunk, safe_rel
 from engine.core.errors import CheckpointError
+from engine.core.events import TrainCheckpoint
 from engine.core.files import fsync_dir
 
 
@@ -76,6 +77,10 @@ class HeadStore:
         job["base"] += drop
         return job["events"][since - job["base"]:]
 
+    def barrier(self) -> None:
+        """A worker's last call: Ray runs one caller's calls in order, so when this returns every event the worker
+        sent (without waiting) is here for the app's last read."""
+
     def cancel(self, job_id: str) -> None:
         self._job(job_id)["cancel"] = True
 
@@ -117,6 +122,7 @@ class HeadStore:
             ck.quarantine(final, str(e), lambda m: None)
             raise
         ck.prune(ckpt_dir, self._job(job_id)["keep"], keep=final, warn=lambda m: None)
+        self.emit(job_id, TrainCheckpoint(step, final))  # the app's event says where it is held, once it is
         return str(final)
 
     def latest_checkpoint(self, job_id: str) -> tuple[int, dict[str, bytes]] | None:

@@ -140,6 +140,7 @@ def generate_task(spec: dict, store) -> dict:
             cancelled = True
         finally:
             done.set()
+    ray.get(store.barrier.remote())  # every progress event is with the app before the result
     return {"node": node_id(), "attempt": attempt, "images": images, "cancelled": cancelled,
             "model": {"name": m.name, "fingerprint": m.fingerprint, "prediction_type": m.prediction_type}}
 
@@ -176,8 +177,7 @@ def train_task(spec: dict, store) -> dict:
     def on_event(e):
         if isinstance(e, TrainCheckpoint):  # to the app's node before the next step runs
             files = {p.name: p.read_bytes() for p in Path(e.path).iterdir() if p.is_file()}
-            held = ray.get(store.put_checkpoint.remote(job_id, e.step, files))
-            store.emit.remote(job_id, TrainCheckpoint(e.step, Path(held)))
+            ray.get(store.put_checkpoint.remote(job_id, e.step, files))  # the store reports it to the app
         else:
             store.emit.remote(job_id, e)
 
@@ -196,6 +196,7 @@ def train_task(spec: dict, store) -> dict:
         folder = Path(r.lora_path).parent
         out["files"] = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
     shutil.rmtree(run_dir, ignore_errors=True)  # everything that matters is on the app's node now
+    ray.get(store.barrier.remote())  # every event is with the app before the result
     return out
 
 
@@ -203,8 +204,6 @@ def _ingest(spec: dict, cfg, root: Path, store):
     """The artist's images as clean PNGs (engine.core.images.ingest_dataset, as run_training does), under a folder
     named by the bundle's hash and the resolution: the same paths on every worker and every attempt (the files are
     named by the sha256 of their bytes), so the config a checkpoint was made with matches on a retry."""
-    import json
-
     from engine.core.events import TrainLog
     from engine.core.images import ingest_dataset
 
