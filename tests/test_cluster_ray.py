@@ -34,8 +34,10 @@ MB = 2**20
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    # A killed node is noticed by the head's health checks (Ray's default: 5 missed checks 3 s apart); faster here.
+    fast = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
     c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, include_dashboard=False,
-                                                         object_store_memory=100 * MB))
+                                                         object_store_memory=100 * MB, _system_config=fast))
     workers = [c.add_node(num_cpus=1, object_store_memory=80 * MB) for _ in range(2)]
     c.wait_for_nodes()
     from engine.cluster import ray_backend
@@ -49,15 +51,18 @@ def cluster(tmp_path_factory):
 
 
 class HoldingStore(HeadStore):
-    """The store, except that the first attempt of job "ann-train" is held for a while right after its checkpoint-4
-    reached the app (the worker waits for that call to return): the test kills the worker's node in that window, so
-    the kill lands mid-run however fast or slow this machine is. The node to kill is written next to the run."""
+    """The store, except that the first attempt of job "ann-train" is held right after its checkpoint-4 reached the
+    app (the worker waits for that call to return) until the test has killed the worker's node: the kill lands
+    mid-run however fast or slow this machine is. The node to kill is written next to the run."""
 
     def put_checkpoint(self, job_id, step, files):
         path = super().put_checkpoint(job_id, step, files)
         if job_id == "ann-train" and step == 4 and len(self.attempts(job_id)) == 1:
-            (Path(path).parents[1] / "node-to-kill").write_text(self.attempts(job_id)[0])
-            time.sleep(8)
+            run = Path(path).parents[1]
+            (run / "node-to-kill").write_text(self.attempts(job_id)[0])
+            deadline = time.monotonic() + 120
+            while not (run / "killed").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
         return path
 
 
@@ -173,7 +178,7 @@ def test_a_killed_workers_training_job_resumes_on_the_other_from_its_checkpoint(
     eng = _studio(Engine(Settings(model=str(tiny_sd), data_dir=str(tmp_path / "data")), cluster=backend))
     eng.studio.quotas.add_credits("ann", 50)  # one training run (Policy.train_price)
     images = _draw(tmp_path / "img")
-    cfg = _cfg(tiny_sd, images, max_train_steps=40, checkpointing_steps=4, checkpoints_total_limit=20)
+    cfg = _cfg(tiny_sd, images, max_train_steps=12, checkpointing_steps=4, checkpoints_total_limit=5)
     events, killed = [], {}
 
     def killer():  # once checkpoint-4 is held by the app (HoldingStore), the first attempt's machine dies
@@ -183,25 +188,26 @@ def test_a_killed_workers_training_job_resumes_on_the_other_from_its_checkpoint(
         node_id = next((tmp_path / "data" / "runs").glob("*/node-to-kill")).read_text()
         killed["node"], killed["held"] = node_id, _held(tmp_path / "data" / "runs")
         c.remove_node(next(w for w in workers if w.node_id == node_id), allow_graceful=False)
+        next((tmp_path / "data" / "runs").glob("*/node-to-kill")).with_name("killed").touch()
 
     threading.Thread(target=killer, daemon=True).start()
     res = eng.train(cfg, "ring", events.append, user="ann", job_id="ann-train")
-    assert res.style is not None and res.result.steps == 40
+    assert res.style is not None and res.result.steps == 12
 
     job, kind, attempts = next(h for h in backend.history if h[0] == "ann-train")
     assert len(attempts) == 2 and attempts[0] == killed["node"] and attempts[1] != killed["node"]
     resumed = res.result.resumed_from
     assert resumed == max(killed["held"]) == 4  # the newest checkpoint the app held when the worker died
     held = [e for e in events if isinstance(e, TrainCheckpoint)]  # each reported once, where the app holds it
-    assert [e.step for e in held] == list(range(4, 41, 4))
+    assert [e.step for e in held] == [4, 8, 12]
     assert all(Path(e.path).is_relative_to(tmp_path / "data" / "runs") for e in held)
     log_at = next(i for i, e in enumerate(events) if isinstance(e, TrainLog) and "resuming from" in e.message)
     assert f"checkpoint-{resumed}" in events[log_at].message
     after = [e.step for e in events[log_at:] if isinstance(e, TrainProgress)]
-    assert after[0] == resumed + 1 and after == list(range(resumed + 1, 41))  # no step before it redone
+    assert after[0] == resumed + 1 and after == list(range(resumed + 1, 13))  # no step before it redone
 
     # The same LoRA and losses as an uninterrupted run of the same config in this process.
-    straight = T.train(_cfg(tiny_sd, images, max_train_steps=40, checkpointing_steps=40), tmp_path / "straight")
+    straight = T.train(_cfg(tiny_sd, images, max_train_steps=12, checkpointing_steps=12), tmp_path / "straight")
     assert res.result.losses == pytest.approx(straight.losses, abs=1e-6)
     a, b = st.load_file(str(straight.lora_path)), st.load_file(str(res.style.lora))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
