@@ -40,6 +40,7 @@ from engine.styles.blend import check_same_base
 from engine.styles.library import Library, LibraryStyle
 from engine.styles.store import StyleInfo
 from engine.api.blends import BlendMethods
+from engine.api.cluster import CLUSTER_KINDS, ClusterMethods
 from engine.api.feedback import FeedbackMethods
 from engine.api.instant import InstantMethods
 from engine.api.library import LibraryMethods
@@ -63,11 +64,12 @@ def pick_device() -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
-class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods):
+class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, ClusterMethods):
     """Everything that touches models and files. Thread-safe: model work runs one job at a time."""
 
     def __init__(self, settings: Settings | None = None, *, device: str | None = None,
-                 dtype: torch.dtype | None = None, fallback_to_demo: bool = False, fuse_styles: bool = True):
+                 dtype: torch.dtype | None = None, fallback_to_demo: bool = False, fuse_styles: bool = True,
+                 cluster=None):
         self.settings = settings or Settings()
         self.data_dir = Path(self.settings.data_dir).expanduser() if self.settings.data_dir else default_data_dir()
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -77,6 +79,10 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods):
         self.jobs = JobRegistry()  # queued and running jobs, each with its own cancel token
         self._png_writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stylebooth-png")
         self.fair = FairScheduler()  # whose job runs next on the one GPU: round-robin across users
+        # engine/cluster RayBackend: jobs run as Ray tasks on its workers, capacity() at once, no model lock here
+        self.cluster = cluster
+        if cluster is not None:
+            self.fair = cluster.scheduler()
         self._model: LoadedModel | None = None
         self._adapters: AdapterCache | None = None
         # `fallback_to_demo` (the app): a configured model that fails to load is replaced by the demo model, and
@@ -212,7 +218,7 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods):
         job = self.jobs.start(kind, user, job_id)
         try:
             with self.fair.turn(user, job.id, cancelled=job.token):
-                if job.token.is_set():
+                if job.token.is_set() or (self.cluster is not None and kind in CLUSTER_KINDS):  # no model here
                     yield job
                 else:
                     with self._lock:
@@ -234,6 +240,8 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods):
         with self._job("generate", user, job_id) as job:
             if job.token.is_set():  # cancelled while it waited: no model work at all
                 return GenerateResult([], cancelled=True, seconds=time.perf_counter() - t0)
+            if self.cluster is not None:
+                return self._cluster_generate(req, on_progress, user, job, t0, use_feedback)
             m = self.model
             c = m.components
             styles = self._activate_styles(req.active_styles)
@@ -323,6 +331,8 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods):
             if job.token.is_set():  # cancelled while it waited: nothing ran, nothing to resume
                 return TrainJobResult(run_dir, TrainResult(None, None, 0, [], True, None, 0, cfg.train_batch_size, 1),
                                       None, [], [])
+            if self.cluster is not None:
+                return self._cluster_train(cfg, name, on_event, run_dir, user, job, into_style)
             if self._adapters is not None:  # prior images come from the base model, not the last style used
                 self._adapters.activate_many([])
             self._detach_instant()
@@ -381,10 +391,11 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods):
         return out
 
     def _recipe(self, req: GenerateRequest, seed: int, width: int, height: int, prompt: str,
-                styles: list[tuple[StyleInfo, float, float]], instant: StyleInfo | None = None) -> dict:
+                styles: list[tuple[StyleInfo, float, float]], instant: StyleInfo | None = None,
+                model=None) -> dict:
         """Everything that remakes the image; `styles` lists every applied style (recipe schema 2); an instant style
         is recorded by id@version with its strength and style-only switch (the request's own field names)."""
-        m = self._model
+        m = model or self._model  # a cluster job: the worker's model facts (name, fingerprint, prediction type)
         listed = [{"id": s.id, "version": s.version, "name": s.name, "strength": wu, "trigger_token": s.trigger_token,
                    **({"text_encoder_strength": wt} if wt != wu else {})} for s, wu, wt in styles]
         return {"prompt": prompt, "negative_prompt": req.negative_prompt,
