@@ -29,7 +29,7 @@ APP_NAME = "Stylebooth"
 SAVED_FLAGS = ("data_dir", "port")
 # --model is saved too, but only once that model has loaded (remember_model): a model that cannot load must not
 # become the setting every later double-click starts with.
-RUN_ONLY = ("share", "auth", "auth_file")  # flags that are not Settings fields
+RUN_ONLY = ("share", "auth", "auth_file", "ray_address")  # flags that are not Settings fields
 USERS_HELP = """python launcher.py users [--data-dir DIR] COMMAND
   add NAME [--admin]      create an account (the password is asked for, or read from stdin)
   remove NAME             delete an account (its styles stay, visible to admins)
@@ -62,6 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="do not open a browser window")
     p.add_argument("--share", action="store_true", default=None,
                    help="also make a public gradio.live link (studio mode: accounts and a login)")
+    p.add_argument("--ray-address", metavar="auto|HOST:PORT",
+                   help="run generation and training jobs on a Ray cluster (one job per GPU worker) instead of in "
+                        "this process: 'auto' for a cluster started on this machine with `ray start --head`, or the "
+                        "head's HOST:PORT (needs pip install \"stylebooth[cluster]\")")
     p.add_argument("--auth", metavar="USER:PASSWORD", help=argparse.SUPPRESS)  # replaced by studio accounts
     p.add_argument("--auth-file", metavar="PATH", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -278,13 +282,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {e}", file=sys.stderr)
         return 1
 
+    if args.ray_address:  # before the slow imports: a missing Ray is said at once
+        import importlib.util
+
+        from engine.cluster import RAY_MISSING
+
+        if importlib.util.find_spec("ray") is None:
+            print(f"Error: {RAY_MISSING}", file=sys.stderr)
+            return 2
     host = "0.0.0.0" if settings.listen else "127.0.0.1"
     print(f"Starting {APP_NAME}: loading the model…", flush=True)
     quiet_expected_warnings()  # before torch, diffusers and transformers are imported
     from engine.api import Engine  # imports torch: slow, so only after the cheap checks
     from ui.app import build_app, launch_options
 
-    engine = Engine(settings, fallback_to_demo=True)  # a bad --model must not stop the app from starting
+    cluster = None
+    if args.ray_address:
+        from engine.cluster import ray_backend
+
+        try:
+            cluster = ray_backend(args.ray_address)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            print(f"Error: could not connect to the Ray cluster at {args.ray_address!r} ({e}). Start its head with "
+                  "`ray start --head` (see README, \"Past one machine\"), or leave out --ray-address.",
+                  file=sys.stderr)
+            return 1
+        print(f"Jobs run on the Ray cluster at {args.ray_address}: {cluster.capacity()} at once.", flush=True)
+    # A bad --model must not stop the app from starting.
+    engine = Engine(settings, fallback_to_demo=True, cluster=cluster)
     studio_mode = bool(settings.listen or args.share)
     one_time = None
     if studio_mode:  # open to others: accounts, ownership and quotas (the same database as `launcher.py users`)

@@ -11,5 +11,7 @@ Subpackages by capability, each allowed to import only the ones listed in its ow
     feedback/  ratings, instant feedback (FABRIC) and refinement to version N+1 (liked-image tuning + Diffusion-DPO)
     jobs/      job state on disk, per-job cancel tokens and the fair (round-robin by user) GPU turn
     studio/    accounts, quotas and credits with a ledger, the Studio service that checks admin roles
+    cluster/   jobs on a Ray cluster (optional): the backend, content-addressed bundles, the store on the app's node,
+               the worker-side job bodies and a fair queue with several slots
     demo/      the demo model's shapes world and its checker
 """

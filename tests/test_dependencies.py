@@ -19,7 +19,8 @@ DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "tomli_w": "tomli-w", "huggin
 # Installed with a declared distribution, which depends on them by design (their API is part of it).
 COMES_WITH = {"huggingface-hub": "diffusers", "gradio-client": "gradio"}
 # Optional: imported only inside a guard, with a message telling the user to install it.
-OPTIONAL = {"wandb", "bitsandbytes"}
+# ray: the `cluster` extra, imported only on the --ray-address path (engine/cluster: ray_backend says what to install).
+OPTIONAL = {"wandb", "bitsandbytes", "ray"}
 
 
 def _imports(path: Path) -> set[str]:

@@ -25,6 +25,8 @@ LAYERS = {
     "engine.train": ("engine.core", "engine.models", "engine.generate", "engine.styles", "engine.jobs"),
     "engine.feedback": ("engine.core", "engine.models", "engine.generate", "engine.styles", "engine.jobs",
                         "engine.train"),
+    "engine.cluster": ("engine.core", "engine.models", "engine.generate", "engine.styles", "engine.train",
+                       "engine.jobs"),
     "ui": ("engine.core", "engine.api"),
 }
 RULES = {"engine": ("gradio", "gradio_client"), "ui": ML_STACK}

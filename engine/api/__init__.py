@@ -41,6 +41,7 @@ from engine.styles.blend import check_same_base
 from engine.styles.library import Library, LibraryStyle
 from engine.styles.store import StyleInfo
 from engine.api.blends import BlendMethods
+from engine.api.cluster import ClusterMethods
 from engine.api.feedback import FeedbackMethods
 from engine.api.instant import InstantMethods
 from engine.api.jobs import JobMethods
@@ -65,11 +66,12 @@ def pick_device() -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
-class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, JobMethods):
+class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, ClusterMethods, JobMethods):
     """Everything that touches models and files. Thread-safe: model work runs one job at a time."""
 
     def __init__(self, settings: Settings | None = None, *, device: str | None = None,
-                 dtype: torch.dtype | None = None, fallback_to_demo: bool = False, fuse_styles: bool = True):
+                 dtype: torch.dtype | None = None, fallback_to_demo: bool = False, fuse_styles: bool = True,
+                 cluster=None):
         self.settings = settings or Settings()
         self.data_dir = Path(self.settings.data_dir).expanduser() if self.settings.data_dir else default_data_dir()
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -79,6 +81,10 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, JobM
         self.jobs = JobRegistry()  # queued and running jobs, each with its own cancel token
         self._png_writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stylebooth-png")
         self.fair = FairScheduler()  # whose job runs next on the one GPU: round-robin across users
+        # engine/cluster RayBackend: jobs run as Ray tasks on its workers, capacity() at once, no model lock here
+        self.cluster = cluster
+        if cluster is not None:
+            self.fair = cluster.scheduler()
         # The queue's table (GR-12, TR-9): every job's state, progress and result. Jobs that a dead process left
         # queued or running are marked interrupted now, before this process runs any.
         self.job_store = JobStore(self.data_dir / "stylebooth.db")
@@ -224,6 +230,8 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, JobM
         with self._job("generate", user, job_id) as job:
             if job.token.is_set():  # cancelled while it waited: no model work at all
                 return GenerateResult([], cancelled=True, seconds=time.perf_counter() - t0)
+            if self.cluster is not None:
+                return self._cluster_generate(req, on_progress, user, job, t0, use_feedback)
             m = self.model
             c = m.components
             styles = self._activate_styles(req.active_styles)
@@ -313,6 +321,8 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, JobM
             if job.token.is_set():  # cancelled while it waited: nothing ran, nothing to resume
                 return TrainJobResult(run_dir, TrainResult(None, None, 0, [], True, None, 0, cfg.train_batch_size, 1),
                                       None, [], [])
+            if self.cluster is not None:
+                return self._cluster_train(cfg, name, on_event, run_dir, user, job, into_style)
             if self._adapters is not None:  # prior images come from the base model, not the last style used
                 self._adapters.activate_many([])
             self._detach_instant()
@@ -371,10 +381,11 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, JobM
         return out
 
     def _recipe(self, req: GenerateRequest, seed: int, width: int, height: int, prompt: str,
-                styles: list[tuple[StyleInfo, float, float]], instant: StyleInfo | None = None) -> dict:
+                styles: list[tuple[StyleInfo, float, float]], instant: StyleInfo | None = None,
+                model=None) -> dict:
         """Everything that remakes the image; `styles` lists every applied style (recipe schema 2); an instant style
         is recorded by id@version with its strength and style-only switch (the request's own field names)."""
-        m = self._model
+        m = model or self._model  # a cluster job: the worker's model facts (name, fingerprint, prediction type)
         listed = [{"id": s.id, "version": s.version, "name": s.name, "strength": wu, "trigger_token": s.trigger_token,
                    **({"text_encoder_strength": wt} if wt != wu else {})} for s, wu, wt in styles]
         return {"prompt": prompt, "negative_prompt": req.negative_prompt,

@@ -11,6 +11,7 @@ from typing import Iterator
 from engine.core.caller import LOCAL, Caller
 from engine.core.errors import ConfigError
 from engine.core.jobs import JobInfo
+from engine.api.cluster import CLUSTER_KINDS
 from engine.jobs.cancel import Job
 from engine.jobs.records import error_state, result_record
 from engine.jobs.runner import ProgressRecorder, current_frame
@@ -41,6 +42,9 @@ class JobMethods:
         try:
             with self.fair.turn(user, job.id, cancelled=job.token):
                 if job.token.is_set():
+                    yield job
+                elif self.cluster is not None and kind in CLUSTER_KINDS:  # runs on a Ray worker: no model here
+                    self.job_store.start(job.id)
                     yield job
                 else:
                     with self._lock:
