@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator
 
-from engine.api.support import iterate
+from engine.api.support import charged, iterate
+from engine.core.caller import LOCAL, Caller
+from engine.core.errors import AccessDenied
 from engine.styles.store import StyleInfo
 
 
@@ -45,49 +47,83 @@ class FeedbackMethods:
                 self._ratings = Ratings(lib.db, self.data_dir)
             return self._ratings
 
-    def rate_image(self, image, rating, tags=(), user: str = "local"):
+    def _rater(self, caller, rater: str | None) -> str | None:
+        """Whose ratings a caller may read: their own (studio users), anyone's or all (admins, the local user)."""
+        if caller.admin:
+            return rater
+        if rater is not None and rater != caller.name:
+            raise AccessDenied("you can only see your own ratings")
+        return caller.name
+
+    def _rated_style(self, caller, style_id: str | None) -> None:
+        """Listing by style: a style the caller may not see is "unknown", as everywhere (no probing of ids). The
+        local user and admins may list ratings of styles that are gone (their images are still rated)."""
+        if style_id is not None and not caller.admin:
+            self._style_for(caller, style_id)
+
+    def rate_image(self, image, rating, tags=(), user: str | Caller = LOCAL):
         """Rate one of `user`'s generated images (its path as GeneratedImage.path gave it, under outputs/<user>/):
-        1..5 stars or "up"/"down"; rating again changes the rating and tags. Returns the stored Rating."""
-        return self.ratings.rate(image, rating, tags, user)
+        1..5 stars or "up"/"down"; rating again changes the rating and tags. Returns the stored Rating. Another
+        user's image is refused as "not one of your outputs"."""
+        return self.ratings.rate(image, rating, tags, self.caller(user).name)
 
-    def remove_rating(self, image, user: str = "local") -> bool:
+    def remove_rating(self, image, user: str | Caller = LOCAL) -> bool:
         """Remove `user`'s rating of an image; False when it had none."""
-        return self.ratings.remove(image, user)
+        return self.ratings.remove(image, self.caller(user).name)
 
-    def list_ratings(self, style_id: str | None = None, version: int | None = None, *, user: str | None = None):
-        """Ratings (oldest first), by style id, version and owner."""
-        return self.ratings.list(style_id, version, user=user)
+    def list_ratings(self, style_id: str | None = None, version: int | None = None, *, user: str | Caller = LOCAL,
+                     rater: str | None = None):
+        """Ratings (oldest first), by style id, version and rater. `user` is the caller: a studio user sees only
+        their own ratings; admins and the local user see everyone's (or `rater`'s)."""
+        caller = self.caller(user)
+        self._rated_style(caller, style_id)
+        return self.ratings.list(style_id, version, user=self._rater(caller, rater))
 
-    def export_ratings(self, style_id: str | None = None, *, user: str | None = None) -> str:
-        """Ratings with their full recipes as a JSON document."""
-        return self.ratings.export(style_id, user=user)
+    def export_ratings(self, style_id: str | None = None, *, user: str | Caller = LOCAL,
+                       rater: str | None = None) -> str:
+        """Ratings the caller may see (as list_ratings) with their full recipes as a JSON document."""
+        caller = self.caller(user)
+        self._rated_style(caller, style_id)
+        return self.ratings.export(style_id, user=self._rater(caller, rater))
 
-    def rating_summary(self, style_id: str, *, user: str | None = None) -> list[dict]:
+    def rating_summary(self, style_id: str, *, user: str | Caller = LOCAL, rater: str | None = None) -> list[dict]:
         """Per version of a style: how many ratings, liked share and mean stars (the Feedback tab's plot)."""
+        caller = self.caller(user)
+        who = self._rater(caller, rater)
         out = []
-        for v in self.style_versions(style_id):
-            rs = self.ratings.list(style_id, v.version, user=user)
+        for v in self.style_versions(style_id, user=caller):
+            rs = self.ratings.list(style_id, v.version, user=who)
             if rs:
                 out.append({"version": v.version, "ratings": len(rs), "liked": sum(r.liked for r in rs) / len(rs),
                             "mean": sum(r.rating for r in rs) / len(rs)})
         return out
 
     def set_version_defaults(self, style_ref: str, *, strength: float = 1.0, unet_weight: float = 1.0,
-                             te_weight: float = 1.0) -> dict:
-        """Save a version's defaults ("id@vN"): overall strength and UNet vs text-encoder weight, applied (times
-        the request's strength) whenever that version is used. Returns them."""
+                             te_weight: float = 1.0, blocks: dict | None = None,
+                             user: str | Caller = LOCAL) -> dict:
+        """Save a version's defaults ("id@vN"): overall strength, UNet vs text-encoder weight and per-block UNet
+        weights ({"down", "mid", "up"}, see ratings.clean_blocks), applied (times the request's strength) whenever
+        that version is used. Only whoever may change the style (its owner, an admin) may. Returns them."""
         s = self.library.find_version(style_ref)
-        return self.ratings.set_defaults(s.id, s.version, strength, unet_weight, te_weight)
+        self._style_for(self.caller(user), s.id, change=True)
+        with self._lock:  # a generation running now keeps the weights it started with
+            return self.ratings.set_defaults(s.id, s.version, strength, unet_weight, te_weight, blocks)
 
-    def version_defaults(self, style_ref: str) -> dict:
-        """A version's defaults (1.0 each unless set)."""
+    def version_defaults(self, style_ref: str, *, user: str | Caller = LOCAL) -> dict:
+        """A version's defaults (1.0 each unless set), for anyone who may use the style."""
         s = self.library.find_version(style_ref)
+        self._style_for(self.caller(user), s.id)
         return self.ratings.defaults(s.id, s.version)
 
+    @charged("refine")
     def refine(self, req, on_event: Callable | None = None, *, user: str = "local", job_id: str | None = None):
         """Make version N+1 of a style from the ratings of version N (engine/feedback/refine.py): rating-weighted
         tuning on liked images + Diffusion-DPO on liked x disliked pairs with v(N) as reference. v(N) is never
-        modified; Cancel stops within one step and saves nothing. Returns a RefineResult."""
+        modified; Cancel stops within one step and saves nothing. Returns a RefineResult.
+
+        Studio mode: only the style's owner (or an admin) may refine it; it is charged as a training run and
+        refunded when it fails or is cancelled (support.charged). A user's refinement learns from their own
+        ratings only (an admin's from everyone's, or `req.raters`')."""
         from engine.core.feedback_config import RefineResult
         from engine.feedback.refine import refine
 
@@ -98,12 +134,14 @@ class FeedbackMethods:
             if job.token.is_set():
                 return RefineResult(None, style, 0, cancelled=True)
             ratings = [r for r in self.ratings.list(style.id, style.version)
-                       if not req.raters or r.user in req.raters]
+                       if (not req.raters or r.user in req.raters) and caller.can_see(r.user)]
             return refine(self.model.source, self.data_dir, self.library, ratings, req, style, device=self.device,
                           dtype=self.dtype, on_event=on_event, stop_event=job.token)
 
-    def revert_version(self, style_id: str, version: int) -> StyleInfo:
-        """Drop a refined version the artist did not keep (only the newest); the previous one is newest again."""
+    def revert_version(self, style_id: str, version: int, *, user: str | Caller = LOCAL) -> StyleInfo:
+        """Drop a refined version the artist did not keep (only the newest); the previous one is newest again.
+        Only whoever may change the style may."""
+        self._style_for(self.caller(user), style_id, change=True)
         with self._lock:
             if self._adapters is not None:
                 self._adapters.forget({style_id})
@@ -111,6 +149,10 @@ class FeedbackMethods:
 
     def refine_iter(self, req, *, user: str = "local", job_id: str | None = None) -> Iterator:
         """`refine` in a worker thread: yields TrainProgress / TrainLog events, then the RefineResult."""
+        import uuid
+
         from engine.core.feedback_config import RefineResult
 
-        return iterate(lambda emit: self.refine(req, emit, user=user, job_id=job_id), RefineResult)
+        job_id = job_id or uuid.uuid4().hex
+        return iterate(lambda emit: self.refine(req, emit, user=user, job_id=job_id), RefineResult,
+                       self._waiting(job_id, user))
