@@ -1,0 +1,137 @@
+"""The Feedback tab in studio mode, at the handler level (every call names the user, as the tab does from the
+request): two users each see and rate only their own images and ratings, change and refine only styles they may
+change, and a refinement is charged as a training run, refunded when it is cancelled or fails.
+Tiny random SD model, random LoRA styles (tests/lora_support.py). The same over HTTP: test_feedback_http.py."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gradio as gr
+import pytest
+import torch
+
+from engine.api import Engine
+from engine.core.config import Settings
+from engine.core.errors import AccessDenied, ConfigError, LibraryError
+from engine.core.feedback_config import RefineRequest
+from tests.lora_support import ATTN, make_random_style
+from ui.feedback_tab import FeedbackHandlers
+
+TRAIN_PRICE = 50  # engine/studio/quota.Policy.train_price
+
+
+@pytest.fixture(scope="module")
+def studio(tiny_sd, tmp_path_factory):
+    torch.set_num_threads(1)
+    eng = Engine(Settings(model=str(tiny_sd), data_dir=str(tmp_path_factory.mktemp("fb-studio"))))
+    st = eng.enable_studio()
+    for name in ("ann", "bob"):
+        st.accounts.add(name, f"{name}-password")
+        st.quotas.set_monthly_free(name, 200)
+        st.quotas.add_credits(name, 3 * TRAIN_PRICE)
+    st.accounts.add("boss", "boss-password", role="admin")
+    eng.ann_style = make_random_style(eng.model, eng.data_dir, "Ann look", seed=3, unet_targets=ATTN, scale=0.5)
+    eng.shared_style = make_random_style(eng.model, eng.data_dir, "Ann shared", seed=4, unet_targets=ATTN, scale=0.5)
+    for s in (eng.ann_style, eng.shared_style):
+        eng.library.set_owner(s.id, "ann")
+    eng.library.set_shared(eng.shared_style.id, True)
+    return eng
+
+
+def _round(h, ref, user, n=2):
+    out = h.new_round(ref, "a photo of a shape", 0, n, False, user=user)
+    return out["round"]
+
+
+def test_each_user_sees_rates_and_exports_only_their_own(studio):
+    eng, h = studio, FeedbackHandlers(studio)
+    ann_ref, shared_ref = f"{eng.ann_style.id}@v1", f"{eng.shared_style.id}@v1"
+    assert {ann_ref, shared_ref} <= {v for _, v in h.version_choices("ann")}
+    assert ann_ref not in {v for _, v in h.version_choices("bob")} and shared_ref in {v for _, v in
+                                                                                      h.version_choices("bob")}
+    ra = _round(h, ann_ref, "ann")
+    assert ra.user == "ann" and all("/outputs/ann/" in str(p) for p in ra.paths)
+    h.select(0, ra)
+    assert h.rate("up", "warm", rnd=ra, user="ann")["status"].startswith("image 1: 5/5")
+    h.rate("down", rnd=ra, index=1, user="ann")
+    # bob holding ann's round (a stolen session state) still cannot rate her images: the engine checks the path
+    with pytest.raises(gr.Error, match="not one of your outputs"):
+        h.rate("up", rnd=ra, index=0, user="bob")
+    with pytest.raises(ConfigError, match="your outputs"):
+        eng.remove_rating(ra.paths[0], user="bob")
+    # bob cannot list, summarise, export or read the defaults of ann's private style ("unknown", as for no style)
+    for call in (lambda: h.ratings_table(ann_ref, "bob"), lambda: h.history(ann_ref, "bob"),
+                 lambda: h.export(ann_ref, "bob"), lambda: h.load_defaults(ann_ref, "bob")):
+        with pytest.raises(gr.Error, match="unknown style"):
+            call()
+    with pytest.raises(AccessDenied, match="your own ratings"):
+        eng.list_ratings(user="bob", rater="ann")
+    with pytest.raises(AccessDenied):
+        eng.export_ratings(user="bob", rater="ann")
+    assert eng.list_ratings(user="bob") == [] and eng.list_ratings(eng.ann_style.id, user="boss", rater="ann")
+    assert json.loads(Path(h.export("", "bob")["export"]).read_text())["ratings"] == []
+    # on the shared style both rate; each sees only their own ratings
+    rs_a, rs_b = _round(h, shared_ref, "ann", 1), _round(h, shared_ref, "bob", 2)
+    h.rate(4, rnd=rs_a, index=0, user="ann")
+    h.rate(5, rnd=rs_b, index=0, user="bob")
+    h.rate(1, rnd=rs_b, index=1, user="bob")
+    assert [row[3] for row in h.ratings_table(shared_ref, "ann")] == [4]
+    assert [row[3] for row in h.ratings_table(shared_ref, "bob")] == [5, 1]
+    assert list(h.history(shared_ref, "bob")["history"]["ratings"]) == [2]
+    doc = json.loads(Path(h.export(shared_ref, "bob")["export"]).read_text())
+    assert {r["user"] for r in doc["ratings"]} == {"bob"} and len(doc["ratings"]) == 2
+    assert {r.user for r in eng.list_ratings(eng.shared_style.id, user="boss")} == {"ann", "bob"}  # admin: all
+
+
+def test_only_the_owner_changes_defaults_refines_or_reverts(studio):
+    eng, h = studio, FeedbackHandlers(studio)
+    ann_ref, shared_ref = f"{eng.ann_style.id}@v1", f"{eng.shared_style.id}@v1"
+    credits = eng.balance("bob").credits
+    for ref, words in ((ann_ref, "unknown style"), (shared_ref, "only its owner or an admin")):
+        with pytest.raises(gr.Error, match=words):
+            h.save_defaults(ref, 0.5, 1.0, 1.0, 0.0, 1.0, 1.0, user="bob")
+        with pytest.raises(gr.Error, match=words):
+            list(h.refine(ref, 5, 2000.0, user="bob"))
+        with pytest.raises(gr.Error, match=words):
+            h.revert(ref, user="bob")
+    assert eng.balance("bob").credits == credits  # refused refinements cost nothing
+    assert h.load_defaults(shared_ref, "bob")["block_down"] == 1.0  # bob may read a shared style's defaults
+    assert "saved" in h.save_defaults(shared_ref, 1.0, 1.0, 1.0, 0.5, 1.0, 1.0, user="ann")["status"]
+    assert eng.version_defaults(shared_ref, user="bob")["blocks"]["down"] == 0.5
+    eng.set_version_defaults(shared_ref, user="boss")  # an admin may
+
+
+def test_refine_is_charged_as_training_refunded_on_cancel_and_failure_and_learns_from_own_ratings(studio):
+    eng, h = studio, FeedbackHandlers(studio)
+    shared_ref = f"{eng.shared_style.id}@v1"
+    rs = _round(h, shared_ref, "ann", 2)
+    h.rate("up", rnd=rs, index=0, user="ann")
+    h.rate("down", rnd=rs, index=1, user="ann")
+    h.rate("up", rnd=_round(h, shared_ref, "bob", 1), index=0, user="bob")  # bob's rating: not ann's to learn from
+    before = eng.balance("ann").credits
+
+    def cancel_at_2(e):
+        if type(e).__name__ == "TrainProgress" and e.step >= 2:
+            eng.cancel(kind="refine", user="ann")
+
+    res = eng.refine(RefineRequest(shared_ref, steps=30), cancel_at_2, user="ann")
+    assert res.cancelled and eng.balance("ann").credits == before  # refunded
+    unrated = make_random_style(eng.model, eng.data_dir, "Ann unrated", seed=6, unet_targets=ATTN, scale=0.5)
+    eng.library.set_owner(unrated.id, "ann")
+    with pytest.raises(ConfigError, match="at least one liked image"):  # a failed refinement
+        eng.refine(RefineRequest(f"{unrated.id}@v1", steps=3), user="ann")
+    assert eng.balance("ann").credits == before  # refunded
+    res = eng.refine(RefineRequest(shared_ref, steps=3), user="ann")
+    assert not res.cancelled and res.style.version == 2
+    assert eng.balance("ann").credits == before - TRAIN_PRICE  # charged one training run
+    # ann's refinement used ann's ratings of v1 only, not bob's
+    own = eng.list_ratings(eng.shared_style.id, 1, user="ann")
+    assert {r.user for r in eng.list_ratings(eng.shared_style.id, 1, user="boss")} == {"ann", "bob"}
+    assert (res.liked, res.disliked) == (sum(r.liked for r in own), sum(r.disliked for r in own)) != (0, 0)
+    assert eng.library.get(eng.shared_style.id).owner == "ann"  # the new version stays in ann's style
+    reasons = [r["reason"] for r in eng.studio.quotas.ledger("ann")]
+    assert reasons.count("reserve train x1") == 3
+    with pytest.raises(LibraryError):
+        eng.revert_version(eng.ann_style.id, 1, user="bob")
+    assert "v1 is the newest again" in h.revert(f"{eng.shared_style.id}@v2", user="ann")["status"]
