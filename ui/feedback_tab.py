@@ -261,7 +261,7 @@ def build_feedback_tab(engine) -> FeedbackHandlers:
                                  label="Your ratings of this version", interactive=False)
     with gr.Accordion("Refine: make the next version from your ratings", open=True):
         with gr.Row():
-            steps = gr.Slider(5, 300, value=REFINE_STEPS, step=5, label="Steps")
+            steps = gr.Slider(5, 300, value=REFINE_STEPS, step=5, label="Steps", elem_id="fb-steps")
             beta = gr.Number(REFINE_BETA, label="DPO β")
             refine = gr.Button("Refine", variant="primary", elem_id="fb-refine")
             cancel = gr.Button("Cancel", variant="stop", elem_id="fb-cancel")
