@@ -135,3 +135,31 @@ def test_refine_is_charged_as_training_refunded_on_cancel_and_failure_and_learns
     with pytest.raises(LibraryError):
         eng.revert_version(eng.ann_style.id, 1, user="bob")
     assert "v1 is the newest again" in h.revert(f"{eng.shared_style.id}@v2", user="ann")["status"]
+
+
+def test_refine_trains_in_the_loaded_model_as_a_fresh_copy_would_and_leaves_it_unchanged(studio):
+    """Point 4: Refine trains v(N)'s adapter inside the loaded model (no second base model in memory): the new
+    version equals one trained on a fresh copy of the base model, and v(N) generates bit for bit as before."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from engine.core.config import GenerateRequest
+    from engine.feedback.refine import refine
+
+    eng, h = studio, FeedbackHandlers(studio)
+    style = make_random_style(eng.model, eng.data_dir, "Equal", seed=8, unet_targets=ATTN, scale=0.5)
+    ref = f"{style.id}@v1"
+    rs = _round(h, ref, "boss", 2)
+    h.rate("up", rnd=rs, index=0, user="boss")
+    h.rate("down", rnd=rs, index=1, user="boss")
+    req = GenerateRequest(prompt="a photo of a shape", style=ref, seed=11, num_inference_steps=4)
+    before = np.asarray(eng.generate(req, user="boss").images[0].image)  # v1 active and fused in the live model
+    live = eng.refine(RefineRequest(ref, steps=3), user="boss")
+    after = np.asarray(eng.generate(req, user="boss").images[0].image)
+    assert np.array_equal(before, after)  # the cached v1 adapter is exactly v1 again
+    copy = refine(eng.model.source, eng.data_dir, eng.library, eng.list_ratings(style.id, 1, user="boss"),
+                  RefineRequest(ref, steps=3), eng.library.find_version(ref))  # the old way: a second model
+    a, b = load_file(str(live.style.lora)), load_file(str(copy.style.lora))
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    assert max(float((a[k] - load_file(str(eng.library.find_version(ref).lora))[k]).abs().max()) for k in a) > 0

@@ -135,8 +135,18 @@ class FeedbackMethods:
                 return RefineResult(None, style, 0, cancelled=True)
             ratings = [r for r in self.ratings.list(style.id, style.version)
                        if (not req.raters or r.user in req.raters) and caller.can_see(r.user)]
-            return refine(self.model.source, self.data_dir, self.library, ratings, req, style, device=self.device,
-                          dtype=self.dtype, on_event=on_event, stop_event=job.token)
+            # v(N)'s adapter is trained in the loaded model (no second copy of the base model in memory), under the
+            # model lock held for the whole job; the cached adapter is v(N) again afterwards.
+            from engine.feedback.refine import live_policy
+            from engine.styles.adapters import AdapterCache
+
+            m = self.model
+            if self._adapters is None:
+                self._adapters = AdapterCache(m.components, fuse=self.fuse_styles)
+            self._detach_instant()  # an instant style's IP-Adapter must not be part of the trained model
+            return refine(m.source, self.data_dir, self.library, ratings, req, style, device=self.device,
+                          dtype=self.dtype, on_event=on_event, stop_event=job.token,
+                          policy=live_policy(m, self._adapters, style))
 
     def revert_version(self, style_id: str, version: int, *, user: str | Caller = LOCAL) -> StyleInfo:
         """Drop a refined version the artist did not keep (only the newest); the previous one is newest again.

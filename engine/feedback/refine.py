@@ -56,9 +56,29 @@ def _load_policy(model_source, style, device, dtype):
     return base, params
 
 
-def _file_key(param_name: str) -> str:
-    """The peft parameter name of adapter "default" -> the key in the style's lora.safetensors."""
-    return "unet." + param_name.replace(".default.", ".")
+@contextlib.contextmanager
+def fresh_policy(model_source, style, device, dtype):
+    """A second copy of the base model with v(N)'s LoRA as adapter "default" (scripts; the engine uses
+    live_policy). Yields (components, trainable UNet LoRA parameters by name, adapter name)."""
+    base, params = _load_policy(model_source, style, device, dtype)
+    yield base.components, params, "default"
+
+
+@contextlib.contextmanager
+def live_policy(model, adapters, style):
+    """v(N)'s adapter in the engine's loaded model (AdapterCache.training): no second copy of the base model.
+    Call under the engine's model lock; on exit the cached adapter is v(N) again, exactly."""
+    if style.base_model_fingerprint and model.fingerprint != style.base_model_fingerprint:
+        raise ConfigError(f"style {style.name!r} was trained on another base model; load that model to refine it")
+    with adapters.training(style) as params:
+        if not params:
+            raise ConfigError(f"style {style.name!r} has no UNet LoRA layers to refine")
+        yield model.components, params, style.adapter_name
+
+
+def _file_key(param_name: str, adapter: str = "default") -> str:
+    """The peft parameter name of `adapter` -> the key in the style's lora.safetensors."""
+    return "unet." + param_name.replace(f".{adapter}.", ".")
 
 
 @torch.no_grad()
@@ -77,8 +97,9 @@ def _encode(c, ratings: list[Rating], data_dir: Path):
 
 def refine(model_source, data_dir: Path, library, ratings: list[Rating], req: RefineRequest, style, *,
            device: str = "cpu", dtype=torch.float32, on_event: Callable | None = None, stop_event=None,
-           run_dir: Path | None = None) -> RefineResult:
-    """Train v(N+1) of `style` (v(N), a StyleInfo) from `ratings` (of v(N)'s images); see the module doc."""
+           run_dir: Path | None = None, policy=None) -> RefineResult:
+    """Train v(N+1) of `style` (v(N), a StyleInfo) from `ratings` (of v(N)'s images); see the module doc.
+    `policy`: where v(N)'s LoRA is trained (live_policy: in the loaded model; default fresh_policy: a copy)."""
     from diffusers import DDPMScheduler
 
     from engine.train.math import diffusion_target
@@ -92,9 +113,10 @@ def refine(model_source, data_dir: Path, library, ratings: list[Rating], req: Re
     run_dir = run_dir or data_dir / "runs" / f"refine-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     run_dir.mkdir(parents=True, exist_ok=True)
     jobs.write_job(run_dir, "running", step=0, total=req.steps, kind="refine", style=f"{style.id}@v{style.version}")
+    stack = contextlib.ExitStack()
     try:
-        base, params = _load_policy(model_source, style, device, dtype)
-        c = base.components
+        c, params, adapter = stack.enter_context(policy if policy is not None else
+                                                 fresh_policy(model_source, style, device, dtype))
         ref_weights = {n: p.detach().clone() for n, p in params.items()}  # v(N): the DPO reference, frozen
         ns = DDPMScheduler.from_config(c.scheduler.config)
         lat_w, enc_w = _encode(c, liked, data_dir)
@@ -161,24 +183,26 @@ def refine(model_source, data_dir: Path, library, ratings: list[Rating], req: Re
             eta = (time.perf_counter() - t0) / step * (req.steps - step)
             emit(TrainProgress(step, req.steps, losses[-1], req.learning_rate, eta))
             if req.checkpoint_every and step % req.checkpoint_every == 0 and step < req.steps:
-                emit(TrainCheckpoint(step, _checkpoint(run_dir, step, params)))
+                emit(TrainCheckpoint(step, _checkpoint(run_dir, step, params, adapter)))
         if cancelled:
             if step:
-                emit(TrainCheckpoint(step, _checkpoint(run_dir, step, params)))
+                emit(TrainCheckpoint(step, _checkpoint(run_dir, step, params, adapter)))
             jobs.write_job(run_dir, "cancelled", step=step, kind="refine")
             emit(TrainLog(f"refinement cancelled at step {step}; {style.id} v{style.version} is unchanged"))
             return RefineResult(None, style, step, losses, len(liked), len(disliked), True,
                                 time.perf_counter() - t0)
-        new = _save_version(library, style, params, req, liked, disliked, losses)
+        new = _save_version(library, style, params, req, liked, disliked, losses, adapter)
     except BaseException as e:
         jobs.write_job(run_dir, "failed", step=0, kind="refine", message=str(e))
         raise
+    finally:
+        stack.close()  # the live model's adapter is v(N) again
     jobs.write_job(run_dir, "done", step=req.steps, kind="refine", style=f"{new.id}@v{new.version}")
     emit(TrainLog(f"saved {new.id} v{new.version}"))
     return RefineResult(new, style, req.steps, losses, len(liked), len(disliked), False, time.perf_counter() - t0)
 
 
-def _checkpoint(run_dir: Path, step: int, params) -> Path:
+def _checkpoint(run_dir: Path, step: int, params, adapter: str) -> Path:
     """The refined UNet LoRA so far, in runs/<id>/checkpoints/step-<N>/ (complete under a temporary name, then
     renamed, as the trainer's checkpoints); kept for inspection, never written into the style's folder."""
     from safetensors.torch import save_file
@@ -187,7 +211,7 @@ def _checkpoint(run_dir: Path, step: int, params) -> Path:
     tmp = final.parent / f".tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        save_file({_file_key(n): p.detach().cpu().contiguous() for n, p in params.items()},
+        save_file({_file_key(n, adapter): p.detach().cpu().contiguous() for n, p in params.items()},
                   str(tmp / "unet_lora.safetensors"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -196,7 +220,7 @@ def _checkpoint(run_dir: Path, step: int, params) -> Path:
     return final
 
 
-def _save_version(library, style, params, req: RefineRequest, liked, disliked, losses):
+def _save_version(library, style, params, req: RefineRequest, liked, disliked, losses, adapter: str):
     """Write styles/<id>/v<N+1>/ under a temporary name (v(N)'s file with the refined UNet tensors, its text-encoder
     tensors and metadata as they were), then rename and register it."""
     from safetensors import safe_open
@@ -206,7 +230,7 @@ def _save_version(library, style, params, req: RefineRequest, liked, disliked, l
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = f.metadata() or {}
     for n, p in params.items():
-        key = _file_key(n)
+        key = _file_key(n, adapter)
         if key not in tensors:
             raise ConfigError(f"refined layer {key} is not in {style.lora.name}; the style's format is not supported")
         tensors[key] = p.detach().cpu().to(tensors[key].dtype).contiguous()

@@ -9,8 +9,9 @@ the names of diffusers' block scales, set on every LoRA layer of each block: Ada
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import torch
 
@@ -124,6 +125,36 @@ class AdapterCache:
                              "which per-block weights cannot place: set the block weights back to 1")
         for n, m in layers:
             m.set_scale(name, float(per_block.get(_block_of(n), 1.0)))
+
+    @contextlib.contextmanager
+    def training(self, style: StyleInfo) -> Iterator[dict]:
+        """`style`'s adapter alone at weight 1, unfused, with its UNet LoRA parameters trainable in fp32 (yielded by
+        peft parameter name): refinement trains them in the loaded model instead of a second copy of it. On exit
+        the adapter's tensors (the very objects, dtypes included), the parameters' flags and the UNet's mode are
+        put back, so the cached style is exactly as loaded, and nothing is active (the next activate re-applies)."""
+        name = self.load(style)
+        self._unfuse()
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([name], adapter_weights=[1.0])
+        unet = self.pipe.unet
+        params = {n: p for n, p in unet.named_parameters() if "lora_" in n and f".{name}." in n}
+        saved = {n: (p.data, p.requires_grad) for n, p in params.items()}
+        was_training = unet.training
+        try:
+            for p in params.values():
+                # a copy, always (.float() of an fp32 tensor is the tensor itself, which training would change in
+                # place); fp32 LoRA over fp16/bf16 base weights, as the trainer's mixed precision
+                p.data = p.data.to(torch.float32, copy=True)
+                p.requires_grad_(True)
+            yield params
+        finally:
+            for n, p in params.items():
+                p.requires_grad_(saved[n][1])
+                p.data = saved[n][0]
+                p.grad = None
+            unet.train(was_training)
+            self.pipe.disable_lora()
+            self.active = ()
 
     def _load_embedding(self, style: StyleInfo) -> None:
         """Add the embedding's vectors as new tokens (once); a token another style added is replaced."""
