@@ -163,3 +163,47 @@ def test_refine_trains_in_the_loaded_model_as_a_fresh_copy_would_and_leaves_it_u
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
     assert max(float((a[k] - load_file(str(eng.library.find_version(ref).lora))[k]).abs().max()) for k in a) > 0
+
+
+def test_a_cancelled_or_interrupted_refine_resumes_exactly_and_only_for_its_owner(studio):
+    """Point 4: cancel a 6-step refinement at step 3, resume it: the new version equals an uninterrupted 6-step run
+    (LoRA, AdamW state and both random generators come back from the checkpoint). A run left `running` by a dead
+    worker is offered as interrupted. Another user neither sees nor resumes it; a finished run is not offered."""
+    from safetensors.torch import load_file
+
+    from engine.jobs import state as jobs
+
+    eng, h = studio, FeedbackHandlers(studio)
+    style = make_random_style(eng.model, eng.data_dir, "Resume me", seed=9, unet_targets=ATTN, scale=0.5)
+    eng.library.set_owner(style.id, "ann")
+    ref = f"{style.id}@v1"
+    rs = _round(h, ref, "ann", 2)
+    h.rate("up", rnd=rs, index=0, user="ann")
+    h.rate("down", rnd=rs, index=1, user="ann")
+    req = RefineRequest(ref, steps=6, checkpoint_every=2)
+    whole = load_file(str(eng.refine(req, user="ann").style.lora))
+    eng.revert_version(style.id, 2, user="ann")
+
+    def cancel_at_3(e):
+        if type(e).__name__ == "TrainProgress" and e.step >= 3:
+            eng.cancel(kind="refine", user="ann")
+
+    assert eng.refine(req, cancel_at_3, user="ann").cancelled
+    runs = eng.resumable_refines(user="ann")
+    assert [(r["style"], r["state"], r["step"], r["total"]) for r in runs[:1]] == [(ref, "cancelled", 3, 6)]
+    run_id = runs[0]["run_id"]
+    assert run_id not in {r["run_id"] for r in eng.resumable_refines(user="bob")}
+    with pytest.raises(ConfigError, match="no longer resumable"):
+        eng.resume_refine(run_id, user="bob")
+    # a worker that died mid-run (job.json still says running, its pid is gone): offered as interrupted
+    jobs.write_job(eng.data_dir / "runs" / run_id, "running")
+    job = jobs.read_job(eng.data_dir / "runs" / run_id)
+    (eng.data_dir / "runs" / run_id / "job.json").write_text(json.dumps({**job, "pid": 0}))
+    assert eng.resumable_refines(user="ann")[0]["state"] == "interrupted"
+    credits = eng.balance("ann").credits
+    updates = list(h.resume(run_id, user="ann"))
+    assert "v2 made" in updates[-1]["status"] and eng.balance("ann").credits == credits - TRAIN_PRICE
+    resumed = load_file(str(eng.library.find_version(f"{style.id}@v2").lora))
+    print("resume vs uninterrupted:", max(float((whole[k] - resumed[k]).abs().max()) for k in whole))
+    assert max(float((whole[k] - resumed[k]).abs().max()) for k in whole) < 1e-6
+    assert run_id not in {r["run_id"] for r in eng.resumable_refines(user="ann")}  # done: not offered again

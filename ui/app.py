@@ -13,9 +13,10 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from .blend_tab import build_blend_tab
-from .feedback_tab import build_feedback_tab, rating_controls
+from .feedback_tab import build_feedback_tab
 from .generate_tab import build_generate_tab
 from .library_tab import build_library_tab
+from .rating_row import rating_controls
 from .session import is_admin, user_of
 from .studio_tab import build_studio_tab
 from .train_tab import build_train_tab

@@ -168,17 +168,35 @@ class FeedbackHandlers:
         if not style:
             raise gr.Error("pick a style version first")
         user = self._user(user)
-        finished = False
         try:
             req = RefineRequest(style=style, steps=int(steps), beta=float(beta), raters=(user,))
-            for ev in self.engine.refine_iter(req, user=user):
+        except (ConfigError, ValueError) as e:
+            raise gr.Error(str(e)) from None
+        yield from self._follow(lambda: self.engine.refine_iter(req, user=user), progress, user)
+
+    def resumable(self, user: str | None = None) -> list[tuple[str, str]]:
+        """(label, run id) of `user`'s refinements that can continue from a checkpoint."""
+        return [(f"{r['style']}: {r['state']} at step {r['step']}/{r['total']} ({r['run_id']})", r["run_id"])
+                for r in self.engine.resumable_refines(user=self._user(user))]
+
+    def resume(self, run_id: str, progress=None, user: str | None = None) -> Iterator[dict[str, Any]]:
+        """Continue an interrupted or cancelled refinement from its newest checkpoint."""
+        if not run_id:
+            raise gr.Error("pick a refinement to resume")
+        user = self._user(user)
+        yield from self._follow(lambda: self.engine.resume_refine_iter(run_id, user=user), progress, user)
+
+    def _follow(self, start, progress, user: str) -> Iterator[dict[str, Any]]:
+        finished = False
+        try:
+            for ev in start():
                 if isinstance(ev, RefineResult):
                     finished = True
                     yield self._refined(ev, user)
                     return
                 if isinstance(ev, Queued):
                     yield {"status": ev.message}
-                elif progress is not None and hasattr(ev, "step"):
+                elif progress is not None and hasattr(ev, "step") and hasattr(ev, "total"):
                     progress((ev.step, ev.total), desc=f"refining: step {ev.step}/{ev.total}", unit="steps")
         except GeneratorExit:
             if not finished:
@@ -189,8 +207,8 @@ class FeedbackHandlers:
 
     def _refined(self, res: RefineResult, user: str) -> dict[str, Any]:
         if res.cancelled:
-            return {"status": f"Refinement cancelled after {res.steps} steps; v{res.parent.version} is unchanged.",
-                    "new_version": ""}
+            return {"status": f"Refinement cancelled after {res.steps} steps; v{res.parent.version} is unchanged. "
+                              "Resume it from the list below.", "new_version": ""}
         new = f"{res.style.id}@v{res.style.version}"
         made = (f"v{res.style.version} made from {res.liked} liked / {res.disliked} disliked images in "
                 f"{res.seconds:.0f} s.")
@@ -265,6 +283,10 @@ def build_feedback_tab(engine) -> FeedbackHandlers:
             beta = gr.Number(REFINE_BETA, label="DPO β")
             refine = gr.Button("Refine", variant="primary", elem_id="fb-refine")
             cancel = gr.Button("Cancel", variant="stop", elem_id="fb-cancel")
+        with gr.Row():
+            resumable = gr.Dropdown(choices=[], label="Interrupted or cancelled refinements", scale=3,
+                                    elem_id="fb-resumable")
+            resume = gr.Button("Resume", scale=1, elem_id="fb-resume")
         new_version = gr.Textbox(label="New version", interactive=False, elem_id="fb-new")
         with gr.Row():
             before = gr.Gallery(label="v(N)", columns=4, height=200, elem_id="fb-before")
@@ -337,6 +359,18 @@ def build_feedback_tab(engine) -> FeedbackHandlers:
 
     ev = refine.click(on_refine, [style, steps, beta], [status, new_version, before, after],
                       concurrency_id="gpu", concurrency_limit=1, api_visibility="private")
+
+    def on_resume(request: gr.Request, run_id, progress=gr.Progress()):
+        for update in h.resume(run_id, progress, user=user_of(engine, request)):
+            yield out(update)
+
+    def runs_list(request: gr.Request):
+        return gr.Dropdown(choices=h.resumable(user_of(engine, request)), value=None)
+
+    ev_resume = resume.click(on_resume, [resumable], [status, new_version, before, after], concurrency_id="gpu",
+                             concurrency_limit=1, api_visibility="private")
+    for e in (ev, ev_resume):
+        e.then(runs_list, None, [resumable], queue=False, api_visibility="private")
     def on_cancel(request: gr.Request):
         return out(h.cancel_refine(user_of(engine, request)))
 
@@ -346,40 +380,17 @@ def build_feedback_tab(engine) -> FeedbackHandlers:
     def on_export(request: gr.Request, s):
         return out(h.export(s, user_of(engine, request)))
 
-    cancel.click(on_cancel, None, [status], cancels=[ev], queue=False, api_visibility="private")
+    cancel.click(on_cancel, None, [status], cancels=[ev, ev_resume], queue=False,
+                 api_visibility="private").then(runs_list, None, [resumable], queue=False, api_visibility="private")
     keep.click(lambda n: out(h.keep(n)), [new_version], [status], api_visibility="private")
     revert.click(on_revert, [new_version], [status, new_version], api_visibility="private")
     export_btn.click(on_export, [style], [export], api_visibility="private")
     h.components = {"style": style, **comps}
 
     def refresh(request: gr.Request):
-        return gr.Dropdown(choices=h.version_choices(user_of(engine, request)))
+        user = user_of(engine, request)
+        return gr.Dropdown(choices=h.version_choices(user)), gr.Dropdown(choices=h.resumable(user), value=None)
 
-    h.refresh = dict(fn=refresh, inputs=None, outputs=[style], queue=False, api_visibility="private")
+    h.refresh = dict(fn=refresh, inputs=None, outputs=[style, resumable], queue=False, api_visibility="private")
     h.keys_js = KEYS_JS
     return h
-
-
-def rating_controls(gen, engine) -> None:
-    """Thumbs up/down (with tags) for the image selected in the Generate tab's gallery, rated as the request's user
-    by the engine's own path of that image (GenerateHandlers.last_paths_for(user)), never by the browser's copy."""
-    h = FeedbackHandlers(engine)
-    with gr.Row():
-        up = gr.Button("👍 selected", size="sm", elem_id="gen-up")
-        down = gr.Button("👎 selected", size="sm", elem_id="gen-down")
-        tags = gr.Textbox(show_label=False, placeholder="tags: too dark, wrong linework", elem_id="gen-tags")
-    selected = gr.State(None)  # this browser session's selected gallery index
-
-    def on_select(evt: gr.SelectData):
-        return evt.index
-
-    def rate(value):
-        def on_rate(request: gr.Request, t, index):
-            user = user_of(engine, request)
-            rnd = Round(paths=list(gen.handlers.last_paths_for(user)), user=user)
-            return {gen.outputs["status"]: h.rate(value, t, index=index, rnd=rnd, user=user)["status"]}
-        return on_rate
-
-    gen.outputs["gallery"].select(on_select, None, [selected], queue=False, api_visibility="private")
-    up.click(rate("up"), [tags, selected], [gen.outputs["status"]], api_visibility="private")
-    down.click(rate("down"), [tags, selected], [gen.outputs["status"]], api_visibility="private")

@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 
 from engine.api.support import charged, iterate
 from engine.core.caller import LOCAL, Caller
-from engine.core.errors import AccessDenied
+from engine.core.errors import AccessDenied, ConfigError
 from engine.styles.store import StyleInfo
 
 
@@ -116,16 +116,19 @@ class FeedbackMethods:
         return self.ratings.defaults(s.id, s.version)
 
     @charged("refine")
-    def refine(self, req, on_event: Callable | None = None, *, user: str = "local", job_id: str | None = None):
+    def refine(self, req, on_event: Callable | None = None, *, user: str = "local", job_id: str | None = None,
+               resume_run: str | None = None):
         """Make version N+1 of a style from the ratings of version N (engine/feedback/refine.py): rating-weighted
         tuning on liked images + Diffusion-DPO on liked x disliked pairs with v(N) as reference. v(N) is never
         modified; Cancel stops within one step and saves nothing. Returns a RefineResult.
 
         Studio mode: only the style's owner (or an admin) may refine it; it is charged as a training run and
         refunded when it fails or is cancelled (support.charged). A user's refinement learns from their own
-        ratings only (an admin's from everyone's, or `req.raters`')."""
+        ratings only (an admin's from everyone's, or `req.raters`').
+        `resume_run`: continue that interrupted or cancelled refinement (resumable_refines) from its checkpoint, with
+        the request and ratings it started with (use resume_refine)."""
         from engine.core.feedback_config import RefineResult
-        from engine.feedback.refine import refine
+        from engine.feedback.refine import live_policy, new_run_dir, refine, run_request
 
         caller = self.caller(user)
         style = self.library.find_version(req.style)
@@ -133,11 +136,23 @@ class FeedbackMethods:
         with self._job("refine", caller.name, job_id) as job:
             if job.token.is_set():
                 return RefineResult(None, style, 0, cancelled=True)
-            ratings = [r for r in self.ratings.list(style.id, style.version)
-                       if (not req.raters or r.user in req.raters) and caller.can_see(r.user)]
+            if resume_run is None:
+                ratings = [r for r in self.ratings.list(style.id, style.version)
+                           if (not req.raters or r.user in req.raters) and caller.can_see(r.user)]
+                run_dir = new_run_dir(self.data_dir)
+                run_dir.mkdir(parents=True)
+                self.library.set_run_owner(run_dir.name, caller.name)
+            else:  # checked again in the job: a second Resume of the same run waited for this one to finish
+                if not any(r["run_id"] == resume_run for r in self.resumable_refines(user=caller)):
+                    raise ConfigError("that refinement is no longer resumable (finished, or resumed already)")
+                run_dir = self.data_dir / "runs" / resume_run
+                ids = run_request(run_dir)[1]
+                by_id = {r.id: r for r in self.ratings.list(style.id, style.version) if caller.can_see(r.user)}
+                if any(i not in by_id for i in ids):
+                    raise ConfigError("some ratings this refinement started with were removed; start a new one")
+                ratings = [by_id[i] for i in ids]
             # v(N)'s adapter is trained in the loaded model (no second copy of the base model in memory), under the
             # model lock held for the whole job; the cached adapter is v(N) again afterwards.
-            from engine.feedback.refine import live_policy
             from engine.styles.adapters import AdapterCache
 
             m = self.model
@@ -146,7 +161,30 @@ class FeedbackMethods:
             self._detach_instant()  # an instant style's IP-Adapter must not be part of the trained model
             return refine(m.source, self.data_dir, self.library, ratings, req, style, device=self.device,
                           dtype=self.dtype, on_event=on_event, stop_event=job.token,
-                          policy=live_policy(m, self._adapters, style))
+                          policy=live_policy(m, self._adapters, style), run_dir=run_dir,
+                          resume=resume_run is not None)
+
+    def resumable_refines(self, *, user: str | Caller = LOCAL) -> list[dict]:
+        """The caller's refinements that can continue (interrupted or cancelled after a step; admins: all), newest
+        first: {"run_id", "style", "state", "step", "total"}."""
+        from engine.feedback.refine import resumable_refines
+
+        caller = self.caller(user)
+        owners = self.library.run_owners()
+        return [r for r in resumable_refines(self.data_dir / "runs") if caller.can_see(owners.get(r["run_id"], LOCAL))]
+
+    def resume_refine(self, run_id: str, on_event: Callable | None = None, *, user: str | Caller = LOCAL,
+                      job_id: str | None = None):
+        """Continue a refinement from resumable_refines() (by its id, never a path) from its newest checkpoint: the
+        same request and ratings, so the new version equals an uninterrupted run. Charged as a new refinement (a
+        cancelled one was refunded)."""
+        from engine.feedback.refine import run_request
+
+        if not any(r["run_id"] == run_id for r in self.resumable_refines(user=user)):
+            raise ConfigError("that refinement is no longer resumable (finished, or resumed already); refresh the "
+                              "list")
+        req = run_request(self.data_dir / "runs" / run_id)[0]
+        return self.refine(req, on_event, user=user, job_id=job_id, resume_run=run_id)
 
     def revert_version(self, style_id: str, version: int, *, user: str | Caller = LOCAL) -> StyleInfo:
         """Drop a refined version the artist did not keep (only the newest); the previous one is newest again.
@@ -165,4 +203,14 @@ class FeedbackMethods:
 
         job_id = job_id or uuid.uuid4().hex
         return iterate(lambda emit: self.refine(req, emit, user=user, job_id=job_id), RefineResult,
+                       self._waiting(job_id, user))
+
+    def resume_refine_iter(self, run_id: str, *, user: str = "local", job_id: str | None = None) -> Iterator:
+        """`resume_refine` in a worker thread: yields its events, then the RefineResult."""
+        import uuid
+
+        from engine.core.feedback_config import RefineResult
+
+        job_id = job_id or uuid.uuid4().hex
+        return iterate(lambda emit: self.resume_refine(run_id, emit, user=user, job_id=job_id), RefineResult,
                        self._waiting(job_id, user))
