@@ -96,6 +96,9 @@ def test_only_the_owner_changes_defaults_refines_or_reverts(studio):
         with pytest.raises(gr.Error, match=words):
             h.revert(ref, user="bob")
     assert eng.balance("bob").credits == credits  # refused refinements cost nothing
+    eng.studio.accounts.add("cat", "cat-password")  # no credits at all: still told why, not "no credits"
+    with pytest.raises(AccessDenied, match="only its owner or an admin"):
+        eng.refine(RefineRequest(shared_ref, steps=3), user="cat")
     assert h.load_defaults(shared_ref, "bob")["block_down"] == 1.0  # bob may read a shared style's defaults
     assert "saved" in h.save_defaults(shared_ref, 1.0, 1.0, 1.0, 0.5, 1.0, 1.0, user="ann")["status"]
     assert eng.version_defaults(shared_ref, user="bob")["blocks"]["down"] == 0.5

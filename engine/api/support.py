@@ -28,6 +28,8 @@ def charged(kind: str):
             caller = self.caller(user)
             if kind != "train":
                 self._check_style_refs(caller, req)
+            if kind == "refine":  # only whoever may change the style refines it: say so before asking for credits
+                self._style_for(caller, self.library.find_version(req.style).id, change=True)
             request_id = job_id or uuid.uuid4().hex
             price = "train" if kind == "refine" else kind  # a refinement is a (short) training run
             charged = price in ("generate", "train") and self._reserve(
