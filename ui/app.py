@@ -13,9 +13,10 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from .blend_tab import build_blend_tab
-from .feedback_tab import build_feedback_tab, rating_controls
+from .feedback_tab import build_feedback_tab
 from .generate_tab import build_generate_tab
 from .library_tab import build_library_tab
+from .rating_row import rating_controls
 from .session import is_admin, user_of
 from .studio_tab import build_studio_tab
 from .train_tab import build_train_tab
@@ -114,18 +115,16 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Generate", id="generate", elem_id="tab-generate") as gen_tab:
                 gen = build_generate_tab(engine)
-                if not studio_mode:  # ratings are single-user until the Feedback tab takes the user per request
-                    rating_controls(gen, engine)
+                rating_controls(gen, engine)  # rates as the request's user, their own images only
             with gr.Tab("Train", id="train", elem_id="tab-train") as train_tab:
                 train = build_train_tab(engine)
             with gr.Tab("Library", id="library", elem_id="tab-library") as lib_tab:
                 library = build_library_tab(engine)
             with gr.Tab("Blend", id="blend", elem_id="tab-blend") as blend_tab:
                 blend = build_blend_tab(engine)
-            feedback = fb_tab = None
-            if not studio_mode:  # see above: not in studio mode yet (it would rate as the local user)
-                with gr.Tab("Feedback", id="feedback", elem_id="tab-feedback") as fb_tab:
-                    feedback = build_feedback_tab(engine)
+            # Every Feedback event takes its user from the request and its round from the browser session.
+            with gr.Tab("Feedback", id="feedback", elem_id="tab-feedback") as fb_tab:
+                feedback = build_feedback_tab(engine)
             studio = studio_tab = None
             if studio_mode:
                 # Shown to admins only (demo.load below); every Studio event checks the role again on the server.
@@ -158,9 +157,9 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
         lib_tab.select(**library.refresh)
         demo.load(**blend.refresh)
         blend_tab.select(**blend.refresh)
-        if feedback is not None:
-            demo.load(**feedback.refresh)
-            fb_tab.select(**feedback.refresh)
+        demo.load(**feedback.refresh)
+        fb_tab.select(**feedback.refresh)
+        demo.load(None, None, None, js=feedback.keys_js, queue=False, api_visibility="private")  # rating keys
         # Runs interrupted by a crash (or cancelled) while the page was closed show up in the Train tab.
         runs = dict(fn=train.runs_for, inputs=None, outputs=[train.runs], queue=False,
                     api_visibility="private")
