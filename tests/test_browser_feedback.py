@@ -1,5 +1,5 @@
 """End to end in headless Chromium: the Feedback tab rates a round of images, refines the style and shows v(N) and
-v(N+1) side by side (demo model, a 20-step heart LoRA). Screenshot in tests/artifacts/feedback.png."""
+v(N+1) side by side (demo model, a 20-step heart LoRA); rating by keyboard (j/k/arrows, 1-5, +/-). Screenshot in tests/artifacts/feedback.png."""
 from __future__ import annotations
 
 import pytest
@@ -49,6 +49,13 @@ def test_rate_refine_compare_in_the_browser(app):
             expect(page.locator("#fb-status")).to_contain_text(f"image {i + 1} selected")
             page.locator(button).click()
             expect(page.locator("#fb-status")).to_contain_text(f"image {i + 1}: {5 if i == 0 else 1}/5")
+        # keyboard: j / k move from the clicked image, 1-5 and +/- rate; typing in a field never rates
+        for key, status in (("j", "image 3 selected"), ("2", "image 3: 2/5"), ("ArrowRight", "image 4 selected"),
+                            ("+", "image 4: 5/5"), ("k", "image 3 selected"), ("4", "image 3: 4/5")):
+            page.keyboard.press(key)
+            expect(page.locator("#fb-status")).to_contain_text(status)
+        page.locator("#fb-tags textarea, #fb-tags input").first.fill("3-")
+        expect(page.locator("#fb-status")).to_contain_text("image 3: 4/5")
         steps = page.locator("#fb-refine").locator("xpath=..").locator("input[type=number]").first
         steps.fill("5")
         steps.press("Tab")
@@ -58,5 +65,5 @@ def test_rate_refine_compare_in_the_browser(app):
         expect(page.locator("#fb-after img").first).to_be_visible()
         expect(page.locator("#fb-new textarea, #fb-new input").first).to_have_value(f"{style.id}@v2")
         screenshot(page, "feedback.png")
-    assert [r.rating for r in eng.list_ratings(style.id, 1)] == [5, 1]
+    assert [r.rating for r in eng.list_ratings(style.id, 1)] == [5, 1, 4, 5]  # images 1, 2, then 3 and 4 by key
     assert [v.version for v in eng.style_versions(style.id)] == [1, 2]

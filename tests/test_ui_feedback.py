@@ -46,7 +46,8 @@ def test_feedback_tab_round_rate_refine_revert(tmp_path, quick_subject):  # noqa
     doc = json.loads(Path(h.export(ref)["export"]).read_text())
     assert len(doc["ratings"]) == 3
     assert "saved" in h.save_defaults(ref, 0.5, 1.0, 0.0)["status"]
-    assert h.load_defaults(ref) == {"strength": 0.5, "unet_weight": 1.0, "te_weight": 0.0}
+    assert h.load_defaults(ref) == {"strength": 0.5, "unet_weight": 1.0, "te_weight": 0.0, "block_down": 1.0,
+                                    "block_mid": 1.0, "block_up": 1.0}
     res = eng.generate(__import__("engine.core.config", fromlist=["x"]).GenerateRequest(
         prompt="a photo of a shape", style=v1.id, seed=1, num_inference_steps=2))
     applied = res.images[0].recipe["styles"][0]

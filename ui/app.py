@@ -13,10 +13,11 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from .blend_tab import build_blend_tab
-from .feedback_tab import build_feedback_tab, rating_controls
+from .feedback_tab import build_feedback_tab
 from .generate_tab import build_generate_tab
 from .jobs_panel import build_jobs_panel
 from .library_tab import build_library_tab
+from .rating_row import rating_controls
 from .session import is_admin, user_of
 from .studio_tab import build_studio_tab
 from .train_tab import build_train_tab
@@ -115,8 +116,7 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Generate", id="generate", elem_id="tab-generate") as gen_tab:
                 gen = build_generate_tab(engine)
-                if not studio_mode:  # ratings are single-user until the Feedback tab takes the user per request
-                    rating_controls(gen, engine)
+                rating_controls(gen, engine)  # rates as the request's user, their own images only
             with gr.Tab("Train", id="train", elem_id="tab-train") as train_tab:
                 train = build_train_tab(engine)
             with gr.Tab("Library", id="library", elem_id="tab-library") as lib_tab:
@@ -125,10 +125,9 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
                 blend = build_blend_tab(engine)
             with gr.Tab("My jobs", id="jobs", elem_id="tab-jobs") as jobs_tab:
                 jobs = build_jobs_panel(engine)
-            feedback = fb_tab = None
-            if not studio_mode:  # see above: not in studio mode yet (it would rate as the local user)
-                with gr.Tab("Feedback", id="feedback", elem_id="tab-feedback") as fb_tab:
-                    feedback = build_feedback_tab(engine)
+            # Every Feedback event takes its user from the request and its round from the browser session.
+            with gr.Tab("Feedback", id="feedback", elem_id="tab-feedback") as fb_tab:
+                feedback = build_feedback_tab(engine)
             studio = studio_tab = None
             if studio_mode:
                 # Shown to admins only (demo.load below); every Studio event checks the role again on the server.
@@ -164,9 +163,9 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
         # Jobs started on a page that was closed, or before the app restarted, are listed on the next visit.
         demo.load(**jobs.refresh)
         jobs_tab.select(**jobs.refresh)
-        if feedback is not None:
-            demo.load(**feedback.refresh)
-            fb_tab.select(**feedback.refresh)
+        demo.load(**feedback.refresh)
+        fb_tab.select(**feedback.refresh)
+        demo.load(None, None, None, js=feedback.keys_js, queue=False, api_visibility="private")  # rating keys
         # Runs interrupted by a crash (or cancelled) while the page was closed show up in the Train tab.
         runs = dict(fn=train.runs_for, inputs=None, outputs=[train.runs], queue=False,
                     api_visibility="private")

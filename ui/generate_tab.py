@@ -50,6 +50,11 @@ class GenerateHandlers:
     def __init__(self, engine, user: str = "local"):
         self.engine = engine
         self.user = user  # whose jobs this tab starts and cancels (one local user until studio accounts exist)
+        self._last_paths: dict[str, list] = {}  # user -> the engine's paths of their last result (rating row)
+
+    def last_paths_for(self, user: str) -> list:
+        """The engine's own paths of `user`'s last generated images (what the rating row under the gallery rates)."""
+        return self._last_paths.get(user, [])
 
     def request(self, values: dict[str, Any]) -> GenerateRequest:
         """Build the request by field name; a bad value becomes a gr.Error with the engine's message."""
@@ -74,6 +79,7 @@ class GenerateHandlers:
         try:
             for ev in self.engine.generate_iter(req, user=user):
                 if isinstance(ev, GenerateResult):
+                    self._last_paths[user] = [img.path for img in ev.images]
                     yield self._result(ev, req)
                     return
                 if isinstance(ev, Queued):  # waiting behind other jobs (fair across users)
@@ -98,7 +104,6 @@ class GenerateHandlers:
             raise gr.Error("Out of memory: lower the batch size or the image size, then try again.") from None
 
     def _result(self, result, req: GenerateRequest) -> dict[str, Any]:
-        self.last_paths = [img.path for img in result.images]  # the engine's own records, for the rating row
         paths = copy_for_download([img.path for img in result.images])
         gallery = [(str(p), f"seed {img.recipe.get('seed', '?')}") for p, img in zip(paths, result.images)]
         n = len(result.images)

@@ -36,7 +36,7 @@ from engine.jobs.fair import FairScheduler
 from engine.jobs.runner import LiveJob
 from engine.jobs.store import JobStore
 from engine.models.loading import LoadedModel, load_base_model
-from engine.styles.adapters import AdapterCache
+from engine.styles.adapters import AdapterCache, unet_weight
 from engine.styles.blend import check_same_base
 from engine.styles.library import Library, LibraryStyle
 from engine.styles.store import StyleInfo
@@ -370,14 +370,21 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, Clus
                 raise ConfigError(f"{info.name!r} is an instant style (reference images, no LoRA): pick it as the "
                                   "instant style, or train it first")
             d = self.ratings.defaults(info.id, info.version)  # the version's hand-set defaults (Feedback tab)
-            out.append((info, float(wu) * d["strength"] * d["unet_weight"], float(wt) * d["strength"] * d["te_weight"]))
+            # per-block UNet weights all 0: no UNet update at all, so the UNet weight is 0 (and 0/0 is off)
+            unet_on = any(d["blocks"].values())
+            out.append((info, float(wu) * d["strength"] * d["unet_weight"] * unet_on,
+                        float(wt) * d["strength"] * d["te_weight"]))
         check_same_base([s for s, _, _ in out], self.model.fingerprint, self.model.name)
         if not out and self._adapters is None:
             return out
         if self._adapters is None:
             self._adapters = AdapterCache(self.model.components, fuse=self.fuse_styles)
-        self._adapters.activate_many([(s, wu if wu == wt else {"unet": wu, "text_encoder": wt})
-                                      for s, wu, wt in out if (wu, wt) != (0.0, 0.0)])
+        active = []
+        for s, wu, wt in out:
+            if (wu, wt) != (0.0, 0.0):
+                wb = unet_weight(wu, self.ratings.defaults(s.id, s.version)["blocks"])
+                active.append((s, wu if wb == wu == wt else {"unet": wb, "text_encoder": wt}))
+        self._adapters.activate_many(active)
         return out
 
     def _recipe(self, req: GenerateRequest, seed: int, width: int, height: int, prompt: str,
@@ -387,7 +394,8 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, Clus
         is recorded by id@version with its strength and style-only switch (the request's own field names)."""
         m = model or self._model  # a cluster job: the worker's model facts (name, fingerprint, prediction type)
         listed = [{"id": s.id, "version": s.version, "name": s.name, "strength": wu, "trigger_token": s.trigger_token,
-                   **({"text_encoder_strength": wt} if wt != wu else {})} for s, wu, wt in styles]
+                   **({"text_encoder_strength": wt} if wt != wu else {}), **self._block_recipe(s, wu)}
+                  for s, wu, wt in styles]
         return {"prompt": prompt, "negative_prompt": req.negative_prompt,
                 "num_inference_steps": req.num_inference_steps, "guidance_scale": req.guidance_scale,
                 "guidance_rescale": req.guidance_rescale, "width": width, "height": height, "seed": seed,
@@ -398,6 +406,12 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, Clus
                     "instant_style_only": req.instant_style_only} if instant else {}),
                 "app": f"Stylebooth {APP_VERSION}",
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+    def _block_recipe(self, s: StyleInfo, wu: float) -> dict:
+        """{"unet_blocks": {"down", "mid", "up"}} of an applied style whose version has per-block weights (the UNet
+        strength above times these per block), else nothing. Read under the model lock, as _activate_styles was."""
+        blocks = self.ratings.defaults(s.id, s.version)["blocks"] if wu else None
+        return {"unet_blocks": blocks} if blocks and isinstance(unet_weight(1.0, blocks), dict) else {}
 
     def _out_dir(self, user: str) -> Path:
         return self.data_dir / "outputs" / user / dt.date.today().isoformat()

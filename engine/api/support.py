@@ -18,8 +18,9 @@ def charged(kind: str):
     """Wrap a job method: resolve the caller, check the styles it uses, reserve the price before any GPU work
     (studio mode), run, then commit on success or refund exactly once on failure or cancel (MU-2).
 
-    kind: "generate" (generate, blend strips, batches: one unit per image), "train" (one run), "bake" (no charge;
-    the new style belongs to the caller). A decorator, so the job bodies stay as they are: ownership and quotas sit
+    kind: "generate" (generate, blend strips, batches: one unit per image), "train" (one run), "refine" (a
+    refinement round of a style the caller may see: priced as one training run), "bake" (no charge; the new style
+    belongs to the caller). A decorator, so the job bodies stay as they are: ownership and quotas sit
     around them, not inside."""
     def deco(fn):
         @functools.wraps(fn)
@@ -27,9 +28,12 @@ def charged(kind: str):
             caller = self.caller(user)
             if kind != "train":
                 self._check_style_refs(caller, req)
+            if kind == "refine":  # only whoever may change the style refines it: say so before asking for credits
+                self._style_for(caller, self.library.find_version(req.style).id, change=True)
             request_id = job_id or uuid.uuid4().hex
-            charged = kind in ("generate", "train") and self._reserve(
-                caller, kind, image_count(req) if kind == "generate" else 1, request_id)
+            price = "train" if kind == "refine" else kind  # a refinement is a (short) training run
+            charged = price in ("generate", "train") and self._reserve(
+                caller, price, image_count(req) if price == "generate" else 1, request_id)
             if job_id is not None:
                 kw["job_id"] = job_id
             ok = False

@@ -27,7 +27,9 @@ class RefineRequest:
     dpo_weight: float = 1.0  # weight of the Diffusion-DPO loss
     batch_size: int = 4
     seed: int = 0
-    checkpoint_every: int = 0  # steps between checkpoints under runs/<id>/checkpoints/ (0: only when cancelled)
+    # steps between checkpoints under runs/<id>/checkpoints/ (0: only when cancelled); an interrupted refinement
+    # (power cut, kill) resumes from the newest one
+    checkpoint_every: int = 10
     raters: tuple[str, ...] = ()
 
     def __post_init__(self):

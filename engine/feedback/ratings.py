@@ -17,7 +17,7 @@ from pathlib import Path
 
 from engine.core.errors import ConfigError
 
-SCHEMA_VERSION = 2  # of the tables
+SCHEMA_VERSION = 3  # of the tables
 EXPORT_SCHEMA = 1  # of the exported JSON document
 THUMBS_UP, THUMBS_DOWN = 5, 1
 MAX_TAGS = 16
@@ -51,8 +51,16 @@ CREATE TABLE version_defaults (
     PRIMARY KEY (style_id, version)
 );
 """
-MIGRATIONS = {1: _V1, 2: _V2}
+# v3: per-block UNet weights (down / mid / up blocks, diffusers' set_adapters block scales); 1.0 for old rows.
+_V3 = """
+ALTER TABLE version_defaults ADD COLUMN block_down REAL NOT NULL DEFAULT 1.0;
+ALTER TABLE version_defaults ADD COLUMN block_mid REAL NOT NULL DEFAULT 1.0;
+ALTER TABLE version_defaults ADD COLUMN block_up REAL NOT NULL DEFAULT 1.0
+"""
+MIGRATIONS = {1: _V1, 2: _V2, 3: _V3}
 WEIGHT_RANGE = (0.0, 2.0)
+BLOCKS = ("down", "mid", "up")  # the UNet's parts, in diffusers' block-scale names
+NO_BLOCKS = {b: 1.0 for b in BLOCKS}
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,30 @@ def clean_rating(rating) -> int:
     if not isinstance(rating, int) or not 1 <= rating <= 5:
         raise ConfigError(f"a rating is 1..5 stars or 'up'/'down', not {str(rating)[:20]!r}")
     return rating
+
+
+def _check_weight(name: str, v) -> None:
+    lo, hi = WEIGHT_RANGE
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+        raise ConfigError(f"`{name}` must be a number from {lo} to {hi} but is {str(v)[:20]!r}")
+
+
+def clean_blocks(blocks) -> dict:
+    """Per-block UNet weights {"down", "mid", "up"}, each 0..2 (a missing block: 1.0; None: all 1.0).
+
+    The names are diffusers' block scales (`set_adapters` with {"unet": {"down": .., "mid": .., "up": ..}}): the
+    LoRA's layers in the UNet's down blocks (the encoder: layout, what is where), its middle block (the most
+    compressed, global content) and its up blocks (the decoder: textures, colours, line work, the look)."""
+    if blocks is None:
+        return dict(NO_BLOCKS)
+    if not isinstance(blocks, dict):
+        raise ConfigError(f"per-block weights are {{'down': w, 'mid': w, 'up': w}}, not {str(blocks)[:40]!r}")
+    unknown = set(blocks) - set(BLOCKS)
+    if unknown:
+        raise ConfigError(f"per-block weights take 'down', 'mid' and 'up', not {sorted(map(str, unknown))[:3]}")
+    for b, v in blocks.items():
+        _check_weight(f"{b} block weight", v)
+    return {b: float(blocks.get(b, 1.0)) for b in BLOCKS}
 
 
 def clean_tags(tags) -> tuple[str, ...]:
@@ -184,24 +216,30 @@ class Ratings:
         return [_row(r) for r in self.db.query(sql, tuple(args))]
 
     def set_defaults(self, style_id: str, version: int, strength: float = 1.0, unet_weight: float = 1.0,
-                     te_weight: float = 1.0) -> dict:
+                     te_weight: float = 1.0, blocks: dict | None = None) -> dict:
         """Save a version's defaults: its LoRA is applied at strength·unet_weight on the UNet and
-        strength·te_weight on the text encoder (times the strength a request asks for)."""
-        lo, hi = WEIGHT_RANGE
+        strength·te_weight on the text encoder (times the strength a request asks for), and on the UNet's down /
+        mid / up blocks additionally times `blocks` (clean_blocks; None keeps 1.0 each)."""
         for name, v in (("strength", strength), ("unet_weight", unet_weight), ("te_weight", te_weight)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-                raise ConfigError(f"`{name}` must be a number from {lo} to {hi} but is {str(v)[:20]!r}")
+            _check_weight(name, v)
+        b = clean_blocks(blocks)
         with self.db.transaction() as con:
             con.execute("INSERT OR REPLACE INTO version_defaults (style_id, version, strength, unet_weight, "
-                        "te_weight, updated) VALUES (?, ?, ?, ?, ?, ?)",
-                        (style_id, int(version), float(strength), float(unet_weight), float(te_weight), _now()))
+                        "te_weight, block_down, block_mid, block_up, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (style_id, int(version), float(strength), float(unet_weight), float(te_weight), b["down"],
+                         b["mid"], b["up"], _now()))
         return self.defaults(style_id, version)
 
     def defaults(self, style_id: str, version: int) -> dict:
-        """{"strength", "unet_weight", "te_weight"} of a version (1.0 each when never set)."""
-        rows = self.db.query("SELECT strength, unet_weight, te_weight FROM version_defaults WHERE style_id=? AND "
-                             "version=?", (style_id, int(version)))
-        return dict(rows[0]) if rows else {"strength": 1.0, "unet_weight": 1.0, "te_weight": 1.0}
+        """{"strength", "unet_weight", "te_weight", "blocks": {"down", "mid", "up"}} of a version (1.0 each when
+        never set)."""
+        rows = self.db.query("SELECT strength, unet_weight, te_weight, block_down, block_mid, block_up FROM "
+                             "version_defaults WHERE style_id=? AND version=?", (style_id, int(version)))
+        if not rows:
+            return {"strength": 1.0, "unet_weight": 1.0, "te_weight": 1.0, "blocks": dict(NO_BLOCKS)}
+        r = dict(rows[0])
+        return {"strength": r["strength"], "unet_weight": r["unet_weight"], "te_weight": r["te_weight"],
+                "blocks": {b: r[f"block_{b}"] for b in BLOCKS}}
 
     def export(self, style_id: str | None = None, *, user: str | None = None) -> str:
         """The ratings as a JSON document (schema_version, ratings with recipes)."""

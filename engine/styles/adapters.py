@@ -4,19 +4,36 @@ peft).
 Several styles at once are one `set_adapters(names, adapter_weights=...)` call: peft then adds every adapter's
 update, each times its weight, so the model computes W x + sum_i w_i (alpha_i/r_i) B_i A_i x (Hu et al. 2021,
 eq. 3, summed over adapters). Weights may be one number per style or per component
-({"unet": w, "text_encoder": w}, LIBRARY-NOTES §2).
+({"unet": w, "text_encoder": w}, LIBRARY-NOTES §2), and the UNet's may be per block ({"down": w, "mid": w, "up": w},
+the names of diffusers' block scales, set on every LoRA layer of each block: AdapterCache._set_block_scales).
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import torch
 
 from engine.models.safety import check_model_file
 from engine.styles.store import StyleInfo
 
-Weight = Union[float, dict]  # one strength, or {"unet": w, "text_encoder": w}
+Weight = Union[float, dict]  # one strength, or {"unet": w or {"down": w, "mid": w, "up": w}, "text_encoder": w}
+BLOCK_NAMES = ("down", "mid", "up")
+
+
+def unet_weight(w: float, blocks: dict | None) -> float | dict:
+    """The UNet weight `w` spread over the down / mid / up blocks (each times its block weight), in diffusers'
+    block-scale form {"down": .., "mid": .., "up": ..}; plain `w` when every block weight is 1."""
+    if not blocks or all(float(blocks.get(b, 1.0)) == 1.0 for b in BLOCK_NAMES):
+        return float(w)
+    return {b: float(w) * float(blocks.get(b, 1.0)) for b in BLOCK_NAMES}
+
+
+def _block_of(module_name: str) -> str | None:
+    """"down_blocks.1.resnets.0.conv1" -> "down"; "mid_block..." -> "mid"; "up_blocks..." -> "up"; else None."""
+    head = module_name.split(".", 1)[0]
+    return {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}.get(head)
 
 
 class AdapterCache:
@@ -81,10 +98,63 @@ class AdapterCache:
             return  # already folded into the weights
         self._unfuse()
         self.pipe.enable_lora()
-        self.pipe.set_adapters(names, adapter_weights=weights)
+        blocks = {n: w["unet"] for n, w in zip(names, weights) if isinstance(w, dict) and isinstance(w.get("unet"), dict)}
+        self.pipe.set_adapters(names, adapter_weights=[{**w, "unet": 1.0} if n in blocks else w
+                                                       for n, w in zip(names, weights)])
+        for name, per_block in blocks.items():
+            self._set_block_scales(name, per_block)
         self.active = tuple(zip(names, weights))
         if self.fuse:
             self._fuse(names, key)
+
+    def _set_block_scales(self, name: str, per_block: dict) -> None:
+        """Scale adapter `name`'s UNet LoRA layers by the block they sit in (down / mid / up blocks).
+
+        diffusers' own block scales (`set_adapters` with {"unet": {"down": ..}}, `_maybe_expand_lora_scales`) reach
+        only the layers of each block's transformer layers: the ResNet convs our styles also train (conv1, conv2) in
+        blocks without attention and in the mid block stay at scale 1.0 (read in peft_utils.get_module_weight, and
+        measured: "0 everywhere" still changed the image). So the same down / mid / up weights are set here on every
+        LoRA layer of the block, through peft's own set_scale (scale · alpha / r, as set_adapters does)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [(n, m) for n, m in self.pipe.unet.named_modules()
+                  if isinstance(m, BaseTunerLayer) and name in getattr(m, "scaling", {})]
+        outside = [n for n, _ in layers if _block_of(n) is None]
+        if outside:
+            raise ValueError(f"this style has UNet LoRA layers outside the down / mid / up blocks ({outside[0]}), "
+                             "which per-block weights cannot place: set the block weights back to 1")
+        for n, m in layers:
+            m.set_scale(name, float(per_block.get(_block_of(n), 1.0)))
+
+    @contextlib.contextmanager
+    def training(self, style: StyleInfo) -> Iterator[dict]:
+        """`style`'s adapter alone at weight 1, unfused, with its UNet LoRA parameters trainable in fp32 (yielded by
+        peft parameter name): refinement trains them in the loaded model instead of a second copy of it. On exit
+        the adapter's tensors (the very objects, dtypes included), the parameters' flags and the UNet's mode are
+        put back, so the cached style is exactly as loaded, and nothing is active (the next activate re-applies)."""
+        name = self.load(style)
+        self._unfuse()
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([name], adapter_weights=[1.0])
+        unet = self.pipe.unet
+        params = {n: p for n, p in unet.named_parameters() if "lora_" in n and f".{name}." in n}
+        saved = {n: (p.data, p.requires_grad) for n, p in params.items()}
+        was_training = unet.training
+        try:
+            for p in params.values():
+                # a copy, always (.float() of an fp32 tensor is the tensor itself, which training would change in
+                # place); fp32 LoRA over fp16/bf16 base weights, as the trainer's mixed precision
+                p.data = p.data.to(torch.float32, copy=True)
+                p.requires_grad_(True)
+            yield params
+        finally:
+            for n, p in params.items():
+                p.requires_grad_(saved[n][1])
+                p.data = saved[n][0]
+                p.grad = None
+            unet.train(was_training)
+            self.pipe.disable_lora()
+            self.active = ()
 
     def _load_embedding(self, style: StyleInfo) -> None:
         """Add the embedding's vectors as new tokens (once); a token another style added is replaced."""
@@ -164,5 +234,13 @@ def _weight(w: Weight) -> Weight:
         unknown = set(w) - {"unet", "text_encoder"}
         if unknown:
             raise ValueError(f"per-component weights take 'unet' and 'text_encoder', not {sorted(unknown)}")
-        return {k: float(v) for k, v in w.items()}
+        out = {}
+        for k, v in w.items():
+            if k == "unet" and isinstance(v, dict):
+                if set(v) - set(BLOCK_NAMES):
+                    raise ValueError(f"per-block UNet weights take {BLOCK_NAMES}, not {sorted(v)}")
+                out[k] = {b: float(x) for b, x in v.items()}
+            else:
+                out[k] = float(v)
+        return out
     return float(w)
