@@ -254,9 +254,17 @@ def read_scores(run_dir: Path) -> list[Record]:
     """The evaluated checkpoints of a run, oldest first ([] when none or unreadable)."""
     try:
         data = json.loads((Path(run_dir) / EVAL_DIR / "scores.json").read_text("utf-8"))
-        return [Record(int(r["step"]), r["likeness"], r["fidelity"]) for r in data["records"]]
+        return [Record(int(r["step"]), _score(r["likeness"]), _score(r["fidelity"])) for r in data["records"]]
     except (OSError, ValueError, KeyError, TypeError):
         return []
+
+
+def _score(v) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"a score must be a number, not {type(v).__name__}")
+    return float(v)
 
 
 def write_scores(run_dir: Path, records: list[Record], best: Record | None, floor: float, metric: str) -> None:
