@@ -34,8 +34,7 @@ R = E.Record
 
 @pytest.fixture(autouse=True)
 def fast_previews(monkeypatch):
-    monkeypatch.setattr("engine.train.output.PREVIEW_STEPS", 2)  # the final grid; the evaluation has its own steps
-    monkeypatch.setattr("engine.train.evaluate.EVAL_STEPS", 2)
+    monkeypatch.setattr("engine.train.output.PREVIEW_STEPS", 2)  # the final grid (conftest lowers EVAL_STEPS)
 
 
 # ---- pure functions --------------------------------------------------------------------------------------------

@@ -34,8 +34,9 @@ FRESH = 16  # images per checkpoint on fresh seeds (the training-time evaluation
 
 
 @pytest.mark.learning
-def test_the_picked_checkpoint_is_within_005_of_the_best_on_fresh_seeds(tmp_path):
+def test_the_picked_checkpoint_is_within_005_of_the_best_on_fresh_seeds(tmp_path, monkeypatch):
     torch.set_num_threads(1)
+    monkeypatch.setattr(E, "EVAL_STEPS", 10)  # the app's setting (tests/conftest.py lowers it for other tests)
     t0 = time.perf_counter()
     # tests/test_learning.py's subject settings (the preset + the demo model's), stopped at 160 of its 300 steps
     # with a checkpoint every 40: the likeness curve rises steeply and then flattens there.
