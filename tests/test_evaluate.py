@@ -8,6 +8,7 @@ embedding, the formulas, TensorBoard), not that CLIP scores mean anything.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -141,7 +142,8 @@ def test_clip_scorer_matches_the_formulas(tiny_clip, tmp_path):
 def test_no_or_unloadable_model_means_not_available(tiny_sd, tmp_path):
     images, warnings = draw_images(tmp_path / "img", 3), []
     assert E.make_scorer(_cfg(tiny_sd, images), str(tiny_sd), "cpu", warnings.append) == (
-        None, "no evaluation model (set eval_model to a local CLIP folder, or a hub id when online)")
+        None, "no evaluation model for this base model (start the app with --eval-model <CLIP folder or hub id>, or "
+              "set eval_model in the run's TOML)")
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text("{}")
@@ -150,6 +152,20 @@ def test_no_or_unloadable_model_means_not_available(tiny_sd, tmp_path):
         scorer, why = E.make_scorer(_cfg(tiny_sd, images, eval_model=source), str(tiny_sd), "cpu", warnings.append)
         assert scorer is None and why.startswith(f"could not load the evaluation model {source!r}")
     assert len(warnings) == 3 and all("evaluation grids are still made" in w for w in warnings)
+
+
+def test_the_app_evaluates_with_its_own_model_whatever_the_request_says(tiny_sd, tiny_clip, tmp_path):
+    """eval_model is a path the server opens: the app's setting (--eval-model), never a request's."""
+    from launcher import parse_args, resolve_settings
+
+    args = parse_args(["--eval-model", str(tiny_clip), "--data-dir", str(tmp_path / "d")])
+    settings = dataclasses.replace(resolve_settings(args, tmp_path / "settings.toml"), model=str(tiny_sd))
+    assert settings.eval_model == str(tiny_clip)
+    eng, events = Engine(settings), []
+    cfg = _cfg(tiny_sd, draw_images(tmp_path / "img", 3), max_train_steps=2, eval_model=str(tmp_path / "elsewhere"))
+    eng.train(cfg, "clip run", events.append)
+    last = [e for e in events if isinstance(e, TrainEvaluation)][-1]
+    assert last.metric.startswith(f"CLIP ({tiny_clip})") and last.scores[-1][1] is not None
 
 
 # ---- the hook in the training loop -----------------------------------------------------------------------------

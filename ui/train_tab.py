@@ -161,13 +161,15 @@ def build_train_tab(engine) -> TrainTab:
                     "eval_note": gr.Markdown(elem_id="eval-note"),
                     "eval_grid": gr.Gallery(label="Evaluation grid (fixed seeds)", columns=4, height=160,
                                             elem_id="eval-grid"),
-                    "checkpoint": gr.Dropdown([], label="Checkpoint", elem_id="eval-checkpoint",
-                                              info="evaluated checkpoints of this run; the best one is selected"),
-                    "eval_run": gr.State(""),
-                    "result": gr.Markdown(elem_id="train-result"),
-                    "result_image": gr.Image(label="Preview grid of the new style", type="pil", interactive=False,
-                                             height=200, elem_id="train-result-image")}
-            publish = gr.Button("Publish this checkpoint as the style", size="sm", elem_id="publish-checkpoint")
+                    "eval_run": gr.State("")}
+            with gr.Row(equal_height=True):
+                outs["checkpoint"] = gr.Dropdown([], label="Checkpoint", elem_id="eval-checkpoint", scale=3,
+                                                 info="evaluated checkpoints of this run; the best one is selected")
+                publish = gr.Button("Publish this checkpoint as the style", size="sm", scale=1,
+                                    elem_id="publish-checkpoint")
+            outs["result"] = gr.Markdown(elem_id="train-result")
+            outs["result_image"] = gr.Image(label="Preview grid of the new style", type="pil", interactive=False,
+                                            height=200, elem_id="train-result-image")
     comps = {**fields, **ins, **outs, "config_file": config_file, "runs": runs}
 
     def to_components(update: dict) -> dict:
