@@ -142,8 +142,8 @@ def test_clip_scorer_matches_the_formulas(tiny_clip, tmp_path):
 def test_no_or_unloadable_model_means_not_available(tiny_sd, tmp_path):
     images, warnings = draw_images(tmp_path / "img", 3), []
     assert E.make_scorer(_cfg(tiny_sd, images), str(tiny_sd), "cpu", warnings.append) == (
-        None, "no evaluation model for this base model (start the app with --eval-model <CLIP folder or hub id>, or "
-              "set eval_model in the run's TOML)")
+        None, "no evaluation model for this base model (start the app with --eval-model set to a CLIP folder or "
+              "hub id, or set eval_model in the run's TOML)")
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text("{}")

@@ -223,8 +223,8 @@ def make_scorer(cfg, model_source: str, device, warn):
         from engine.demo.checker import DemoChecker
 
         return DemoScorer(DemoChecker.load(), cfg.preset, [np.asarray(im) for im in images]), ""
-    return None, ("no evaluation model for this base model (start the app with --eval-model <CLIP folder or hub "
-                  "id>, or set eval_model in the run's TOML)")
+    return None, ("no evaluation model for this base model (start the app with --eval-model set to a CLIP folder "
+                  "or hub id, or set eval_model in the run's TOML)")
 
 
 def eval_prompts(cfg, demo: bool) -> list[str]:
