@@ -332,13 +332,13 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, Clus
             if job.token.is_set():  # cancelled while it waited: nothing ran, nothing to resume
                 return TrainJobResult(run_dir, TrainResult(None, None, 0, [], True, None, 0, cfg.train_batch_size, 1),
                                       None, [], [])
+            # The evaluation model is the app's setting (a path the server opens), whatever the request says.
+            cfg = dataclasses.replace(cfg, eval_model=self.settings.eval_model)
             if self.cluster is not None:
                 return self._cluster_train(cfg, name, on_event, run_dir, user, job, into_style)
             if self._adapters is not None:  # prior images come from the base model, not the last style used
                 self._adapters.activate_many([])
             self._detach_instant()
-            # The evaluation model is the app's setting (a path the server opens), whatever the request says.
-            cfg = dataclasses.replace(cfg, eval_model=self.settings.eval_model)
             return run_training(self.model, self.data_dir, cfg, name, run_dir=run_dir, on_event=on_event,
                                 stop_event=job.token, style_id=into_style,
                                 on_run_dir=lambda d: self.library.set_run_owner(d.name, user))
