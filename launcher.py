@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run generation and training jobs on a Ray cluster (one job per GPU worker) instead of in "
                         "this process: 'auto' for a cluster started on this machine with `ray start --head`, or the "
                         "head's HOST:PORT (needs pip install \"stylebooth[cluster]\")")
+    p.add_argument("--eval-model", help="CLIP model (a folder, or a hub id when online) that scores training "
+                                        "checkpoints for likeness and prompt fidelity")
     p.add_argument("--auth", metavar="USER:PASSWORD", help=argparse.SUPPRESS)  # replaced by studio accounts
     p.add_argument("--auth-file", metavar="PATH", help=argparse.SUPPRESS)
     return p.parse_args(argv)

@@ -42,6 +42,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "assets" / "demo-model"
 
 
+@pytest.fixture(autouse=True)
+def fast_evaluation(monkeypatch):
+    """Every training run evaluates its checkpoints (engine/train/evaluate.py); 2 denoising steps instead of 10
+    keep that cheap in tests that do not look at the scores (tests/test_evaluate_learning.py sets its own)."""
+    monkeypatch.setattr("engine.train.evaluate.EVAL_STEPS", 2)
+
+
 def _minimal_tokenizer(out: Path):
     """A byte-level CLIP tokenizer with no merges (every word splits into characters): 514 tokens."""
     from transformers import CLIPTokenizer

@@ -85,6 +85,14 @@ def test_train_then_generate_with_the_new_style(page, tmp_path):
     assert page.locator("#train-previews img").count() == 4  # the preset's 2 preview prompts at steps 2 and 4
     expect(page.locator("#loss-plot canvas, #loss-plot svg").first).to_be_visible()
     expect(page.locator("#train-result-image img")).to_be_visible()
+    # Evaluation at each checkpoint (engine/train/evaluate.py; the tiny model has no scorer): the grid, the note,
+    # and the last checkpoint published as the style's next version.
+    expect(page.locator("#eval-note")).to_contain_text("not available")
+    expect(page.locator("#eval-grid img").first).to_be_visible()
+    expect(page.locator("#eval-checkpoint input").first).to_have_value("step 4 · scores not available")
+    page.locator("#publish-checkpoint").click()
+    expect(page.locator("#train-status textarea")).to_have_value(
+        re.compile("^Checkpoint 4 published as style “browser heart” v2"), timeout=60_000)
     screenshot(page, "train.png")
 
     page.get_by_role("tab", name="Generate").click()

@@ -22,7 +22,7 @@ LAYERS = {
     "engine.generate": ("engine.core",),
     "engine.models": ("engine.core", "engine.generate.sampler"),
     "engine.styles": ("engine.core", "engine.models"),
-    "engine.train": ("engine.core", "engine.models", "engine.generate", "engine.styles", "engine.jobs"),
+    "engine.train": ("engine.core", "engine.models", "engine.generate", "engine.styles", "engine.jobs", "engine.demo"),
     "engine.feedback": ("engine.core", "engine.models", "engine.generate", "engine.styles", "engine.jobs",
                         "engine.train"),
     "engine.cluster": ("engine.core", "engine.models", "engine.generate", "engine.styles", "engine.train",

@@ -1,5 +1,6 @@
 """What the Train tab's buttons do: `TrainHandlers`, plain methods over dicts keyed by *names* (TrainConfig field
-names for the form; "status"/"log"/"loss_plot"/"previews"/"result"/"result_image"/"runs" for results), so tests
+names for the form; "status"/"log"/"loss_plot"/"previews"/"result"/"result_image"/"runs" for results, and
+"eval_plot"/"eval_note"/"eval_grid"/"checkpoint"/"eval_run" for the evaluation at each checkpoint), so tests
 drive it without a browser. ui/train_tab.py lays the components out and maps names to them.
 """
 from __future__ import annotations
@@ -20,8 +21,9 @@ from PIL import Image
 
 from engine.core.captions import read_captions
 from engine.core.config import ConfigError, from_dict, load_toml
-from engine.core.errors import CheckpointError, DiskFullError, TrainingError
-from engine.core.events import Queued, TrainCheckpoint, TrainJobResult, TrainLog, TrainPreview, TrainProgress
+from engine.core.errors import AccessDenied, CheckpointError, DiskFullError, LibraryError, TrainingError
+from engine.core.events import (Queued, TrainCheckpoint, TrainEvaluation, TrainJobResult, TrainLog, TrainPreview,
+                                TrainProgress)
 from engine.core.train_config import (TRIGGER_CANDIDATES, TrainConfig, demo_settings, field_names, presets,
                                       save_train_config)
 
@@ -31,11 +33,15 @@ from .forms import whole_numbers
 DERIVED = {"instance_images": "the uploaded images", "schema_version": "the file format",
            "instance_captions": "the uploaded .txt caption files (one per image, same name)",
            # The engine trains the model it has loaded (priors and fingerprint come from it): "" means that one.
-           "base_model": "the model loaded under Model"}
+           "base_model": "the model loaded under Model",
+           # A path or hub id the server would open: set where the app starts (settings.toml `eval_model`), never
+           # by a form (client strings are hostile).
+           "eval_model": "the app's evaluation model (settings.toml eval_model)"}
 FIELD_NAMES = tuple(n for n in field_names() if n not in DERIVED)
 # The form shows every int field with a Number box, which may send floats (build_train_tab checks this).
 INT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.type == "int" and f.name in FIELD_NAMES)
-LIST_FIELDS = {"unet_target_modules": ",", "text_encoder_target_modules": ",", "validation_prompts": "\n"}
+LIST_FIELDS = {"unet_target_modules": ",", "text_encoder_target_modules": ",", "validation_prompts": "\n",
+               "eval_prompts": "\n"}
 PROMPT_FIELDS = ("instance_prompt", "class_prompt", "validation_prompts")
 MIN_IMAGES, MAX_IMAGES = 3, 20
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"
@@ -272,6 +278,7 @@ class TrainHandlers:
         losses: list[float] = []
         gallery: list[tuple[Image.Image, str]] = []
         last, done, draining = 0.0, False, False
+        evaluation: TrainEvaluation | None = None
         self._count(+1)
         try:
             events = start()
@@ -279,7 +286,7 @@ class TrainHandlers:
                 if isinstance(ev, TrainJobResult):
                     done = True
                     self._count(-1)  # before the last yield: a waiting cancel() must not wait for the browser
-                    yield self._final(ev, cfg, log)
+                    yield self._final(ev, cfg, log, evaluation)
                     return
                 update: dict[str, Any] = {}
                 if isinstance(ev, Queued):  # waiting behind other jobs (fair across users)
@@ -302,6 +309,11 @@ class TrainHandlers:
                     prompts = cfg.validation_prompts or (cfg.instance_prompt,)
                     gallery = [(img, f"step {ev.step}: {p}") for img, p in zip(ev.images, prompts)] + gallery
                     update = {"previews": gallery[:24]}
+                elif isinstance(ev, TrainEvaluation):
+                    evaluation = ev
+                    update = self.evaluation_view(ev)
+                    if ev.images:  # the fixed-seed grid of this checkpoint (on disk: evaluation/step-N/)
+                        update["eval_grid"] = [(img, f"step {ev.step}") for img in ev.images]
                 elif isinstance(ev, (TrainLog, TrainCheckpoint)):
                     line = f"checkpoint saved at step {ev.step}" if isinstance(ev, TrainCheckpoint) else \
                         (ev.message if ev.level == "info" else f"{ev.level.upper()}: {ev.message}")
@@ -338,10 +350,40 @@ class TrainHandlers:
         finally:
             self._count(-1)
 
-    def _final(self, res: TrainJobResult, cfg: TrainConfig, log: list[str]) -> dict[str, Any]:
+    # ---- evaluation at each checkpoint (engine/train/evaluate.py) ------------------------------------------
+    @staticmethod
+    def evaluation_view(ev: TrainEvaluation) -> dict[str, Any]:
+        """The plot of likeness and prompt fidelity per checkpoint, the note (what the scores are, the rule, the
+        best step, the over-training warning) and the checkpoints to publish, best one selected."""
+        choices = []
+        for step, like, fid in ev.scores:
+            if step > 0:  # step 0 is the base model: nothing to publish
+                scores = "scores not available" if like is None else f"likeness {like:.2f} · fidelity {fid:.2f}"
+                choices.append((f"step {step} · {scores}" + (" · best" if step == ev.best_step else ""), step))
+        value = ev.best_step if ev.best_step is not None else (choices[-1][1] if choices else None)
+        return {"eval_plot": eval_frame(ev.scores), "eval_note": evaluation_note(ev), "eval_run": ev.run_id,
+                "checkpoint": gr.Dropdown(choices=choices, value=value)}
+
+    def publish_checkpoint(self, run_id: str | None, step, user: str | None = None) -> dict[str, Any]:
+        """Publish the picked checkpoint of the last run followed here as the style (Engine.publish_checkpoint)."""
+        if not run_id:
+            raise gr.Error("train or resume a run first: its evaluated checkpoints appear here")
+        if step is None or step == "":
+            raise gr.Error("pick a checkpoint from the list")
+        try:
+            style = self.engine.publish_checkpoint(run_id, int(step), user=user or self.user)
+        except (TypeError, ValueError, LibraryError, AccessDenied) as e:
+            raise gr.Error(str(e)) from None
+        return {"status": f"Checkpoint {int(step)} published as style “{style.name}” v{style.version}: choose "
+                          f"{style.label} in the Generate tab."}
+
+    def _final(self, res: TrainJobResult, cfg: TrainConfig, log: list[str],
+               evaluation: TrainEvaluation | None = None) -> dict[str, Any]:
         r = res.result
         out = {"loss_plot": loss_frame(list(range(1, len(r.losses) + 1)), r.losses), "log": "\n".join(log),
                "runs": self.runs_dropdown(), "result_image": None}
+        if evaluation is not None:
+            out.update(self.evaluation_view(evaluation))
         skipped = "".join(f"\n- skipped **{f}**: {why}" for f, why in res.rejected)
         if res.style is None:
             msg = (f"Cancelled at step {r.steps} of {cfg.max_train_steps}. A checkpoint was saved: pick the run "
@@ -386,3 +428,21 @@ class TrainHandlers:
 
 def loss_frame(steps: list[int], losses: list[float]) -> pd.DataFrame:
     return pd.DataFrame({"step": steps, "loss": losses})
+
+
+def eval_frame(scores) -> pd.DataFrame:
+    """Long format for one LinePlot with a line per metric; checkpoints without scores are left out."""
+    rows = [(step, value, metric) for step, like, fid in scores if like is not None
+            for value, metric in ((like, "likeness"), (fid, "prompt fidelity")) if value is not None]
+    return pd.DataFrame(rows, columns=["step", "score", "metric"])
+
+
+def evaluation_note(ev: TrainEvaluation) -> str:
+    lines = [f"**Evaluation** at step {ev.step}: {ev.metric}."]
+    if ev.best_step is not None:
+        like, fid = next((lk, f) for s, lk, f in ev.scores if s == ev.best_step)
+        lines.append(f"Best checkpoint: **step {ev.best_step}** (likeness {like:.2f}, prompt fidelity {fid:.2f}); "
+                     f"{ev.rule}.")
+    if ev.warning:
+        lines.append(f"⚠️ {ev.warning}")
+    return "\n\n".join(lines)

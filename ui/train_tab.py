@@ -16,7 +16,7 @@ from .forms import int_fields
 from .session import user_of
 
 from .train_handlers import (EXAMPLES, INT_FIELDS, MAX_IMAGES, MIN_IMAGES, PROMPT_FIELDS, TrainHandlers, default_values,
-                             loss_frame)
+                             eval_frame, loss_frame)
 
 
 @dataclass
@@ -58,6 +58,10 @@ ADVANCED = [
      ("report_to", REPORT_TO, "Report to", {}), ("output_name", "text", "LoRA file name", {})],
     [("validation_prompts", "text", "Preview prompts (one per line)", {"lines": 2, "scale": 3}),
      ("validation_steps", "int", "Preview every N steps (0 = off)", {"scale": 1})],
+    [("eval_seeds", "int", "Evaluation seeds per prompt at each checkpoint (0 = off)", {"scale": 1}),
+     ("eval_fidelity_floor", "fraction", "Best checkpoint keeps prompt fidelity ≥ this × the base model's",
+      {"scale": 1}),
+     ("eval_prompts", "text", "Evaluation prompts (one per line; empty = built in)", {"lines": 2, "scale": 2})],
     [("unet_target_modules", "text", "UNet LoRA modules (comma list)", {})],
     [("text_encoder_target_modules", "text", "Text-encoder LoRA modules (comma list)", {})],
 ]
@@ -151,9 +155,21 @@ def build_train_tab(engine) -> TrainTab:
                     "previews": gr.Gallery(label="Previews", columns=4, height=200, elem_id="train-previews"),
                     "log": gr.Textbox(label="Log", lines=6, max_lines=10, autoscroll=True, interactive=False,
                                       elem_id="train-log"),
-                    "result": gr.Markdown(elem_id="train-result"),
-                    "result_image": gr.Image(label="Preview grid of the new style", type="pil", interactive=False,
-                                             height=200, elem_id="train-result-image")}
+                    "eval_plot": gr.LinePlot(eval_frame(()), x="step", y="score", color="metric",
+                                             title="Likeness and prompt fidelity per checkpoint", height=220,
+                                             elem_id="eval-plot"),
+                    "eval_note": gr.Markdown(elem_id="eval-note"),
+                    "eval_grid": gr.Gallery(label="Evaluation grid (fixed seeds)", columns=4, height=160,
+                                            elem_id="eval-grid"),
+                    "eval_run": gr.State("")}
+            with gr.Row(equal_height=True):
+                outs["checkpoint"] = gr.Dropdown([], label="Checkpoint", elem_id="eval-checkpoint", scale=3,
+                                                 info="evaluated checkpoints of this run; the best one is selected")
+                publish = gr.Button("Publish this checkpoint as the style", size="sm", scale=1,
+                                    elem_id="publish-checkpoint")
+            outs["result"] = gr.Markdown(elem_id="train-result")
+            outs["result_image"] = gr.Image(label="Preview grid of the new style", type="pil", interactive=False,
+                                            height=200, elem_id="train-result-image")
     comps = {**fields, **ins, **outs, "config_file": config_file, "runs": runs}
 
     def to_components(update: dict) -> dict:
@@ -172,6 +188,9 @@ def build_train_tab(engine) -> TrainTab:
 
     def on_suggest(request: gr.Request, t, k, n):
         return to_components(h.suggest_token(t, k, n, user=user_of(engine, request)))
+
+    def on_publish(request: gr.Request, run_id, step):
+        return to_components(h.publish_checkpoint(run_id, step, user=user_of(engine, request)))
 
     def on_runs(request: gr.Request):
         return h.runs_dropdown(user_of(engine, request))
@@ -205,4 +224,5 @@ def build_train_tab(engine) -> TrainTab:
                api_visibility="private")
     load.upload(lambda p: to_components(h.load_config(p)), [load], form, api_visibility="private")
     refresh.click(on_runs, None, [runs], queue=False, api_visibility="private")
+    publish.click(on_publish, [outs["eval_run"], outs["checkpoint"]], [outs["status"]], api_visibility="private")
     return TrainTab(fields, ins, outs, h, runs, ev, rev, on_runs)

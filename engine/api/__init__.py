@@ -12,6 +12,7 @@ scripts and benches.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
 import threading
@@ -321,6 +322,8 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, Clus
             if job.token.is_set():  # cancelled while it waited: nothing ran, nothing to resume
                 return TrainJobResult(run_dir, TrainResult(None, None, 0, [], True, None, 0, cfg.train_batch_size, 1),
                                       None, [], [])
+            # The evaluation model is the app's setting (a path the server opens), whatever the request says.
+            cfg = dataclasses.replace(cfg, eval_model=self.settings.eval_model)
             if self.cluster is not None:
                 return self._cluster_train(cfg, name, on_event, run_dir, user, job, into_style)
             if self._adapters is not None:  # prior images come from the base model, not the last style used
@@ -354,6 +357,31 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, Clus
             raise ConfigError("that run is no longer resumable (finished, or resumed already); refresh the list")
         cfg = from_dict(TrainConfig, run.config)
         return self.train_iter(cfg, run.name, run_dir=self.data_dir / "runs" / run.run_id, user=user, job_id=job_id)
+
+    def publish_checkpoint(self, run_id: str, step: int, *, user: str | Caller = LOCAL) -> StyleInfo:
+        """Publish evaluated checkpoint `step` of the caller's training run `run_id` (by id, never a path) as the
+        style: the next version of the style the run published, or a new style with the run's name if it published
+        none (cancelled) or that style is gone. Same library path as the final LoRA (engine/train/job.py)."""
+        from engine.train.job import publish_checkpoint, published_style
+
+        caller = self.caller(user)
+        runs = self.data_dir / "runs"
+        known = (isinstance(run_id, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", run_id)
+                 and (runs / run_id).is_dir() and caller.can_see(self.library.run_owners().get(run_id, LOCAL)))
+        if not known:  # another user's run reads the same as one that does not exist
+            raise ConfigError(f"unknown training run {str(run_id)[:60]!r}; train or resume one first")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ConfigError(f"pick an evaluated checkpoint (a step number), not {str(step)[:20]!r}")
+        style_id = published_style(runs / run_id)
+        if style_id is not None:
+            try:
+                self._style_for(caller, style_id, change=True)
+            except LibraryError:  # deleted since: the checkpoint becomes a new style
+                style_id = None
+        style = publish_checkpoint(self.data_dir, runs / run_id, step, style_id=style_id)
+        if caller.name != LOCAL and self.library.get(style.id).owner == LOCAL:
+            self.library.set_owner(style.id, caller.name)
+        return style
 
     def _activate_styles(self, weighted) -> list[tuple[StyleInfo, float, float]]:
         """Activate exactly these styles ((id, strength) or (id, UNet weight, text-encoder weight)), loading each

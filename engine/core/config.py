@@ -225,6 +225,9 @@ class Settings:
     # The IP-Adapter for instant styles on a real model: a local folder (h94/IP-Adapter layout or ours) or a hub id
     # when online; "" = the bundled demo IP-Adapter (demo model only).
     ip_adapter: str = ""
+    # The CLIP model that scores training checkpoints (engine/train/evaluate.py): a local folder or a hub id when
+    # online; "" = the demo checker on the demo model, no scores on other models. Set here, never by a form.
+    eval_model: str = ""
     schema_version: int = 1
 
     def __post_init__(self) -> None:

@@ -34,7 +34,21 @@ class TrainLog:
     level: str = "info"  # "info" | "warning" | "error"
 
 
-TrainEvent = TrainProgress | TrainPreview | TrainCheckpoint | TrainLog
+@dataclass(frozen=True)
+class TrainEvaluation:
+    """A checkpoint's evaluation (engine/train/evaluate.py): its fixed-seed grid and every score so far."""
+
+    step: int
+    scores: tuple  # ((step, likeness, prompt fidelity), ...) per evaluated checkpoint, oldest first; None: n/a
+    best_step: int | None  # by `rule`; None until a checkpoint after step 0 has scores
+    warning: str  # the over-training warning with the suggested step, or ""
+    metric: str  # what the scores are ("demo checker: ...", "CLIP (...): ...", "not available: why")
+    images: list  # PIL images of this step's grid, prompt by prompt ([] when re-shown after a resume)
+    run_id: str  # the run folder's name: publish a checkpoint with Engine.publish_checkpoint(run_id, step)
+    rule: str = ""  # the best-checkpoint rule in words
+
+
+TrainEvent = TrainProgress | TrainPreview | TrainCheckpoint | TrainLog | TrainEvaluation
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ big small large tiny beautiful cute pretty happy sad new old young high low best
 FREQUENT_TOKEN_RANK = 10_000  # CLIP's vocabulary is in BPE merge order: ids below this are its most frequent words
 # Fields that do not change the trained weights: changing them must not block a resume.
 _NON_TRAINING_FIELDS = {"validation_prompts", "validation_steps", "checkpointing_steps", "checkpoints_total_limit",
-                        "report_to", "output_name"}
+                        "report_to", "output_name", "eval_seeds", "eval_prompts", "eval_model", "eval_fidelity_floor"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -107,6 +107,14 @@ class TrainConfig:
     validation_prompts: tuple[str, ...] = ()
     validation_steps: int = 100  # 0: no previews during training
     report_to: str = "tensorboard"
+    # Evaluation at every checkpoint (engine/train/evaluate.py): a grid of the eval prompts x `eval_seeds` fixed
+    # seeds (0: no evaluation), scored for likeness and prompt fidelity; the best checkpoint keeps prompt fidelity
+    # >= eval_fidelity_floor x the base model's. `eval_model`: a local CLIP folder or a hub id ("" = the demo
+    # checker on the demo model, no scores on other models). `eval_prompts` empty: built-in ones.
+    eval_seeds: int = 2
+    eval_prompts: tuple[str, ...] = ()
+    eval_model: str = ""
+    eval_fidelity_floor: float = 0.9
     cache_latents: bool = False
     base_model: str = ""  # "" = the bundled demo model
     output_name: str = "lora"
@@ -145,8 +153,9 @@ class TrainConfig:
         _check(not self.with_prior_preservation or self.class_prompt.strip() != "",
                "`class_prompt` is empty but `with_prior_preservation` is on: describe the class, e.g. "
                "'a photo of shape', or turn prior preservation off")
-        for p in self.validation_prompts:
-            _check(p.strip() != "", "`validation_prompts` contains an empty prompt; remove it")
+        for name in ("validation_prompts", "eval_prompts"):
+            for p in getattr(self, name):
+                _check(p.strip() != "", f"`{name}` contains an empty prompt; remove it")
 
     @property
     def class_prompts(self) -> list[str]:
@@ -174,6 +183,8 @@ class TrainConfig:
         between("checkpointing_steps", 0, 1_000_000)
         between("checkpoints_total_limit", 1, 1000)
         between("validation_steps", 0, 1_000_000)
+        between("eval_seeds", 0, 64)
+        between("eval_fidelity_floor", 0.0, 1.0)
         _check(0 <= self.lr_warmup_steps < self.max_train_steps,
                f"`lr_warmup_steps` must be below `max_train_steps` ({self.max_train_steps}) but is "
                f"{self.lr_warmup_steps}")
@@ -230,6 +241,7 @@ def presets(kind: str, *, token: str = TRIGGER_CANDIDATES[0], class_noun: str = 
                   gradient_accumulation_steps=1, max_grad_norm=1.0, mixed_precision="no",
                   gradient_checkpointing=False, use_8bit_adam=False, snr_gamma=5.0, max_nonfinite_steps=3, seed=0,
                   checkpointing_steps=100, checkpoints_total_limit=2, validation_steps=100, report_to="tensorboard",
+                  eval_seeds=2, eval_prompts=(), eval_model="", eval_fidelity_floor=0.9,
                   cache_latents=False, base_model="", output_name="lora",
                   unet_target_modules=UNET_TARGETS,
                   text_encoder_target_modules=("q_proj", "k_proj", "v_proj", "out_proj"))

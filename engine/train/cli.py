@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_event(e) -> None:
-    from engine.core.events import TrainCheckpoint, TrainLog, TrainPreview, TrainProgress
+    from engine.core.events import TrainCheckpoint, TrainEvaluation, TrainLog, TrainPreview, TrainProgress
 
     if isinstance(e, TrainProgress):
         line = f"step {e.step}/{e.total} loss {e.loss:.4f} lr {e.lr:.3g} eta {e.eta_s:.0f}s"
@@ -34,6 +34,10 @@ def _print_event(e) -> None:
         line = f"checkpoint {e.step}: {e.path}"
     elif isinstance(e, TrainPreview):
         line = f"preview at step {e.step}: {len(e.images)} images (see tensorboard)"
+    elif isinstance(e, TrainEvaluation):
+        _, like, fid = e.scores[-1]
+        scores = "scores not available" if like is None else f"likeness {like:.3f}, prompt fidelity {fid:.3f}"
+        line = f"evaluation at step {e.step}: {scores}; best checkpoint: {e.best_step}"
     elif isinstance(e, TrainLog):
         line = f"{e.level}: {e.message}" if e.level != "info" else e.message
     else:

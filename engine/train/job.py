@@ -21,6 +21,7 @@ from engine.core.train_config import TrainConfig, check_trigger_token
 from engine.jobs import state as jobs
 from engine.styles.store import publish
 from engine.train.checkpoints import latest_step
+from engine.train.evaluate import best_record, checkpoint_export, read_scores
 from engine.train.loop import train
 from engine.train.priors import PriorSpec, ensure_prior_set
 
@@ -89,8 +90,46 @@ def run_training(model, data_dir: Path, cfg: TrainConfig, name: str, *, run_dir:
     # 4. publish the style where the Generate tab (and later the library) finds it
     preview = result.style_json_path.parent / "preview.png"
     style = publish(data_dir, name, result.lora_path, result.style_json_path, preview, style_id=style_id)
+    # so "publish checkpoint N as the style" (publish_checkpoint) makes the next version of this style
+    atomic_write_bytes(run_dir / PUBLISHED, json.dumps({"schema_version": 1, "style_id": style.id}).encode())
     emit(TrainLog(f"style '{style.name}' ready: use trigger '{style.trigger_token}' in the Generate tab"))
+    best = best_record(read_scores(run_dir), cfg.eval_fidelity_floor)
+    if best is not None and best.step != result.steps:
+        emit(TrainLog(f"the best checkpoint by the rule is step {best.step} (likeness {best.likeness:.2f}, prompt "
+                      f"fidelity {best.fidelity:.2f}); the style has step {result.steps}: publish checkpoint "
+                      f"{best.step} as the style from the Train tab if its images look better"))
     return TrainJobResult(run_dir, result, style, rejected, notices)
+
+
+PUBLISHED = "published.json"  # {"schema_version": 1, "style_id": ...}: the style a run published
+
+
+def published_style(run_dir: Path) -> str | None:
+    """The id of the style this run published, or None (cancelled, failed, or made before this file existed)."""
+    try:
+        sid = json.loads((Path(run_dir) / PUBLISHED).read_text("utf-8"))["style_id"]
+        return sid if isinstance(sid, str) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def publish_checkpoint(data_dir: Path, run_dir: Path, step: int, *, style_id: str | None = None):
+    """Publish checkpoint `step` of a run (its export by engine/train/evaluate.py: LoRA, style.json, grid) through
+    the same library path as the final LoRA: a new style with the run's name, or the next version of `style_id`."""
+    folder = checkpoint_export(run_dir, step)
+    style_json = folder / "style.json"
+    steps = sorted(r.step for r in read_scores(run_dir) if r.step > 0)
+    try:
+        if step not in steps:
+            raise KeyError(step)
+        lora_file = json.loads(style_json.read_text("utf-8"))["lora_file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"checkpoint {step} of this run was not evaluated and exported; pick one of the evaluated "
+                          f"checkpoints ({', '.join(map(str, steps)) or 'none yet'})") from None
+    if not isinstance(lora_file, str) or Path(lora_file).name != lora_file or not (folder / lora_file).is_file():
+        raise ConfigError(f"checkpoint {step}'s export is incomplete (no LoRA file); pick another checkpoint")
+    return publish(data_dir, read_run_name(run_dir), folder / lora_file, style_json, folder / "preview.png",
+                   style_id=style_id)
 
 
 def read_run_name(run_dir: Path) -> str:

@@ -29,6 +29,7 @@ from engine.core.train_config import TrainConfig, check_trigger_token
 from engine.jobs import state as jobs
 from engine.train import checkpoints as ck
 from engine.train.data import DreamBoothData, EpochSampler
+from engine.train.evaluate import evaluate_checkpoint
 from engine.train.state import Counters, Data, Models, Run, Setup, Trainable, lora_params
 from engine.train.math import diffusion_target, dreambooth_loss, is_oom, min_snr_weights, offset_noise
 from engine.train.output import log_preview, step6_save
@@ -318,6 +319,7 @@ def save_state(run: Run) -> None:
     if setup.main:
         setup.emit(TrainCheckpoint(run.counters.step, path))
         jobs.write_job(setup.run_dir, "checkpointed", step=run.counters.step, checkpoint=path.name)
+        evaluate_checkpoint(run)  # scores, export and TrainEvaluation (engine/train/evaluate.py)
 
 
 def step5_loop(run: Run) -> bool:
@@ -391,6 +393,7 @@ def train(config: TrainConfig, run_dir: Path, *, class_images=(), class_captions
             emit(TrainLog(f"resumed from checkpoint-{resumed_from} (epoch {data.sampler.epoch})"))
         setup.acc.init_trackers("stylebooth", config={k: (", ".join(v) if isinstance(v, tuple) else v)
                                                       for k, v in asdict(config).items()})
+        evaluate_checkpoint(run)  # the base model (step 0), or a resumed checkpoint not evaluated yet
         cancelled = step5_loop(run)
         if setup.acc.num_processes > 1:
             check_ranks_in_sync(run)

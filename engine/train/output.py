@@ -25,7 +25,7 @@ PREVIEW_SEEDS = (0, 1)
 STYLE_SCHEMA_VERSION = 1
 
 
-def preview(run: Run, prompts, seeds) -> list:
+def preview(run: Run, prompts, seeds, steps: int = PREVIEW_STEPS) -> list:
     """Images from the model as it is now, through the one sampler (engine.generate.sampler.sample)."""
     from engine.generate.sampler import Components, sample, to_pil
 
@@ -33,7 +33,7 @@ def preview(run: Run, prompts, seeds) -> list:
     comps = Components(c.vae, acc.unwrap_model(run.trainable.te), c.tokenizer, acc.unwrap_model(run.trainable.unet),
                        c.scheduler)
     with torch.no_grad(), acc.autocast():
-        imgs = sample(comps, list(prompts), [""] * len(prompts), list(seeds), num_inference_steps=PREVIEW_STEPS,
+        imgs = sample(comps, list(prompts), [""] * len(prompts), list(seeds), num_inference_steps=steps,
                       guidance_scale=PREVIEW_GUIDANCE, height=r, width=r)
     return to_pil(imgs)
 
@@ -54,8 +54,9 @@ def log_preview(run: Run) -> None:
 
 # ---- 6: save the result ----------------------------------------------------------------------------------------
 
-def step6_save(run: Run) -> tuple[Path, Path]:
-    """LoRA in diffusers format with alpha metadata, a fixed-seed preview grid and style.json, each atomic."""
+def step6_save(run: Run, out: Path | None = None, grid_path: Path | None = None) -> tuple[Path, Path]:
+    """LoRA in diffusers format with alpha metadata, a fixed-seed preview grid and style.json, each atomic, into
+    `out` (default: the run's output/). A checkpoint's export (engine/train/evaluate.py) passes its grid."""
     from diffusers import StableDiffusionPipeline
     from diffusers.training_utils import _collate_lora_metadata
     from peft.utils import get_peft_model_state_dict
@@ -73,7 +74,7 @@ def step6_save(run: Run) -> tuple[Path, Path]:
                                    "rate or use bf16/fp32 and resume from the last checkpoint")
     # Without this metadata the loader assumes alpha == rank and reloads at the wrong scale (LIBRARY-NOTES §0.4).
     meta = _collate_lora_metadata({"unet": unet, "text_encoder": te if cfg.train_text_encoder else None})
-    out = run.setup.run_dir / "output"
+    out = out or run.setup.run_dir / "output"
     out.mkdir(parents=True, exist_ok=True)
     lora_path, tmp = out / f"{cfg.output_name}.safetensors", out / f".tmp-{uuid.uuid4().hex[:12]}"
     try:
@@ -86,7 +87,7 @@ def step6_save(run: Run) -> tuple[Path, Path]:
         raise ck.DiskFullError(f"could not save the LoRA ({e}); the checkpoints are kept, resume to retry") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    grid_path = write_preview_grid(run, out / "preview.png")
+    grid_path = grid_path or write_preview_grid(run, out / "preview.png")
     style = {"schema_version": STYLE_SCHEMA_VERSION, "trigger_token": cfg.trigger_token,
              "instance_prompt": cfg.instance_prompt, "preset": cfg.preset, "base_model": cfg.base_model or "demo",
              "base_model_fingerprint": run.models.base.fingerprint,
