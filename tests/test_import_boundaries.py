@@ -16,7 +16,7 @@ ML_STACK = ("torch", "diffusers", "transformers", "peft", "accelerate")
 OURS = ("engine", "ui", "launcher")
 LAYERS = {
     "engine.core": ("engine.core",),
-    "engine.jobs": ("engine.core",),
+    "engine.jobs": ("engine.core", "engine.studio.db"),
     "engine.demo": ("engine.core",),
     "engine.studio": ("engine.core",),
     "engine.generate": ("engine.core",),

@@ -72,15 +72,20 @@ def test_cancel_mid_run_stops_promptly_and_engine_stays_usable(h):
     assert run(h, form())[-1]["status"].startswith("Done: 1 image(s)")  # still usable, stop flag cleared
 
 
-def test_closing_the_generator_stops_the_engine(h):
-    """Gradio's `cancels=[ev]` closes the generator; the worker thread must stop too, not run on."""
+def test_closing_the_generator_leaves_the_job_running_and_cancel_stops_it(h):
+    """Gradio closes the generator when the page goes away: the job runs on (GR-12, found again under My jobs);
+    Cancel (`cancels=[ev]` plus h.cancel) stops the worker within a step, not after 50 images."""
     saved = lambda: len(list(h.engine.data_dir.glob("outputs/**/*.png")))  # noqa: E731
     before = saved()
     gen = h.generate(form(num_inference_steps=150, batch_count=50))
     next(gen)
     gen.close()
-    assert h.engine.wait_for_jobs(timeout=120)
+    job = h.engine.my_jobs()[0]
+    assert job.kind == "generate" and job.state in ("queued", "running")
+    assert h.engine.job_status(job.id).state in ("queued", "running")  # still going with nobody following it
+    assert h.cancel() == {"status": "Cancelled."}
     assert saved() == before  # stopped inside its first 150-step image, not after 50 of them
+    assert h.engine.job_status(job.id).state == "cancelled"
     assert run(h, form())[-1]["status"].startswith("Done")
 
 

@@ -15,6 +15,7 @@ from gradio.utils import get_upload_folder
 from .blend_tab import build_blend_tab
 from .feedback_tab import build_feedback_tab
 from .generate_tab import build_generate_tab
+from .jobs_panel import build_jobs_panel
 from .library_tab import build_library_tab
 from .rating_row import rating_controls
 from .session import is_admin, user_of
@@ -122,6 +123,8 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
                 library = build_library_tab(engine)
             with gr.Tab("Blend", id="blend", elem_id="tab-blend") as blend_tab:
                 blend = build_blend_tab(engine)
+            with gr.Tab("My jobs", id="jobs", elem_id="tab-jobs") as jobs_tab:
+                jobs = build_jobs_panel(engine)
             # Every Feedback event takes its user from the request and its round from the browser session.
             with gr.Tab("Feedback", id="feedback", elem_id="tab-feedback") as fb_tab:
                 feedback = build_feedback_tab(engine)
@@ -157,6 +160,9 @@ def build_app(engine, remote: bool = False) -> gr.Blocks:
         lib_tab.select(**library.refresh)
         demo.load(**blend.refresh)
         blend_tab.select(**blend.refresh)
+        # Jobs started on a page that was closed, or before the app restarted, are listed on the next visit.
+        demo.load(**jobs.refresh)
+        jobs_tab.select(**jobs.refresh)
         demo.load(**feedback.refresh)
         fb_tab.select(**feedback.refresh)
         demo.load(None, None, None, js=feedback.keys_js, queue=False, api_visibility="private")  # rating keys

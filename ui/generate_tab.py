@@ -75,12 +75,10 @@ class GenerateHandlers:
         `user`: who asks (ui.session.user_of), else this tab's default user."""
         user = user or self.user
         req = self.request(values)
-        finished = False
         last = 0.0
         try:
             for ev in self.engine.generate_iter(req, user=user):
                 if isinstance(ev, GenerateResult):
-                    finished = True
                     self._last_paths[user] = [img.path for img in ev.images]
                     yield self._result(ev, req)
                     return
@@ -97,10 +95,8 @@ class GenerateHandlers:
                         update["preview"] = ev.preview
                     yield update
         except GeneratorExit:
-            if not finished:
-                # Gradio closed the generator (Cancel, or the browser went away) while the worker runs: stop it
-                # too, or it keeps the GPU busy with images nobody will see (LIBRARY-NOTES §0.5).
-                self.engine.cancel(kind="generate", user=user)
+            # Gradio closed the generator: the browser went away, or Cancel (whose own handler stops the job,
+            # `cancel` below). A job whose page went away runs on and is found again under My jobs (GR-12).
             raise
         except ValueError as e:  # ConfigError, ModelLoadError and other checks carry user-facing messages
             raise gr.Error(str(e)) from None

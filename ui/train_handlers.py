@@ -271,7 +271,8 @@ class TrainHandlers:
             raise gr.Error(f"this run's config cannot be read by this version: {e}") from None
 
     def _follow(self, start, cfg: TrainConfig, progress, user: str | None = None) -> Iterator[dict[str, Any]]:
-        """Render the engine's events; if Gradio closes us (Cancel, closed tab) stop the engine, as Generate does."""
+        """Render the engine's events. If Gradio closes us (closed tab, Cancel) the run goes on (Cancel stops it
+        through `cancel`), and a closed page finds it again under My jobs (GR-12)."""
         log: list[str] = []
         steps: list[int] = []
         losses: list[float] = []
@@ -321,9 +322,8 @@ class TrainHandlers:
                 last = time.monotonic()
                 yield update
         except GeneratorExit:
-            if not done:
+            if not done:  # the page went away (the run goes on, under My jobs: GR-12), or Cancel (see `cancel`)
                 draining = True
-                self.engine.cancel(kind="train", user=user or self.user)  # Gradio's cancel stops only the UI
                 threading.Thread(target=self._drain, args=(events,), daemon=True).start()
             raise
         except MemoryError:

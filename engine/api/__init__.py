@@ -4,15 +4,14 @@ It owns the loaded base model, one lock around all model work (one GPU, one queu
 registry of jobs with a cancel token each (Cancel stops one job within one step, not the others), the studio
 (callers, quotas) and the data directory. Methods take frozen request dataclasses and return typed results;
 progress is reported through typed events. This file holds the model, jobs, generation and training; the library
-methods live in library.py and blends and batches in blends.py (mixins of this one class), shared pieces in
-support.py.
+methods live in library.py, blends and batches in blends.py, the job queue (recording every job, my_jobs,
+job_status, reattach) in jobs.py (mixins of this one class), shared pieces in support.py.
 
 May import: every engine subpackage (it is the composition root); nothing imports it but ui/, the launcher,
 scripts and benches.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import re
@@ -33,17 +32,20 @@ from engine.core.events import (GeneratedImage, GenerateResult, Progress, Queued
 from engine.core.train_config import TrainConfig
 from engine.generate import recipes
 from engine.generate.sampler import decode, sample, to_pil
-from engine.jobs.cancel import Job, JobRegistry
+from engine.jobs.cancel import JobRegistry
 from engine.jobs.fair import FairScheduler
+from engine.jobs.runner import LiveJob
+from engine.jobs.store import JobStore
 from engine.models.loading import LoadedModel, load_base_model
 from engine.styles.adapters import AdapterCache, unet_weight
 from engine.styles.blend import check_same_base
 from engine.styles.library import Library, LibraryStyle
 from engine.styles.store import StyleInfo
 from engine.api.blends import BlendMethods
-from engine.api.cluster import CLUSTER_KINDS, ClusterMethods
+from engine.api.cluster import ClusterMethods
 from engine.api.feedback import FeedbackMethods
 from engine.api.instant import InstantMethods
+from engine.api.jobs import JobMethods
 from engine.api.library import LibraryMethods
 from engine.api.support import charged, iterate, with_triggers
 from engine.studio.service import Studio
@@ -65,7 +67,7 @@ def pick_device() -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
-class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, ClusterMethods):
+class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, ClusterMethods, JobMethods):
     """Everything that touches models and files. Thread-safe: model work runs one job at a time."""
 
     def __init__(self, settings: Settings | None = None, *, device: str | None = None,
@@ -84,6 +86,11 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, Clus
         self.cluster = cluster
         if cluster is not None:
             self.fair = cluster.scheduler()
+        # The queue's table (GR-12, TR-9): every job's state, progress and result. Jobs that a dead process left
+        # queued or running are marked interrupted now, before this process runs any.
+        self.job_store = JobStore(self.data_dir / "stylebooth.db")
+        self.interrupted_at_start = self.job_store.recover()
+        self._live: dict[str, LiveJob] = {}  # jobs running in this process that a page can follow (reattach)
         self._model: LoadedModel | None = None
         self._adapters: AdapterCache | None = None
         # `fallback_to_demo` (the app): a configured model that fails to load is replaced by the demo model, and
@@ -210,23 +217,6 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, Clus
             return None
         return self.fair.position(job_id)
 
-    @contextlib.contextmanager
-    def _job(self, kind: str, user: str, job_id: str | None) -> Iterator[Job]:
-        """Register the job (cancellable from now on), wait for its fair turn and the model, and run it.
-
-        A job cancelled while it waits leaves the line at once; its body sees the set token before it touches the
-        model and reports itself cancelled."""
-        job = self.jobs.start(kind, user, job_id)
-        try:
-            with self.fair.turn(user, job.id, cancelled=job.token):
-                if job.token.is_set() or (self.cluster is not None and kind in CLUSTER_KINDS):  # no model here
-                    yield job
-                else:
-                    with self._lock:
-                        yield job
-        finally:
-            self.jobs.finish(job)
-
     # ---- generate ------------------------------------------------------------------------------------------
     @charged("generate")
     def generate(self, req: GenerateRequest, on_progress: Callable[[Progress], None] | None = None,
@@ -341,7 +331,7 @@ class Engine(LibraryMethods, BlendMethods, FeedbackMethods, InstantMethods, Clus
             self._detach_instant()
             return run_training(self.model, self.data_dir, cfg, name, run_dir=run_dir, on_event=on_event,
                                 stop_event=job.token, style_id=into_style,
-                                on_run_dir=lambda d: self.library.set_run_owner(d.name, user))
+                                on_run_dir=lambda d: self._run_started(job.id, d, user))
 
     def train_iter(self, cfg: TrainConfig, name: str, *, run_dir: Path | None = None, user: str = "local",
                    job_id: str | None = None, into_style: str | None = None) -> Iterator:

@@ -3,14 +3,14 @@ worker thread for a UI that renders while it runs."""
 from __future__ import annotations
 
 import functools
-import queue
-import threading
 import uuid
 from typing import Callable, Iterator
 
 
 from engine.core.caller import LOCAL, Caller
 from engine.core.events import (BakeResult, BatchResult, BlendStripResult, GenerateResult)
+from engine.jobs.records import request_record
+from engine.jobs.runner import LiveJob, job_frame, run_job, settle
 from engine.styles.store import apply_trigger
 
 
@@ -38,7 +38,9 @@ def charged(kind: str):
                 kw["job_id"] = job_id
             ok = False
             try:
-                result = fn(self, req, *args, user=caller.name, **kw)
+                with job_frame(request_record(req, *args[:1])) as frame:  # the queue records what was asked
+                    result = fn(self, req, *args, user=caller.name, **kw)
+                    settle(frame, result)
                 ok = not was_cancelled(result)
                 if kind == "train":
                     self._own_training(caller, result)
@@ -87,29 +89,12 @@ class StripCell:
 
 
 def iterate(job: Callable[[Callable], object], result_type, poll: Callable[[], object] | None = None) -> Iterator:
-    """Run `job(emit)` in a worker thread; yield what it emits, then its return value; re-raise its error.
+    """Start `job(emit)` now (engine/jobs/runner.run_job); return an iterator over what it emits, then its return
+    value; it re-raises the job's error.
 
-    `poll`: asked every second while nothing was emitted; what it returns (if not None) is yielded (a Queued
-    event while the job waits for its turn)."""
-    events: queue.Queue = queue.Queue()
-
-    def work():
-        try:
-            events.put(job(events.put))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            events.put(e)
-
-    threading.Thread(target=work, daemon=True, name="stylebooth-job").start()
-    while True:
-        try:
-            ev = events.get(timeout=1.0) if poll is not None else events.get()
-        except queue.Empty:
-            waiting = poll()
-            if waiting is not None:
-                yield waiting
-            continue
-        if isinstance(ev, BaseException):
-            raise ev
-        yield ev
-        if isinstance(ev, result_type):
-            return
+    The job runs on when the iterator is dropped (the browser went away): its state and result go to the queue,
+    and `Engine.reattach` follows it again. `poll`: asked every second while nothing was emitted; what it returns
+    (if not None) is yielded (a Queued event while the job waits for its turn)."""
+    live = LiveJob(result_type)
+    run_job(job, live)
+    return live.follow(poll)

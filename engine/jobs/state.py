@@ -1,5 +1,9 @@
-"""Crash-safe job state (RELIABILITY TR-9): run_dir/job.json says queued → running → checkpointed(step) →
-done/failed/cancelled, so a run whose worker died is found again and offered "interrupted — resume?"."""
+"""Crash-safe run state (RELIABILITY TR-9): run_dir/job.json says queued → running → checkpointed(step) →
+done/failed/cancelled, so a run whose worker died is found again and offered "interrupted — resume?".
+
+One owner per piece of state: this file is a training run's own (written by the trainer, also outside the app:
+the CLI, a Ray worker's run shipped back), and says which checkpoint a resume starts from; the app's queue
+(engine/jobs/store.py, the `jobs` table) owns the job's state and points to the run by its folder name."""
 from __future__ import annotations
 
 import datetime as dt
