@@ -75,7 +75,7 @@ class ClusterMethods:
             raise ConfigError("give the style a name, e.g. 'my heart shape'")
         run_dir = run_dir or new_run_dir(self.data_dir, name)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.library.set_run_owner(run_dir.name, user)  # before any work, as a local run records it
+        self._run_started(job.id, run_dir, user)  # owner and queue row know the run before any work, as locally
         source = _local(cfg.base_model) if cfg.base_model else self._model_source()
         backend = self.cluster
         spec = {"job_id": job.id, "user": user, "model": backend.model_ref(source), "model_source": source,
