@@ -11,7 +11,7 @@ import time
 import pytest
 
 from engine.cluster.content import ContentError, Hasher, materialize, read_chunk
-from engine.cluster.fair import FairPool
+from engine.jobs.fair import FairScheduler
 
 
 def _bundle(tmp_path):
@@ -60,7 +60,7 @@ def test_damaged_or_tampered_bundles_are_refused(tmp_path):
 
 def test_the_pool_runs_capacity_jobs_at_once_round_robin(tmp_path):
     cap = [2]
-    pool = FairPool(lambda: cap[0])
+    pool = FairScheduler(lambda: cap[0])
     running, peak, order, lock = set(), [0], [], threading.Lock()
     release = threading.Event()
 

@@ -1,7 +1,7 @@
 """Past one machine: jobs run as Ray tasks on GPU workers while the queue (ownership, quotas, fairness) stays here.
 
-`RayBackend` (backend.py) connects to a Ray cluster and runs one generation or training job per task; `FairPool`
-(fair.py) hands out that many turns at once, round-robin across users; models, styles and datasets reach the workers
+`RayBackend` (backend.py) connects to a Ray cluster and runs one generation or training job per task; the
+Engine's FairScheduler (engine/jobs/fair.py) hands out that many turns at once, round-robin across users; models, styles and datasets reach the workers
 by content hash (content.py) from a store on the app's own node (head.py), which also receives training checkpoints
 as they are saved, so a retried task resumes exactly where the dead worker's last checkpoint left off. The task
 bodies run on the workers (worker.py). Ray is optional (`pip install "stylebooth[cluster]"`); nothing here imports

@@ -1,6 +1,6 @@
 """`RayBackend`: run the Engine's generation and training jobs as Ray tasks on GPU workers.
 
-The app stays the source of truth: it checks ownership, charges quotas and keeps the fair queue (FairPool, as many
+The app stays the source of truth: it checks ownership, charges quotas and keeps the fair queue (engine.jobs.fair.FairScheduler, as many
 turns at once as the cluster has job slots), and only then hands a job to Ray as one task with `num_gpus=1` (per
 job). What a worker needs reaches it by content hash from the store on the app's node (head.py); what it makes
 comes back as bytes that the app writes: PNGs with their recipes under outputs/<user>/, a trained style into the
@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from engine.cluster import worker
 from engine.cluster.content import Hasher, safe_rel
-from engine.cluster.fair import FairPool
+from engine.jobs.fair import FairScheduler
 from engine.cluster.head import HeadStore
 from engine.core.errors import TrainingError
 
@@ -84,9 +84,9 @@ class RayBackend:
                 self._capacity = (time.monotonic(), value)
             return value
 
-    def scheduler(self) -> FairPool:
+    def scheduler(self) -> FairScheduler:
         """The Engine's fair queue for this cluster: round-robin across users, capacity() jobs at once."""
-        return FairPool(self.capacity)
+        return FairScheduler(self.capacity)
 
     # ---- content ---------------------------------------------------------------------------------------------
     def _register(self, bundle) -> str:
