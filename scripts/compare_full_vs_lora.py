@@ -10,7 +10,7 @@ Rows: the base model, the LoRA, the fully fine-tuned model, and LoRAs extracted 
 
 Settings for full fine-tuning were chosen with `--eval tune` (other prompts and seeds); report with `--eval report`.
 Usage: OMP_NUM_THREADS=1 python scripts/compare_full_vs_lora.py [--eval report] [--lr 1e-4] [--steps 300]
-       [--ranks 4,16,64] [--only full] [--out /tmp/compare]
+       [--ranks 4,16,64] [--only full] [--reuse-lora] [--out /tmp/compare]
 """
 from __future__ import annotations
 
@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--ranks", default="4,16,64", help="ranks of the extracted LoRAs to score")
     ap.add_argument("--only", choices=("full", "lora", "all"), default="all")
+    ap.add_argument("--reuse-lora", action="store_true", help="use the LoRA an earlier run left in --out")
     ap.add_argument("--out", type=Path, default=Path("/tmp/compare-full-vs-lora"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -112,9 +113,10 @@ def main() -> None:
     if args.only == "all":
         rows["base model"] = scores(base.components, checker, sets)
     if args.only in ("all", "lora"):
-        t = time.perf_counter()
-        res = train(config("lora", 0, 0, 0), args.out / "lora", resume=False)
-        rows["LoRA (rank 8, demo settings)"] = {**with_lora(base, res.lora_path, checker, sets),
+        t, lora = time.perf_counter(), args.out / "lora" / "output" / "lora.safetensors"
+        if not (args.reuse_lora and lora.is_file()):  # training is deterministic: the same file every time
+            lora = train(config("lora", 0, 0, 0), args.out / "lora", resume=False).lora_path
+        rows["LoRA (rank 8, demo settings)"] = {**with_lora(base, lora, checker, sets),
                                                 "train_s": time.perf_counter() - t}
     if args.only in ("all", "full"):
         t = time.perf_counter()

@@ -236,3 +236,18 @@ def test_train_tab_offers_the_method_and_maps_it_by_name(tmp_path):
     assert cfg.method == "full" and cfg.extract_rank == 8 and cfg.gradient_checkpointing
     with pytest.raises(gr.Error, match="`method` must be one of lora, full"):
         h.config({**default_values(), "method": "everything"}, images)
+
+
+def test_disk_space_for_full_checkpoints_is_checked_before_training(tiny_sd, tmp_path, monkeypatch):
+    """TR-8 for full fine-tuning: every checkpoint holds all weights and both Adam moments, so the space is checked
+    up front (room for a LoRA run is not room for this one)."""
+    imgs = draw_images(tmp_path / "img")
+    n = sum(p.numel() for p in _pipe(tiny_sd).unet.parameters()) + sum(
+        p.numel() for p in _pipe(tiny_sd).text_encoder.parameters())
+    need = n * 4 * (3 * (2 + 1) + 2) + ck.MARGIN_BYTES  # checkpoints_total_limit=2
+    monkeypatch.setattr(ck, "free_bytes", lambda path: need - 1)
+    with pytest.raises(ck.DiskFullError, match="full fine-tuning needs about"):
+        T.train(full_config(tiny_sd, imgs, checkpoints_total_limit=2), tmp_path / "full")
+    T.train(make_config(tiny_sd, imgs, max_train_steps=1, checkpoints_total_limit=2), tmp_path / "lora")  # fits
+    monkeypatch.setattr(ck, "free_bytes", lambda path: need)
+    assert T.train(full_config(tiny_sd, imgs, max_train_steps=1, checkpoints_total_limit=2), tmp_path / "ok").steps == 1

@@ -239,7 +239,8 @@ def presets(kind: str, *, token: str = TRIGGER_CANDIDATES[0], class_noun: str = 
     e.g. class_noun="painting".
     """
     _check(kind in PRESETS, f"unknown preset {kind!r}; choose one of: {', '.join(PRESETS)}")
-    common = dict(trigger_token=token, preset=kind, method="lora", extract_rank=16, extract_energy=0.0, resolution=0, center_crop=True, train_text_encoder=True,
+    common = dict(trigger_token=token, preset=kind, method="lora", extract_rank=16, extract_energy=0.0,
+                  resolution=0, center_crop=True, train_text_encoder=True,
                   text_encoder_lr=5e-5, lr_scheduler="constant", lr_warmup_steps=0, train_batch_size=1,
                   gradient_accumulation_steps=1, max_grad_norm=1.0, mixed_precision="no",
                   gradient_checkpointing=False, use_8bit_adam=False, snr_gamma=5.0, max_nonfinite_steps=3, seed=0,

@@ -1,11 +1,12 @@
 """A LoRA from a fully fine-tuned model: the truncated SVD of each layer's weight change.
 
 For a Linear or Conv2d layer, ΔW = W_tuned − W_base (a conv kernel [out, in, kh, kw] read as the matrix
-[out, in·kh·kw]) has the SVD U S Vᵀ. Keeping the r largest singular values gives ΔW ≈ U_r S_r V_rᵀ, split evenly
-as up B = U_r S_r^½ ([out, r], a 1×1 conv for convolutions) and down A = S_r^½ V_rᵀ ([r, in] or [r, in, kh, kw]),
-with alpha = r so the LoRA's scale is 1 and B·A is the approximation itself. By the Eckart–Young–Mirsky theorem
-(Eckart & Young 1936) this is the best rank-r approximation in the Frobenius norm, and its error is exactly
-‖ΔW − B A‖_F = sqrt(Σ_{i>r} s_i²). kohya's sd-scripts (networks/extract_lora_from_models.py) does the same.
+[out, in·kh·kw]) has the SVD U S Vᵀ. Keeping the r largest singular values gives ΔW ≈ U_r S_r V_rᵀ, split
+evenly as up B = U_r S_r^½ ([out, r], a 1×1 conv for convolutions) and down A = S_r^½ V_rᵀ ([r, in] or
+[r, in, kh, kw]), with alpha = r so the LoRA's scale is 1 and B·A is the approximation itself. By the
+Eckart–Young–Mirsky theorem (Eckart & Young 1936) this is the best rank-r approximation in the Frobenius
+norm, and its error is exactly ‖ΔW − B A‖_F = sqrt(Σ_{i>r} s_i²). kohya's sd-scripts
+(networks/extract_lora_from_models.py) does the same.
 
 What a LoRA cannot hold (biases, norms, embeddings, grouped convolutions) is reported, not dropped silently.
 Pure functions on tensors and modules: the caller (engine/train/full.py) loads and saves.
