@@ -78,11 +78,26 @@ def scores(components, checker, sets) -> dict[str, float]:
             "n": len(heart)}
 
 
-def with_lora(base, lora_path: Path, checker, sets) -> dict[str, float]:
+def pixels(components, sets) -> torch.Tensor:
+    """8 images of token prompts from the first set, as pixels in [0, 1], to compare models directly."""
+    prompts, _ = colour_prompts(sets[0][0], n=8)
+    seeds = [sets[0][1] + i for i in range(8)]
+    return sample(components, prompts, [""] * 8, seeds, num_inference_steps=20, guidance_scale=5.0,
+                  scheduler="dpmpp_2m")
+
+
+def with_lora(base, lora_path: Path, checker, sets, ref=None) -> dict[str, float]:
+    """Scores with the LoRA on; with `ref` = (full model's pixels, base pixels) also how far its images are from
+    the full model's, as a share of how far the base model's are (0: the same images, 1: no closer than base)."""
     pipe = F_pipe(base)
     pipe.load_lora_weights(str(lora_path), adapter_name="x", use_safetensors=True)
     try:
-        return scores(base.components, checker, sets)
+        out = scores(base.components, checker, sets)
+        if ref is not None:
+            full_px, base_px = ref
+            out["pixel_gap_vs_full"] = float((pixels(base.components, sets) - full_px).abs().mean() /
+                                             (base_px - full_px).abs().mean())
+        return out
     finally:
         pipe.delete_adapters("x")
 
@@ -127,6 +142,7 @@ def main() -> None:
         tuned = load_base_model(run_dir / "output" / F.MODEL_DIR)
         rows[f"full (lr {args.lr:g}, {args.steps} steps)"] = {**scores(tuned.components, checker, sets),
                                                               "train_s": train_s}
+        ref = (pixels(tuned.components, sets), pixels(base.components, sets))
         for r in [int(x) for x in args.ranks.split(",") if x]:
             fresh = load_base_model(None)
             ex = merge(extract_module("unet", fresh.components.unet, tuned.components.unet, rank=r),
@@ -134,7 +150,7 @@ def main() -> None:
                                       tuned.components.text_encoder, rank=r))
             path = run_dir / f"extracted-r{r}.safetensors"
             F.write_lora_file(ex, path)
-            rows[f"extracted LoRA rank {r}"] = {**with_lora(base, path, checker, sets),
+            rows[f"extracted LoRA rank {r}"] = {**with_lora(base, path, checker, sets, ref),
                                                 "rel_error": ex.rel_error, "unrepresented": ex.unrepresented_share,
                                                 "MiB": path.stat().st_size / 2**20}
     print(f"\neval set: {args.eval} {sets}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from engine.core.errors import TrainingDiverged
+from engine.core.errors import TrainingDiverged, TrainingError
 from engine.core.events import TrainLog
 from engine.core.files import atomic_dir, atomic_path
 from engine.models.safety import validate_safetensors
@@ -78,7 +78,7 @@ def save_model_folder(run: Run, folder: Path) -> Path:
                                "retry") from e
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)  # only once the new folder is in place
     return folder
 
 
@@ -89,7 +89,7 @@ def extract(run: Run) -> Extraction:
     cfg, acc = run.setup.cfg, run.setup.acc
     base = load_base_model(cfg.base_model or None, device="cpu", dtype=torch.float32)
     if base.fingerprint != run.models.base.fingerprint:
-        raise TrainingDiverged(f"the base model's files changed during training ({cfg.base_model or 'demo'}); the "
+        raise TrainingError(f"the base model's files changed during training ({cfg.base_model or 'demo'}); the "
                                "fine-tuned model folder is saved but no LoRA can be extracted against other weights")
     device = acc.device  # SVD on the GPU when there is one
     parts = [extract_module("unet", base.components.unet, acc.unwrap_model(run.trainable.unet), rank=cfg.extract_rank,
