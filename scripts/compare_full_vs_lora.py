@@ -10,7 +10,7 @@ Rows: the base model, the LoRA, the fully fine-tuned model, and LoRAs extracted 
 
 Settings for full fine-tuning were chosen with `--eval tune` (other prompts and seeds); report with `--eval report`.
 Usage: OMP_NUM_THREADS=1 python scripts/compare_full_vs_lora.py [--eval report] [--lr 1e-4] [--steps 300]
-       [--ranks 4,16,64] [--only full] [--reuse-lora] [--out /tmp/compare]
+       [--ranks 4,16,64] [--only full] [--reuse] [--out /tmp/compare]
 """
 from __future__ import annotations
 
@@ -119,7 +119,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--ranks", default="4,16,64", help="ranks of the extracted LoRAs to score")
     ap.add_argument("--only", choices=("full", "lora", "all"), default="all")
-    ap.add_argument("--reuse-lora", action="store_true", help="use the LoRA an earlier run left in --out")
+    ap.add_argument("--reuse", action="store_true", help="use the LoRA / full model an earlier run with the same "
+                    "settings left in --out (training is deterministic: the same weights)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/compare-full-vs-lora"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -129,7 +130,7 @@ def main() -> None:
         rows["base model"] = scores(base.components, checker, sets)
     if args.only in ("all", "lora"):
         t, lora = time.perf_counter(), args.out / "lora" / "output" / "lora.safetensors"
-        if not (args.reuse_lora and lora.is_file()):  # training is deterministic: the same file every time
+        if not (args.reuse and lora.is_file()):  # training is deterministic: the same file every time
             lora = train(config("lora", 0, 0, 0), args.out / "lora", resume=False).lora_path
         rows["LoRA (rank 8, demo settings)"] = {**with_lora(base, lora, checker, sets),
                                                 "train_s": time.perf_counter() - t}
@@ -137,7 +138,8 @@ def main() -> None:
         t = time.perf_counter()
         cfg = config("full", args.lr, args.te_lr or args.lr, args.steps)
         run_dir = args.out / f"full-{args.lr:g}-{args.steps}"
-        res = train(cfg, run_dir, resume=False)
+        if not (args.reuse and (run_dir / "output" / F.MODEL_DIR / "model_index.json").is_file()):
+            train(cfg, run_dir, resume=False)
         train_s = time.perf_counter() - t
         tuned = load_base_model(run_dir / "output" / F.MODEL_DIR)
         rows[f"full (lr {args.lr:g}, {args.steps} steps)"] = {**scores(tuned.components, checker, sets),
