@@ -154,3 +154,27 @@ def test_cancel_then_resume_in_the_browser(page):
     expect(page.locator("#train-status textarea")).to_have_value(
         "Done: style “checkered example” trained in 400 steps. Go to Generate to use it.", timeout=180_000)
     expect(choice).to_have_value("")  # nothing left to resume
+
+
+def test_full_fine_tuning_from_the_train_tab(page, tmp_path):
+    """Method → Full fine-tuning: every weight trains, and the style the library gets (the extracted LoRA) is
+    offered in Generate like any other."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-images input[type=file]").set_input_files(_images(tmp_path))
+    expect(page.locator("#train-images")).to_contain_text("heart3")
+    page.locator("#style-name textarea, #style-name input").first.fill("full heart")
+    page.locator("#method").get_by_text("Full fine-tuning").click()
+    _set_number(page, "#train-steps", 2)
+    if not page.locator("#extract-rank").is_visible():
+        page.locator("#train-advanced").get_by_text("Advanced").click()
+    _set_number(page, "#extract-rank", 4)
+    _set_number(page, "#validation-steps", 0)
+    page.locator("#train").click()
+    expect(page.locator("#train-result")).to_contain_text("is ready", timeout=180_000)
+    expect(page.locator("#train-log textarea")).to_have_value(re.compile("LoRA extracted by SVD"))
+    page.get_by_role("tab", name="Generate").click()
+    page.locator("#style input").first.click()
+    expect(page.get_by_role("option", name="full heart").first).to_be_visible()
+    page.keyboard.press("Escape")

@@ -53,6 +53,8 @@ ADVANCED = [
      ("center_crop", "check", "Center crop", {}), ("random_flip", "check", "Random flip", {})],
     [("num_class_images", "int", "Class images", {"minimum": 1}),
      ("prior_loss_weight", "float", "Prior loss weight", {})],
+    [("extract_rank", "int", "Extracted LoRA rank (full fine-tuning)", {"minimum": 1}),
+     ("extract_energy", "fraction", "…or keep this share of each layer's change (0 = fixed rank)", {})],
     [("checkpointing_steps", "int", "Checkpoint every N steps", {}),
      ("checkpoints_total_limit", "int", "Checkpoints to keep", {"minimum": 1}),
      ("report_to", REPORT_TO, "Report to", {}), ("output_name", "text", "LoRA file name", {})],
@@ -87,6 +89,11 @@ def _form(d: dict[str, Any]) -> dict[str, gr.components.Component]:
     f["preset"] = gr.Radio([("Subject", "subject"), ("Style", "style")], value=d["preset"], label="Preset",
                            info="subject: one thing (a character, an object); style: a look across many things",
                            elem_id="preset")
+    f["method"] = gr.Radio([("LoRA", "lora"), ("Full fine-tuning", "full")], value=d["method"], label="Method",
+                           info="LoRA: small adapters, little memory. Full: every UNet and text-encoder weight trains "
+                                "(VAE frozen), needs far more GPU memory and disk (use gradient checkpointing / "
+                                "8-bit Adam and a lower learning rate); saves a model folder and a LoRA extracted "
+                                "from it for the library", elem_id="method")
     f["instance_prompt"] = gr.Textbox(label="Instance prompt", value=d["instance_prompt"], elem_id="instance-prompt",
                                       info="describes your images; must contain the trigger word")
     f["class_prompt"] = gr.Textbox(label="Class prompt", value=d["class_prompt"], lines=1, max_lines=8,

@@ -17,9 +17,13 @@ from engine.core.config import ConfigError, _check, _coerce, from_dict, load_tom
 
 __all__ = ["ConfigError", "TrainConfig", "presets", "demo_settings", "suggest_trigger_token", "check_trigger_token",
            "is_common_word", "config_hash", "load_train_config",
-           "save_train_config", "PRESETS", "LR_SCHEDULERS", "TRIGGER_CANDIDATES"]
+           "save_train_config", "PRESETS", "LR_SCHEDULERS", "METHODS", "TRIGGER_CANDIDATES"]
 
 PRESETS = ("subject", "style")
+# "lora": LoRA adapters on a frozen model (train_dreambooth_lora.py). "full": every UNet (and, with
+# train_text_encoder, text-encoder) weight trained, VAE frozen, as diffusers' reference train_dreambooth.py does;
+# the result is a diffusers model folder plus a LoRA extracted from it by SVD (engine/train/extract.py).
+METHODS = ("lora", "full")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "none")
@@ -56,7 +60,8 @@ big small large tiny beautiful cute pretty happy sad new old young high low best
 FREQUENT_TOKEN_RANK = 10_000  # CLIP's vocabulary is in BPE merge order: ids below this are its most frequent words
 # Fields that do not change the trained weights: changing them must not block a resume.
 _NON_TRAINING_FIELDS = {"validation_prompts", "validation_steps", "checkpointing_steps", "checkpoints_total_limit",
-                        "report_to", "output_name", "eval_seeds", "eval_prompts", "eval_model", "eval_fidelity_floor"}
+                        "report_to", "output_name", "eval_seeds", "eval_prompts", "eval_model", "eval_fidelity_floor",
+                        "extract_rank", "extract_energy"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -75,6 +80,12 @@ class TrainConfig:
     # "a photo of a puppy", ...), spread the class images over the class's variety; see `class_prompts`.
     class_prompt: str = ""
     preset: str = "subject"
+    method: str = "lora"  # see METHODS; "full" ignores lora_rank/lora_alpha/*_target_modules
+    # Full fine-tuning only: the LoRA published to the library is the SVD of (tuned - base) per layer, truncated to
+    # at most `extract_rank`; with `extract_energy` > 0 each layer keeps the fewest singular values holding that
+    # fraction of its squared Frobenius norm (still at most extract_rank).
+    extract_rank: int = 16
+    extract_energy: float = 0.0
     with_prior_preservation: bool = True
     prior_loss_weight: float = 1.0
     num_class_images: int = 100
@@ -174,6 +185,8 @@ class TrainConfig:
         between("prior_loss_weight", 0.0, 100.0)
         between("lora_rank", 1, 1024)
         between("lora_alpha", 1, 4096)
+        between("extract_rank", 1, 1024)
+        between("extract_energy", 0.0, 1.0)
         between("text_encoder_stop_fraction", 0.0, 1.0)
         between("snr_gamma", 0.0, 100.0)
         between("noise_offset", 0.0, 1.0)
@@ -190,7 +203,8 @@ class TrainConfig:
                f"{self.lr_warmup_steps}")
         for name in ("learning_rate", "text_encoder_lr"):
             v = getattr(self, name)
-            _check(0 < v <= 1e-2, f"`{name}` must be above 0 and at most 0.01 but is {v}; LoRA uses ~1e-4")
+            _check(0 < v <= 1e-2, f"`{name}` must be above 0 and at most 0.01 but is {v}; LoRA uses ~1e-4, "
+                                  "full fine-tuning ~5e-6 on Stable Diffusion")
         _check(self.resolution == 0 or (8 <= self.resolution <= 2048 and self.resolution % 8 == 0),
                f"`resolution` must be 0 (the model's size) or divisible by 8 (8..2048) but is {self.resolution}; "
                f"try {max(8, round(self.resolution / 8) * 8)}")
@@ -201,6 +215,7 @@ class TrainConfig:
             _check(v in options, f"`{name}` must be one of {', '.join(options)} but is {v!r}")
 
         one_of("preset", PRESETS)
+        one_of("method", METHODS)
         one_of("lr_scheduler", LR_SCHEDULERS)
         one_of("mixed_precision", MIXED_PRECISION)
         one_of("report_to", REPORT_TO)
@@ -236,7 +251,8 @@ def presets(kind: str, *, token: str = TRIGGER_CANDIDATES[0], class_noun: str = 
     e.g. class_noun="painting".
     """
     _check(kind in PRESETS, f"unknown preset {kind!r}; choose one of: {', '.join(PRESETS)}")
-    common = dict(trigger_token=token, preset=kind, resolution=0, center_crop=True, train_text_encoder=True,
+    common = dict(trigger_token=token, preset=kind, method="lora", extract_rank=16, extract_energy=0.0,
+                  resolution=0, center_crop=True, train_text_encoder=True,
                   text_encoder_lr=5e-5, lr_scheduler="constant", lr_warmup_steps=0, train_batch_size=1,
                   gradient_accumulation_steps=1, max_grad_norm=1.0, mixed_precision="no",
                   gradient_checkpointing=False, use_8bit_adam=False, snr_gamma=5.0, max_nonfinite_steps=3, seed=0,

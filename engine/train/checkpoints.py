@@ -273,6 +273,11 @@ def gather_blobs(acc, blob: bytes) -> list[bytes]:
     return [bytes(rows[i, : sizes[i]].numpy()) for i in range(acc.num_processes)]
 
 
+def weights_file(cfg) -> str:
+    """The trained weights in a checkpoint: the LoRA, or every trained weight with method="full"."""
+    return "weights.safetensors" if cfg.method == "full" else "lora.safetensors"
+
+
 def save_run(run, warn: Warn) -> Path | None:
     """Checkpoint a training run's full state (TR-1): LoRA, optimizer, LR schedule, scaler, sampler position,
     counters and every RNG of every rank. Collective: every rank calls it, rank 0 writes; errors are raised on all
@@ -287,7 +292,7 @@ def save_run(run, warn: Warn) -> Path | None:
     if setup.main:
         try:
             if not all(bool(torch.isfinite(t).all()) for t in lora.values()):
-                raise CheckpointError("the LoRA weights contain NaN/Inf; not saved. Lower the learning rate or use "
+                raise CheckpointError("the trained weights contain NaN/Inf; not saved. Lower the learning rate or use "
                                       "bf16/fp32 and resume from the last checkpoint")
             opt_tensors, opt_meta = optimizer_state(tr.optimizer)
             samp_tensors, samp_meta = data.sampler.state()
@@ -296,7 +301,7 @@ def save_run(run, warn: Warn) -> Path | None:
                      "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
             path = save_checkpoint(
                 setup.ckpt_dir, run.counters.step,
-                tensors={"lora.safetensors": lora, "optimizer.safetensors": opt_tensors,
+                tensors={weights_file(cfg): lora, "optimizer.safetensors": opt_tensors,
                          "sampler.safetensors": samp_tensors},
                 blobs={f"rng-rank{r}.safetensors": b for r, b in enumerate(blobs)}, json_files={"state.json": state},
                 manifest_info={"seed": cfg.seed, "epoch": data.sampler.epoch, "config_hash": config_hash(cfg),
@@ -342,9 +347,9 @@ def restore_run(run, resume: bool, warn: Warn):
         if state["world_size"] != acc.num_processes:
             raise CheckpointError(f"{path.name} was made by {state['world_size']} processes but {acc.num_processes} "
                                   "are running; resume would not be exact. Launch with the same number of processes.")
-        params, saved = run.lora_params(), read_tensors(path / "lora.safetensors")
+        params, saved = run.lora_params(), read_tensors(path / weights_file(cfg))
         if set(saved) != set(params):
-            raise CheckpointError(f"{path.name} holds other LoRA layers than this config builds; start a new run")
+            raise CheckpointError(f"{path.name} holds other trained weights than this config builds; start a new run")
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(saved[k])

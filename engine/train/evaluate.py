@@ -322,8 +322,8 @@ def evaluate_checkpoint(run) -> None:
     folder = checkpoint_export(setup.run_dir, step)
     folder.mkdir(parents=True, exist_ok=True)
     grid = write_grid(images, len(prompts), folder / "preview.png")
-    if step > 0:
-        step6_save(run, out=folder, grid_path=grid)
+    if step > 0 and cfg.method == "lora":  # full fine-tuning: scored only; an SVD extraction per checkpoint
+        step6_save(run, out=folder, grid_path=grid)  # would cost minutes and a model-sized file each time
     records.append(Record(step, likeness, fidelity))
     best = best_record(records, cfg.eval_fidelity_floor)
     warning = overtraining_warning(records, best)

@@ -28,9 +28,10 @@ from engine.core.events import TrainCheckpoint, TrainEvent, TrainLog, TrainProgr
 from engine.core.train_config import TrainConfig, check_trigger_token
 from engine.jobs import state as jobs
 from engine.train import checkpoints as ck
+from engine.train import full
 from engine.train.data import DreamBoothData, EpochSampler
 from engine.train.evaluate import evaluate_checkpoint
-from engine.train.state import Counters, Data, Models, Run, Setup, Trainable, lora_params
+from engine.train.state import Counters, Data, Models, Run, Setup, Trainable, trainable_params
 from engine.train.math import diffusion_target, dreambooth_loss, is_oom, min_snr_weights, offset_noise
 from engine.train.output import log_preview, step6_save
 
@@ -165,7 +166,8 @@ def make_optimizer(setup: Setup, models: Models) -> Trainable:
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ConfigError("`use_8bit_adam` needs bitsandbytes: pip install bitsandbytes") from None
+            raise ConfigError("`use_8bit_adam` needs bitsandbytes, an optional extra: pip install "
+                              "'stylebooth[adam8bit]' (or pip install bitsandbytes), or turn 8-bit Adam off") from None
         opt_cls = bnb.optim.AdamW8bit
     # fused=True: one kernel for every parameter's AdamW update instead of a dozen per tensor (GPU only; its
     # rounding differs from the loop version, so CPU keeps the default and its bit-exact numbers).
@@ -381,10 +383,13 @@ def train(config: TrainConfig, run_dir: Path, *, class_images=(), class_captions
             raise ConfigError(f"training image(s) not found: {', '.join(missing[:5])}; add them again or fix the paths")
         setup = Setup(config, run_dir, step0_accelerator(config, run_dir, emit), emit, stop_event)
         models = step1_load(setup)
-        step2_add_lora(setup, models)
-        if main:  # TR-8: room for limit+1 checkpoints (LoRA + 2 Adam moments) and the result
-            lora_bytes = ck.tensor_bytes(lora_params(setup.acc, models.components.unet, models.components.text_encoder))
-            ck.check_free_space(run_dir, lora_bytes * (3 * (config.checkpoints_total_limit + 1) + 1), "training")
+        full_ft = config.method == "full"  # full fine-tuning: engine/train/full.py
+        (full.step2_full if full_ft else step2_add_lora)(setup, models)
+        if main:  # TR-8: room for limit+1 checkpoints (weights + 2 Adam moments) and the result
+            params = trainable_params(config, setup.acc, models.components.unet, models.components.text_encoder)
+            need = (full.checkpoint_bytes(params, config.checkpoints_total_limit) if full_ft else
+                    ck.tensor_bytes(params) * (3 * (config.checkpoints_total_limit + 1) + 1))
+            ck.check_free_space(run_dir, need, "full fine-tuning" if full_ft else "training")
         data = step4_data(setup, models, *step3_priors(setup, class_images, class_captions))
         run = Run(setup, models, data, make_optimizer(setup, models), Counters(micro_batch=config.train_batch_size))
         run = ck.restore_run(run, resume, warn=lambda m: emit(TrainLog(m, "warning")))
@@ -399,7 +404,7 @@ def train(config: TrainConfig, run_dir: Path, *, class_images=(), class_captions
             check_ranks_in_sync(run)
         lora_path = style_path = None
         if not cancelled and main:
-            lora_path, style_path = step6_save(run)
+            lora_path, style_path = (full.step6_save_full if full_ft else step6_save)(run)
         setup.acc.wait_for_everyone()
         setup.acc.end_training()
     except BaseException as e:

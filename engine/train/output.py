@@ -9,6 +9,7 @@ import shutil
 import uuid
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -54,9 +55,8 @@ def log_preview(run: Run) -> None:
 
 # ---- 6: save the result ----------------------------------------------------------------------------------------
 
-def step6_save(run: Run, out: Path | None = None, grid_path: Path | None = None) -> tuple[Path, Path]:
-    """LoRA in diffusers format with alpha metadata, a fixed-seed preview grid and style.json, each atomic, into
-    `out` (default: the run's output/). A checkpoint's export (engine/train/evaluate.py) passes its grid."""
+def save_trained_lora(run: Run, lora_path: Path) -> None:
+    """The trained LoRA in diffusers' PEFT key format with alpha metadata, written atomically."""
     from diffusers import StableDiffusionPipeline
     from diffusers.training_utils import _collate_lora_metadata
     from peft.utils import get_peft_model_state_dict
@@ -74,9 +74,8 @@ def step6_save(run: Run, out: Path | None = None, grid_path: Path | None = None)
                                    "rate or use bf16/fp32 and resume from the last checkpoint")
     # Without this metadata the loader assumes alpha == rank and reloads at the wrong scale (LIBRARY-NOTES §0.4).
     meta = _collate_lora_metadata({"unet": unet, "text_encoder": te if cfg.train_text_encoder else None})
-    out = out or run.setup.run_dir / "output"
-    out.mkdir(parents=True, exist_ok=True)
-    lora_path, tmp = out / f"{cfg.output_name}.safetensors", out / f".tmp-{uuid.uuid4().hex[:12]}"
+    out = lora_path.parent
+    tmp = out / f".tmp-{uuid.uuid4().hex[:12]}"
     try:
         ck.check_free_space(out, sum(ck.tensor_bytes(sd) for sd in layers.values()), "the trained LoRA")
         StableDiffusionPipeline.save_lora_weights(tmp, weight_name=lora_path.name, **layers, **meta)
@@ -87,6 +86,19 @@ def step6_save(run: Run, out: Path | None = None, grid_path: Path | None = None)
         raise ck.DiskFullError(f"could not save the LoRA ({e}); the checkpoints are kept, resume to retry") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def step6_save(run: Run, out: Path | None = None, grid_path: Path | None = None, *,
+               write_lora: Callable[[Run, Path], None] | None = None, extra_style: dict | None = None
+               ) -> tuple[Path, Path]:
+    """LoRA in diffusers format with alpha metadata, a fixed-seed preview grid and style.json, each atomic, into
+    `out` (default: the run's output/). A checkpoint's export (engine/train/evaluate.py) passes its grid; full
+    fine-tuning (engine/train/full.py) passes its own `write_lora` (the SVD-extracted LoRA) and style keys."""
+    cfg = run.setup.cfg
+    out = out or run.setup.run_dir / "output"
+    out.mkdir(parents=True, exist_ok=True)
+    lora_path = out / f"{cfg.output_name}.safetensors"
+    (write_lora or save_trained_lora)(run, lora_path)
     grid_path = grid_path or write_preview_grid(run, out / "preview.png")
     style = {"schema_version": STYLE_SCHEMA_VERSION, "trigger_token": cfg.trigger_token,
              "instance_prompt": cfg.instance_prompt, "preset": cfg.preset, "base_model": cfg.base_model or "demo",
@@ -97,7 +109,7 @@ def step6_save(run: Run, out: Path | None = None, grid_path: Path | None = None)
              "training_images": run.data.images,
              "preview_grid": grid_path.name, "preview_seeds": list(PREVIEW_SEEDS),
              "library_versions": ck.library_versions(),
-             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **(extra_style or {})}
     style_path = out / "style.json"
     atomic_write_bytes(style_path, json.dumps(style, indent=1).encode())
     return lora_path, style_path

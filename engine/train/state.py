@@ -111,7 +111,8 @@ class Run:
         return cfg.train_text_encoder and step < math.ceil(cfg.text_encoder_stop_fraction * cfg.max_train_steps)
 
     def lora_params(self) -> dict[str, torch.nn.Parameter]:
-        return lora_params(self.setup.acc, self.trainable.unet, self.trainable.te)
+        """The trained parameters: the LoRA ones, or with method="full" every UNet (and text-encoder) weight."""
+        return trainable_params(self.setup.cfg, self.setup.acc, self.trainable.unet, self.trainable.te)
 
 
 def lora_params(acc, unet, te) -> dict[str, torch.nn.Parameter]:
@@ -122,3 +123,17 @@ def lora_params(acc, unet, te) -> dict[str, torch.nn.Parameter]:
             if "lora_" in n:
                 out[f"{prefix}.{n}"] = p
     return out
+
+
+def full_params(acc, unet, te, with_te: bool) -> dict[str, torch.nn.Parameter]:
+    """Full fine-tuning: every UNet parameter, and every text-encoder one when it trains (same naming)."""
+    out = {f"unet.{n}": p for n, p in acc.unwrap_model(unet).named_parameters()}
+    if with_te:
+        out.update({f"text_encoder.{n}": p for n, p in acc.unwrap_model(te).named_parameters()})
+    return out
+
+
+def trainable_params(cfg: TrainConfig, acc, unet, te) -> dict[str, torch.nn.Parameter]:
+    if cfg.method == "full":
+        return full_params(acc, unet, te, cfg.train_text_encoder)
+    return lora_params(acc, unet, te)
