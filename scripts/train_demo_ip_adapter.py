@@ -1,21 +1,27 @@
 """Train the demo IP-Adapter (Ye et al. 2023) for the bundled demo model, on the shapes world.
 
-What it learns: *style transfer*, not reconstruction. A training pair is a reference image of one scene and a
-target scene with the **same texture and colours** but (mostly) **another shape**; the target's caption names its
-shape and colours but never its texture, so the only way to get the texture right is to read it from the
-reference through the adapter. A quarter of the pairs keep the reference's shape (caption says "shape"), so the
-image features also carry content; that is what "style and content" (all blocks) shows and InstantStyle's
-block scales suppress.
+What it learns: *style transfer*, not reconstruction, split between the UNet's blocks the way InstantStyle (Wang et
+al. 2024) reads them. A training pair is a reference image of one scene and a target scene with the **same texture
+and colours**; the caption never names the texture, so the only way to get it right is to read it from the
+reference through the adapter. Two kinds of step:
+- style steps (--style-fraction, default 75%): InstantStyle's style-only block scales are on (image tokens only in
+  the decoder's STYLE_BLOCKS, engine/styles/instant.py); the target always has *another* shape, named in the
+  caption. The style blocks learn to carry texture and colours on their own, which is what "style only" uses.
+- content steps: every block on; the target keeps the reference's shape and the caption mostly says "shape", so
+  the image has to supply it; only the *other* blocks' to_k_ip/to_v_ip are updated. They learn the reference's
+  content, which is what "style and content" adds.
 
 Stages: (1) a tiny `CLIPVisionModelWithProjection` (from a config, 32x32 input, 4x4 patches) gets a warm start
-with linear heads that read texture, colours and shape from its embedding (~90 s); (2) it is trained jointly with
-the IP-Adapter layers (an `ImageProjection`: image embedding -> 4 tokens, and `to_k_ip`/`to_v_ip` per
-cross-attention block) on the denoising loss through the frozen demo model (UNet, VAE, text encoder), with half of
-each batch at low-to-mid noise where texture is decided. The whole run stops at --minutes (default 13.5).
+with linear heads that read texture, colours and shape from its embedding; (2) it is trained jointly with the
+IP-Adapter layers (an `ImageProjection`: image embedding -> 4 tokens, and `to_k_ip`/`to_v_ip` per cross-attention
+block) on the denoising loss through the frozen demo model (UNet, VAE, text encoder), with half of each batch at
+low-to-mid noise where texture is decided. Fixed step counts, seeded, one thread: the run is reproducible
+(--minutes caps the wall time if you must, at the cost of that).
 
-The checkered texture is held out: it is in no training pair. Two extra *adapter-only* textures (vertical stripes,
-diagonal stripes), drawn here and never seen by the base model, teach the adapter to steer the frozen UNet towards
-patterns it cannot name, which is what a held-out texture needs.
+The checkered texture is held out: it is in no training pair, no reference, no encoder warm-up image. Adapter-only
+textures, drawn here and never seen by the base model (stripes in three more directions; dots, grid lines at two
+periods, diagonal cross-hatching, bricks), teach the adapter to steer the frozen UNet towards patterns it cannot
+name, which is what a held-out texture needs.
 
 Saved in diffusers' IP-Adapter layout, loadable by plain diffusers:
     assets/demo-ip-adapter/ip_adapter.safetensors   keys image_proj.* and ip_adapter.<1,3,5..>.to_{k,v}_ip.weight
@@ -42,6 +48,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.demo import world as W  # noqa: E402
+from engine.styles.instant import STYLE_BLOCKS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VISION_CONFIG = dict(image_size=32, patch_size=4, num_channels=3, hidden_size=64, intermediate_size=128,
@@ -49,10 +56,13 @@ VISION_CONFIG = dict(image_size=32, patch_size=4, num_channels=3, hidden_size=64
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIPImageProcessor's defaults: intake uses the same numbers
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 NUM_TOKENS = 4  # diffusers' ImageProjection loader assumes 4 image tokens
-# Adapter-only textures (the base model never saw them): vertical and diagonal stripes, and two 2-D patterns with
-# another period (6 px) and coverage than the held-out checkered (4 px, half the pixels): dots and grid lines.
-ADAPTER_TEXTURES = ("solid", "striped", "vstriped", "diagonal", "antidiagonal", "dotted", "grid")
-ADAPTER_TEXTURE_WEIGHTS = (0.2, 0.2, 0.15, 0.1, 0.1, 0.125, 0.125)
+# Adapter-only textures (the base model never saw them): vertical and diagonal stripes, and 2-D patterns with
+# other periods and coverage than the held-out checkered (two tones in alternating 2 px squares): dots, grid lines,
+# diagonal cross-hatching and bricks. A broad family of periodic patterns is the demo's stand-in for the millions
+# of images a real IP-Adapter sees; none of them is the checkerboard (nor a rotated one).
+ADAPTER_TEXTURES = ("solid", "striped", "vstriped", "diagonal", "antidiagonal", "dotted", "grid", "grid4",
+                    "crosshatch", "bricks")
+ADAPTER_TEXTURE_WEIGHTS = (0.14, 0.14, 0.1, 0.08, 0.08, 0.1, 0.1, 0.09, 0.09, 0.08)
 
 
 def draw_texture(scene: W.Scene, texture: str) -> Image.Image:
@@ -76,6 +86,13 @@ def draw_texture(scene: W.Scene, texture: str) -> Image.Image:
         mask = ((yy % (6 * px)) < 2 * px) & ((xx % (6 * px)) < 2 * px)
     elif texture == "grid":  # 1 px lines every 6 px
         mask = ((yy % (6 * px)) < px) | ((xx % (6 * px)) < px)
+    elif texture == "grid4":  # 1 px lines every 4 px
+        mask = ((yy % (4 * px)) < px) | ((xx % (4 * px)) < px)
+    elif texture == "crosshatch":  # 1 px diagonal lines both ways every 6 px (union, not alternation)
+        mask = (((xx + yy) % (6 * px)) < px) | (((xx - yy + 60 * big) % (6 * px)) < px)
+    elif texture == "bricks":  # 1 px mortar rows every 4 px, joints every 8 px, shifted by 4 px every other row
+        row = yy // (4 * px)
+        mask = ((yy % (4 * px)) < px) | (((xx + (row % 2) * 4 * px) % (8 * px)) < px)
     else:
         raise ValueError(texture)
     fill[mask] = W._second_tone(rgb)
@@ -102,15 +119,17 @@ def caption_without_texture(scene: W.Scene, rng: random.Random, keep_shape: bool
     return cap.replace(scene.shape, "shape") if not keep_shape else cap
 
 
-def make_pair(rng: random.Random):
-    """(reference image, target image, caption). Same texture and colours; usually another shape."""
+def make_pair(rng: random.Random, content: bool):
+    """(reference image, target image, caption), same texture and colours.
+
+    Style pairs (content=False): the target always has another shape and the caption names it, so the image may
+    only bring texture and colours. Content pairs: the target keeps the reference's shape and the caption mostly
+    says "shape", so the image has to bring the shape too."""
     texture = rng.choices(ADAPTER_TEXTURES, weights=ADAPTER_TEXTURE_WEIGHTS)[0]
     ref = W.random_scene(rng, W.TRAIN_SHAPES)
-    same = rng.random() < 0.25
-    tgt = W.random_scene(rng, W.TRAIN_SHAPES)
-    tgt = W.Scene(**{**tgt.__dict__, "fg": ref.fg, "bg": ref.bg, "shape": ref.shape if same else tgt.shape})
-    # content-kept pairs name "shape" 70% of the time (the reference must supply it), else the shape itself
-    cap = caption_without_texture(tgt, rng, keep_shape=not same or rng.random() < 0.3)
+    tgt = W.random_scene(rng, W.TRAIN_SHAPES if content else tuple(s for s in W.TRAIN_SHAPES if s != ref.shape))
+    tgt = W.Scene(**{**tgt.__dict__, "fg": ref.fg, "bg": ref.bg, "shape": ref.shape if content else tgt.shape})
+    cap = caption_without_texture(tgt, rng, keep_shape=not content or rng.random() < 0.2)
     return draw_texture(ref, texture), draw_texture(tgt, texture), cap
 
 
@@ -137,7 +156,7 @@ def pretrain_encoder(enc, steps: int, batch: int, seed: int, seconds: float) -> 
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         if (step + 1) % 50 == 0:
             print(f"encoder step {step+1} loss {loss.item():.3f} {time.time()-t0:.0f}s", flush=True)
-        if time.time() - t0 > seconds:
+        if seconds and time.time() - t0 > seconds:
             break
 
 
@@ -176,14 +195,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, default=REPO / "assets" / "demo-model")
     ap.add_argument("--out", type=Path, default=REPO / "assets" / "demo-ip-adapter")
-    ap.add_argument("--steps", type=int, default=800, help="cosine LR horizon (the time budget may stop earlier)")
-    ap.add_argument("--minutes", type=float, default=13.5, help="stop (and save) after this wall time")
+    ap.add_argument("--steps", type=int, default=600, help="cosine LR horizon (the time budget may stop earlier)")
+    ap.add_argument("--minutes", type=float, default=0,
+                    help="stop (and save) after this wall time; 0 (default): no limit, so runs are reproducible")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--encoder-steps", type=int, default=600)
-    ap.add_argument("--encoder-seconds", type=float, default=90)
+    ap.add_argument("--encoder-steps", type=int, default=240)
+    ap.add_argument("--encoder-seconds", type=float, default=0, help="wall-time cap of stage 1; 0: none")
+    ap.add_argument("--style-fraction", type=float, default=0.75,
+                    help="share of steps with InstantStyle's style-only block scales on (style pairs)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -212,9 +234,11 @@ def main() -> None:
             procs[name] = new
     unet.set_attn_processor(procs)
     adapter_params = list(unet.encoder_hid_proj.parameters())
-    for proc in unet.attn_processors.values():
-        if isinstance(proc, IPAdapterAttnProcessor):
-            adapter_params += list(proc.parameters())
+    style_blocks = STYLE_BLOCKS["demo"]
+    ip_procs = {n: p for n, p in unet.attn_processors.items() if isinstance(p, IPAdapterAttnProcessor)}
+    style_params = [p for n, proc in ip_procs.items() if n.startswith(style_blocks) for p in proc.parameters()]
+    content_params = [p for n, proc in ip_procs.items() if not n.startswith(style_blocks) for p in proc.parameters()]
+    adapter_params += style_params + content_params
     for p in adapter_params:
         p.requires_grad_(True)
     params = adapter_params + list(enc.parameters())
@@ -229,7 +253,15 @@ def main() -> None:
     for step in range(a.steps):
         rng = random.Random(a.seed * 1_000_003 + step)
         g = torch.Generator().manual_seed(a.seed * 7919 + step)
-        refs, tgts, caps = zip(*[make_pair(rng) for _ in range(a.batch)])
+        # Two kinds of step (InstantStyle, Wang et al. 2024, applied at training time): style steps run with the
+        # style-only block scales (image tokens in the decoder's STYLE_BLOCKS only) on style pairs, so those blocks
+        # learn to carry texture and colours on their own; content steps run with every block on, on content
+        # pairs, and update only the other blocks' to_k_ip/to_v_ip, which so learn the reference's shape: that
+        # is what "style and content" adds and "style only" leaves out.
+        style_step = rng.random() < a.style_fraction
+        for name, proc in ip_procs.items():
+            proc.scale = [1.0 if not style_step or name.startswith(style_blocks) else 0.0]
+        refs, tgts, caps = zip(*[make_pair(rng, content=not style_step) for _ in range(a.batch)])
         caps = [c if rng.random() > 0.1 else "" for c in caps]
         with torch.no_grad():
             ids = tok(list(caps), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -252,14 +284,16 @@ def main() -> None:
         loss = per.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for p in (content_params if style_step else style_params):
+            p.grad = None  # AdamW leaves a parameter without a gradient alone (no momentum, no decay this step)
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], 1.0)
         opt.step(); sched.step()
         losses.append(loss.item())
         el = time.time() - t0
         if (step + 1) % 25 == 0:
             print(f"step {step+1}/{a.steps} loss {np.mean(losses[-25:]):.4f} {el:.0f}s ({el/(step+1):.2f}s/step)",
                   flush=True)
-        if el > a.minutes * 60:
+        if a.minutes and el > a.minutes * 60:
             print(f"time budget reached after {step+1} steps", flush=True)
             break
     seconds = time.time() - t_start
@@ -270,7 +304,8 @@ def main() -> None:
     (a.out / "training.json").write_text(json.dumps(
         {"steps_done": step + 1, "seconds": round(seconds), "final_loss": float(np.mean(losses[-50:])),
          "batch": a.batch, "lr": a.lr, "seed": a.seed, "threads": a.threads, "vision_config": VISION_CONFIG,
-         "textures": dict(zip(ADAPTER_TEXTURES, ADAPTER_TEXTURE_WEIGHTS)), "held_out": "checkered"}, indent=1))
+         "textures": dict(zip(ADAPTER_TEXTURES, ADAPTER_TEXTURE_WEIGHTS)), "held_out": "checkered",
+         "style_fraction": a.style_fraction, "style_blocks": list(style_blocks)}, indent=1))
     print(f"done: {step+1} steps in {seconds:.0f}s -> {a.out}", flush=True)
 
 

@@ -132,3 +132,16 @@ def test_the_app_builds_with_the_panel(engine):
     from ui.app import build_app
 
     assert build_app(engine) is not None
+
+
+def test_batch_panel_takes_the_forms_instant_style_and_references_are_served_from_copies(engine, refs):
+    from ui.batch_panel import BatchHandlers
+    from ui.generate_tab import default_values
+    from ui.instant_panel import InstantHandlers
+
+    sid = engine.create_instant_style("Batch look", refs[:2]).id
+    form = {**default_values(), "instant_style": sid, "instant_strength": 0.4, "instant_style_only": False}
+    req = BatchHandlers(engine).request(form, "a red circle\na blue square", None, 1, "styles", [""], "", "")
+    assert (req.instant_style, req.instant_strength, req.instant_style_only) == (sid, 0.4, False)
+    shown = InstantHandlers(engine).references(sid)
+    assert len(shown) == 2 and not any(str(engine.data_dir) in p for p in shown)  # the data dir is blocked

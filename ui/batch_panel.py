@@ -20,7 +20,7 @@ from .session import user_of
 
 # Form fields of the Generate tab that a batch takes over as they are.
 SHARED = ("negative_prompt", "num_inference_steps", "guidance_scale", "guidance_rescale", "width", "height", "seed",
-          "scheduler")
+          "scheduler", "instant_style", "instant_strength", "instant_style_only")  # the form's instant style too
 MAX_SHOWN = 64  # the gallery shows the first images; the zip has all of them
 
 

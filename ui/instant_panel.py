@@ -14,6 +14,8 @@ import gradio as gr
 from engine.core.config import ConfigError, GenerateRequest
 from engine.core.errors import LibraryError
 
+from .downloads import copy_for_download
+
 MAX_REFERENCES = 8
 
 
@@ -44,9 +46,10 @@ class InstantHandlers:
         if not style_id:
             return []
         try:
-            return [str(p) for p in self.engine.instant_references(style_id)]
+            refs = self.engine.instant_references(style_id)
         except (ConfigError, LibraryError):
             return []
+        return [str(p) for p in copy_for_download(refs)]  # the data dir is in blocked_paths: serve copies
 
     def train(self, style_id: str | None, steps: int | None = None) -> Iterator[str]:
         """Status lines while the DreamBooth run trains; the last one names the new version."""
@@ -83,7 +86,10 @@ def build_instant_panel(engine, style_dropdown) -> dict[str, Any]:
         c["status"] = gr.Markdown(elem_id="instant-status")
         c["refs"] = gr.Gallery(label="References of the selected style", columns=4, height=140,
                                elem_id="instant-refs")
-        train = gr.Button("Train it properly", elem_id="instant-train")
+        with gr.Row(equal_height=True):
+            c["train_steps"] = gr.Number(0, precision=0, minimum=0, maximum=20000, label="Training steps",
+                                         info="0: the style preset's", elem_id="instant-train-steps", scale=1)
+            train = gr.Button("Train it properly", elem_id="instant-train", scale=2)
 
     def on_create_instant(files, name, strength, style_only):
         out = h.create(files, name, strength, style_only)
@@ -93,9 +99,11 @@ def build_instant_panel(engine, style_dropdown) -> dict[str, Any]:
     create.click(on_create_instant, [c["files"], c["name"], c["strength"], c["style_only"]],
                  [c["status"], c["preview"], c["refs"]], concurrency_id="gpu", concurrency_limit=1, **lib)
     style_dropdown.change(h.references, [style_dropdown], [c["refs"]], queue=False, **lib)
-    def on_train_instant(style_id):
-        yield from h.train(style_id)
 
-    train.click(on_train_instant, [style_dropdown], [c["status"]], concurrency_id="gpu", concurrency_limit=1, **lib)
+    def on_train_instant(style_id, steps):
+        yield from h.train(style_id, int(steps) if steps else None)
+
+    train.click(on_train_instant, [style_dropdown, c["train_steps"]], [c["status"]], concurrency_id="gpu",
+                concurrency_limit=1, **lib)
     c["create_button"], c["train_button"] = create, train
     return c

@@ -32,13 +32,11 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO_IP_ADAPTER = ROOT / "assets" / "demo-ip-adapter"
 MAX_REFERENCES = 8
 EMBEDS_FILE = "image_embeds.safetensors"
-# Blocks that carry style, by UNet. Demo UNet, measured on a probe (16 random reference pairs, seeds 700+, not the
-# acceptance prompts; checker rate of the reference texture at strength 1): all blocks: checkered 0.44, striped
-# 0.94; up_blocks.1 alone 0.00 / 0.19; up_blocks.2 alone 0.12 / 0.00; up_blocks.1 + up_blocks.2 (the decoder's
-# cross-attention) 0.06 / 0.38; down + mid blocks carried none in the earlier adapter. So the decoder carries what
-# style the subsets carry, but the demo adapter (trained with every block on) spreads style over all blocks:
-# "style only" transfers much less than "style and content" on the demo model (README "Instant style").
-# SD 1.x: InstantStyle injects into the up blocks (decoder) only; we use the same decoder-only rule.
+# Blocks that carry style, by UNet. SD 1.x: InstantStyle injects into the up blocks (decoder) only. The demo UNet
+# uses the same decoder-only rule (its decoder cross-attention: up_blocks.1 and up_blocks.2), and the demo adapter is
+# trained for it: 75% of its steps run with exactly these blocks on (scripts/train_demo_ip_adapter.py). Probe
+# (scripts/probe_demo_ip_adapter.py, random references, seeds 700+; reference texture reproduced, style only):
+# checkered 0.17, striped 0.50 (the earlier adapter, trained with every block on: 0.06 / 0.38).
 STYLE_BLOCKS = {"demo": ("up_blocks.1.", "up_blocks.2."), "sd": ("up_blocks.1.", "up_blocks.2.", "up_blocks.3.")}
 # Weight files of the standard release (h94/IP-Adapter: models/ip-adapter_sd15.safetensors, models/image_encoder/).
 WEIGHT_NAMES = ("ip_adapter.safetensors", "ip-adapter_sd15.safetensors", "ip-adapter-plus_sd15.safetensors")
