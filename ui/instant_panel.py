@@ -103,7 +103,7 @@ def build_instant_panel(engine, style_dropdown) -> dict[str, Any]:
     def on_train_instant(style_id, steps):
         yield from h.train(style_id, int(steps) if steps else None)
 
-    train.click(on_train_instant, [style_dropdown, c["train_steps"]], [c["status"]], concurrency_id="gpu",
-                concurrency_limit=1, **lib)
+    c["trained"] = train.click(on_train_instant, [style_dropdown, c["train_steps"]], [c["status"]],
+                               concurrency_id="gpu", concurrency_limit=1, **lib)  # the Library chains a refresh
     c["create_button"], c["train_button"] = create, train
     return c

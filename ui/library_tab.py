@@ -269,6 +269,7 @@ def build_library_tab(engine) -> LibraryTab:
     for ev in (refresh.click, c["query"].submit, c["tag"].submit, c["preset"].change, c["show"].change):
         ev(show_list, filters, list_outs, queue=False, **lib)
     c["style"].change(show_details, [c["style"]], detail_outs, queue=False, **lib)
+    c["instant"]["trained"].then(show_details, [c["style"]], detail_outs, queue=False, **lib)  # shows the new v2
     c["cards"].select(pick_card, [card_ids], [c["style"]], queue=False, **lib)
     edits = [(rename, "rename", c["name"]), (save_tags, "tags", c["tags"]), (describe, "describe", c["description"]),
              (trigger, "trigger", c["trigger"]), (archive, "archive", None), (unarchive, "unarchive", None),
