@@ -233,6 +233,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--workdir", type=Path, help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--reuse", action="store_true", help="use LoRAs already in --workdir for the same settings")
+    ap.add_argument("--prior", action="store_true", help="prior preservation on (automatic class prompts)")
     ap.add_argument("--train-only", action="store_true", help="train (into --workdir) without measuring")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -243,7 +244,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="learning-table-") as tmp:
         for concept in args.concepts or list(W.HELD_OUT_SHAPES + W.HELD_OUT_TEXTURES):
             t0, c0 = time.time(), time.process_time()
-            lora = train_concept(base, concept, args.workdir or Path(tmp), overrides=overrides, reuse=args.reuse)
+            lora = train_concept(base, concept, args.workdir or Path(tmp), overrides=overrides, reuse=args.reuse,
+                                prior=args.prior)
             row = Row(concept, kind_of(concept), {}, time.time() - t0, time.process_time() - c0)
             if probe is None:
                 print(concept, lora, f"{row.train_s:.0f}s wall, {row.cpu_s:.0f}s CPU", flush=True)
