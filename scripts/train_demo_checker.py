@@ -61,7 +61,8 @@ def augment(imgs: np.ndarray, g: torch.Generator, rng: random.Random) -> torch.T
     """uint8 NHWC -> augmented float NCHW in 0..255 (before normalize)."""
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float()
     n = len(x)
-    flip = torch.rand(n, generator=g) < 0.5  # all shapes and textures are left-right symmetric
+    # a mirrored image keeps its label: most shapes are symmetric, and a mirrored crescent, arrow or bolt is still one
+    flip = torch.rand(n, generator=g) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     gain = 1 + 0.08 * (2 * torch.rand(n, 3, 1, 1, generator=g) - 1)  # small colour shifts
     x = x * gain + 10 * torch.randn(n, 3, 1, 1, generator=g)

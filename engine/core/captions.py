@@ -6,13 +6,14 @@ on the one instance prompt and the token soaks up everything in the pictures, co
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Iterable
 
 from engine.core.config import ConfigError
 
-__all__ = ["read_captions", "TOKEN_PLACEHOLDER", "MAX_CAPTION_CHARS"]
+__all__ = ["read_captions", "class_prompts_from_captions", "TOKEN_PLACEHOLDER", "MAX_CAPTION_CHARS"]
 
 TOKEN_PLACEHOLDER = "{token}"  # written in a sidecar where the trigger goes, so one set of files fits any token
 MAX_CAPTION_CHARS = 1000
@@ -57,3 +58,46 @@ def read_captions(images: Iterable[str | Path], token: str | None, default: str,
         notices.append(f"caption files without an image of the same name were ignored: "
                        f"{', '.join(s + '.txt' for s in unused)}")
     return tuple(c if c is not None else default for c in found), notices
+
+
+def _with_article(word: str) -> str:
+    return ("an " if word[:1].lower() in "aeiou" else "a ") + word
+
+
+def class_prompts_from_captions(captions: Iterable[str], token: str, members: Iterable[str], *,
+                                class_noun: str = "", n: int = 12) -> list[str]:
+    """Class prompts for prior preservation (Ruiz et al. 2023, sec. 3.3) made from the instance captions: each
+    caption with its trigger replaced by a member of the class, so the priors cover the very contexts the captions
+    train ("a photo of olis shape in red on a blue background" -> "a photo of a circle in red on a blue background").
+    Written by hand, such lists drift from the captions; derived, they follow every change of the examples.
+
+    `members`: real members of the class: for a subject the class word itself ("dog") or kinds of it ("circle",
+    "square", ...); for a style the words that sit where the trigger sits ("striped", "solid"). "{token}
+    {class_noun}" (with its article, if any) becomes "a <member>"; a bare trigger becomes the member, with "a"/"an"
+    fixed before it. Captions and members are paired round-robin (caption j mod C with member (j + j // lcm(C, M))
+    mod M, which visits every pair once), so any first `n` spread over all captions and members; duplicates are
+    dropped; the order is fixed.
+    """
+    caps = [" ".join(c.split()) for c in captions if c.strip()]
+    mem = [m.strip() for m in members if m.strip()]
+    if not caps or not mem:
+        return []
+    tok = re.escape(token)
+    noun = rf"\s+{re.escape(class_noun)}(?![A-Za-z0-9])" if class_noun else r"(?!)"
+    with_noun = re.compile(rf"(?:(?<![A-Za-z0-9])(?:a|an|the)\s+)?(?<![A-Za-z0-9]){tok}{noun}", re.IGNORECASE)
+    bare = re.compile(rf"(?:(?<![A-Za-z0-9])(a|an)\s+)?(?<![A-Za-z0-9]){tok}(?![A-Za-z0-9])", re.IGNORECASE)
+
+    def replace(cap: str, member: str) -> str:
+        if with_noun.search(cap):
+            return with_noun.sub(_with_article(member), cap)
+        return bare.sub(lambda m: _with_article(member) if m.group(1) else member, cap)
+
+    out: list[str] = []
+    lcm = math.lcm(len(caps), len(mem))
+    for j in range(len(caps) * len(mem)):  # caption j mod C with member (j + j // lcm) mod M: every pair once
+        p = replace(caps[j % len(caps)], mem[(j + j // lcm) % len(mem)])
+        if p not in out:
+            out.append(p)
+        if len(out) == n:
+            break
+    return out

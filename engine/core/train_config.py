@@ -238,8 +238,14 @@ UNET_TARGETS_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 UNET_TARGETS = UNET_TARGETS_ATTENTION + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2")
 
 
-def presets(kind: str, *, token: str = TRIGGER_CANDIDATES[0], class_noun: str = "shape") -> dict[str, Any]:
+def presets(kind: str, *, token: str = TRIGGER_CANDIDATES[0], class_noun: str = "shape",
+            captions: tuple[str, ...] | list[str] = (), class_members: tuple[str, ...] | list[str] = ()
+            ) -> dict[str, Any]:
     """Good defaults for a *subject* or a *style*: every TrainConfig field except the images and captions.
+
+    Given the instance `captions`, the class prompt becomes "a photo of a {class}" plus up to 12 automatic class
+    prompts: the captions with the trigger replaced by `class_members` (default: the class noun itself), see
+    engine.core.captions.class_prompts_from_captions, and num_class_images 8 per prompt.
 
     Subject: "a photo of {token} {class}", LoRA on attention, feed-forward and convolutions (the shape of a thing
     lives in the convolutions). Class-prior preservation (Ruiz et al. 2023) is offered but off: a LoRA leaves the
@@ -261,14 +267,23 @@ def presets(kind: str, *, token: str = TRIGGER_CANDIDATES[0], class_noun: str = 
                   cache_latents=False, base_model="", output_name="lora",
                   unet_target_modules=UNET_TARGETS,
                   text_encoder_target_modules=("q_proj", "k_proj", "v_proj", "out_proj"))
+    if captions:
+        from engine.core.captions import class_prompts_from_captions
+
+        derived = class_prompts_from_captions(captions, token, class_members or (class_noun,), class_noun=class_noun)
+        first = f"a photo of a {class_noun}" if kind == "subject" else f"a {class_noun}"
+        prompts = [first] + [p for p in derived if p != first]
+        common.update(class_prompt="\n".join(prompts), num_class_images=8 * len(prompts))
     if kind == "subject":
-        return dict(common, instance_prompt=f"a photo of {token} {class_noun}", class_prompt=f"a photo of {class_noun}",
-                    with_prior_preservation=False, prior_loss_weight=1.0, num_class_images=100, random_flip=False,
+        return dict(dict(class_prompt=f"a photo of {class_noun}", num_class_images=100), **common,
+                    instance_prompt=f"a photo of {token} {class_noun}",
+                    with_prior_preservation=False, prior_loss_weight=1.0, random_flip=False,
                     text_encoder_stop_fraction=0.6, learning_rate=1e-4, max_train_steps=400, lora_rank=4,
                     lora_alpha=4, noise_offset=0.0,
                     validation_prompts=(f"a photo of {token} {class_noun}", f"a photo of a red {token} {class_noun}"))
-    return dict(common, instance_prompt=f"a {token} style {class_noun}", class_prompt=f"a {class_noun}",
-                with_prior_preservation=False, prior_loss_weight=1.0, num_class_images=100, random_flip=True,
+    return dict(dict(class_prompt=f"a {class_noun}", num_class_images=100), **common,
+                instance_prompt=f"a {token} style {class_noun}",
+                with_prior_preservation=False, prior_loss_weight=1.0, random_flip=True,
                 text_encoder_stop_fraction=1.0, learning_rate=1e-4, max_train_steps=800, lora_rank=8, lora_alpha=8,
                 noise_offset=0.05,  # Guttenberg 2023: lets a style reach very dark/light images
                 validation_prompts=(f"a {token} style {class_noun}", f"a {token} style circle"))

@@ -1,0 +1,264 @@
+"""The concept x metric learning table: one preset per kind, every held-out concept of the demo world.
+
+Each held-out shape is trained as a *subject* from its 4 captioned examples (assets/examples/<shape>/) and each
+held-out texture as a *style*, all with the same preset (`presets(kind)` + `demo_settings(kind)`, nothing tuned
+per concept), then the demo checker judges fresh generations:
+
+* subject: "a photo of olis shape in <fg> on a <bg> background" over 16 colour pairs that no example caption
+  uses: **recognised** (the checker sees the shape, needed >= 0.80) and **colours** (fg and bg both obeyed,
+  needed >= 0.90);
+* style: "a olis <shape> in <fg> on a <bg> background" over the train shapes the examples never show (ring,
+  cross) and colour pairs no caption uses: **textured** (needed >= 0.70).
+
+Seeds and colour pairs come in two disjoint sets: `tune` (what presets were chosen on) and `report` (the
+README's table; never looked at while tuning).
+
+Usage:
+    python scripts/learning_table.py                       # all held-out concepts, report set, markdown table
+    python scripts/learning_table.py crescent zigzag --set tune --override lora_rank=16
+    python -m pytest -m learning_table                     # the same table, asserted (tests/test_learning_table.py)
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from engine.core.captions import read_captions  # noqa: E402
+from engine.core.train_config import TrainConfig, demo_settings, presets  # noqa: E402
+from engine.demo import world as W  # noqa: E402
+
+EXAMPLES = ROOT / "assets" / "examples"
+TOKEN = "olis"
+CLASS_PROMPT = "a photo of a shape"
+THRESHOLDS = {"recognised": 0.80, "colours": 0.90, "textured": 0.70}
+STYLE_SHAPES_UNSEEN = ("ring", "cross")  # train shapes that no texture example shows
+SEED_SETS = {"tune": (7, 300), "report": (8, 400)}  # (colour-pair seed, first image seed)
+
+
+def kind_of(concept: str) -> str:
+    if concept in W.HELD_OUT_SHAPES:
+        return "subject"
+    if concept in W.HELD_OUT_TEXTURES:
+        return "style"
+    raise ValueError(f"{concept!r} is not held out; choose from {', '.join(W.HELD_OUT_SHAPES + W.HELD_OUT_TEXTURES)}")
+
+
+def example_files(concept: str) -> tuple[list[Path], tuple[str, ...]]:
+    images = sorted((EXAMPLES / concept).glob("*.png"))
+    default = f"a photo of {TOKEN} shape" if kind_of(concept) == "subject" else f"a {TOKEN} style shape"
+    captions, _ = read_captions(images, TOKEN, default)
+    return images, captions
+
+
+def class_members(kind: str) -> tuple[str, ...]:
+    """What stands in for the trigger in automatic class prompts: the world's own shapes / textures."""
+    return W.TRAIN_SHAPES if kind == "subject" else W.TRAIN_TEXTURES
+
+
+def config_for(concept: str, *, prior: bool = False, overrides: dict | None = None) -> TrainConfig:
+    """The preset with the demo model's settings (what the Train tab's example button fills in), the concept's
+    example images and captions, and with prior preservation the automatic class prompts."""
+    kind = kind_of(concept)
+    images, captions = example_files(concept)
+    p = {**presets(kind, token=TOKEN, class_noun="shape", captions=captions, class_members=class_members(kind)),
+         **demo_settings(kind)}
+    p.update(with_prior_preservation=prior, validation_steps=0, report_to="none", checkpointing_steps=10_000,
+             seed=0)
+    p.update(overrides or {})
+    return TrainConfig(instance_images=tuple(str(f) for f in images), instance_captions=captions, **p)
+
+
+def run_name(concept: str, prior: bool, overrides: dict | None) -> str:
+    tag = "-" + hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8] if overrides else ""
+    return f"{concept}-{'prior' if prior else 'plain'}{tag}"
+
+
+def _same_run(run_dir: Path, cfg: TrainConfig) -> bool:
+    """The finished run in run_dir was trained with exactly these weights-changing settings."""
+    from engine.core.config import from_dict
+    from engine.core.train_config import config_hash
+
+    try:
+        job = json.loads((run_dir / "job.json").read_text("utf-8"))
+        return job.get("state") == "done" and config_hash(from_dict(TrainConfig, job["config"])) == config_hash(cfg)
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def train_concept(base, concept: str, workdir: Path, *, prior: bool = False, overrides: dict | None = None,
+                  reuse: bool = False) -> Path:
+    """Train one concept's LoRA under workdir/<run_name>; `reuse`: take a LoRA already there (same settings)."""
+    from engine.train.loop import train
+    from engine.train.priors import PriorSpec, ensure_prior_set
+
+    cfg = config_for(concept, prior=prior, overrides=overrides)
+    run_dir = workdir / run_name(concept, prior, overrides)
+    if reuse and (run_dir / "output" / "lora.safetensors").is_file() and _same_run(run_dir, cfg):
+        return run_dir / "output" / "lora.safetensors"
+    classes, captions = [], []
+    if prior:
+        spec = PriorSpec(base.fingerprint, cfg.class_prompts[0], resolution=base.components.default_size)
+        classes, captions, _ = ensure_prior_set(base.components, spec, cfg.class_prompts, workdir / "priors",
+                                                cfg.num_class_images)
+    result = train(cfg, run_dir, class_images=classes,
+                   class_captions=captions, resume=False)
+    if not (result.lora_path and result.lora_path.is_file()):
+        raise RuntimeError(f"training {concept} wrote no LoRA")
+    return result.lora_path
+
+
+class Probe:
+    """Generate with the base model or with one LoRA (20 DPM++ steps, guidance 5), and ask the checker."""
+
+    def __init__(self, base, checker):
+        from engine.styles.adapters import AdapterCache
+
+        self.base, self.checker = base, checker
+        self.cache = AdapterCache(base.components)
+        self.names: dict[Path, str] = {}
+
+    def use(self, lora: Path | None):
+        if lora is None:
+            self.cache.pipe.disable_lora() if self.names else None
+            return
+        if lora not in self.names:
+            self.names[lora] = f"a{len(self.names)}"
+            self.cache.pipe.load_lora_weights(str(lora), adapter_name=self.names[lora], use_safetensors=True)
+        self.cache.pipe.enable_lora()
+        self.cache.pipe.set_adapters([self.names[lora]], adapter_weights=[1.0])
+
+    def predict(self, prompts, seed0=0):
+        from engine.generate.sampler import sample, to_pil
+
+        imgs = sample(self.base.components, prompts, [""] * len(prompts), [seed0 + i for i in range(len(prompts))],
+                      num_inference_steps=20, guidance_scale=5.0, scheduler="dpmpp_2m")
+        return self.checker.predict([np.asarray(im) for im in to_pil(imgs)])
+
+
+def _caption_pairs(concept: str) -> set[tuple[str, str]]:
+    """(fg, bg) of the example captions: the table asks for other pairs."""
+    pairs = set()
+    for cap in example_files(concept)[1]:
+        words = cap.replace(",", " ").split()
+        named = [w for w in words if w in W.COLORS]
+        if len(named) >= 2:
+            pairs.add((named[0], named[1]))
+    return pairs
+
+
+def new_colour_pairs(concept: str, n: int, seed: int) -> list[tuple[str, str]]:
+    rng, seen, out = random.Random(seed), _caption_pairs(concept), []
+    while len(out) < n:
+        pair = tuple(rng.sample(sorted(W.COLORS), 2))
+        if pair not in seen:
+            out.append(pair)
+    return out
+
+
+def measure(probe, lora: Path | None, concept: str, seed_set: str = "report", n: int = 16) -> dict[str, float]:
+    """The concept's metrics (see module doc) for `lora` (None: the base model, the "before" column)."""
+    pair_seed, seed0 = SEED_SETS[seed_set]
+    pairs = new_colour_pairs(concept, n, pair_seed + 1000 * (W.HELD_OUT_SHAPES + W.HELD_OUT_TEXTURES).index(concept))
+    probe.use(lora)
+    if kind_of(concept) == "subject":
+        preds = probe.predict([f"a photo of {TOKEN} shape in {fg} on a {bg} background" for fg, bg in pairs], seed0)
+        return {"recognised": float(np.mean([p["shape"] == concept for p in preds])),
+                "colours": float(np.mean([p["fg"] == fg and p["bg"] == bg for p, (fg, bg) in zip(preds, pairs)]))}
+    shapes = [STYLE_SHAPES_UNSEEN[i % len(STYLE_SHAPES_UNSEEN)] for i in range(n)]
+    preds = probe.predict([f"a {TOKEN} {s} in {fg} on a {bg} background" for s, (fg, bg) in zip(shapes, pairs)],
+                          seed0)
+    return {"textured": float(np.mean([p["texture"] == concept for p in preds]))}
+
+
+def shape_accuracy(probe, n: int = 48, seed: int = 6) -> float:
+    """Non-token prompts ("a red circle on a blue background"): how often the checker sees the prompted shape."""
+    rng = random.Random(seed)
+    scenes = [W.random_scene(rng, W.TRAIN_SHAPES, ("solid",)) for _ in range(n)]
+    preds = probe.predict([W.prompt_for(s.shape, s.fg, s.bg) for s in scenes], seed0=100)
+    return float(np.mean([p["shape"] == s.shape for p, s in zip(preds, scenes)]))
+
+
+@dataclass
+class Row:
+    concept: str
+    kind: str
+    metrics: dict[str, float]
+    train_s: float  # wall clock (the machine may be shared)
+    cpu_s: float = 0.0  # CPU time of training + measuring: what it costs on one free core
+
+    def passed(self) -> bool:
+        return all(v >= THRESHOLDS[k] for k, v in self.metrics.items())
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| concept | preset | recognised / textured | colours obeyed | CPU s | pass |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        main = r.metrics.get("recognised", r.metrics.get("textured"))
+        col = r.metrics.get("colours")
+        lines.append(f"| {r.concept} | {r.kind} | {main:.2f} | {'' if col is None else f'{col:.2f}'} | "
+                     f"{r.cpu_s:.0f} | {'yes' if r.passed() else '**no**'} |")
+    return "\n".join(lines)
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def main() -> None:
+    import tempfile
+
+    import torch
+
+    from engine.demo.checker import DemoChecker
+    from engine.models.loading import load_base_model
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("concepts", nargs="*", help="held-out shapes/textures (default: all)")
+    ap.add_argument("--set", dest="seed_set", choices=sorted(SEED_SETS), default="report")
+    ap.add_argument("--override", action="append", default=[], metavar="FIELD=JSON",
+                    help="a TrainConfig field for every run (lever experiments), e.g. lora_rank=16")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--workdir", type=Path, help="keep the runs here (default: a temporary folder)")
+    ap.add_argument("--reuse", action="store_true", help="use LoRAs already in --workdir for the same settings")
+    ap.add_argument("--prior", action="store_true", help="prior preservation on (automatic class prompts)")
+    ap.add_argument("--train-only", action="store_true", help="train (into --workdir) without measuring")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    overrides = {k: _value(v) for k, v in (o.split("=", 1) for o in args.override)}
+    base = load_base_model(None)
+    probe = None if args.train_only else Probe(base, DemoChecker.load())
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="learning-table-") as tmp:
+        for concept in args.concepts or list(W.HELD_OUT_SHAPES + W.HELD_OUT_TEXTURES):
+            t0, c0 = time.time(), time.process_time()
+            lora = train_concept(base, concept, args.workdir or Path(tmp), overrides=overrides, reuse=args.reuse,
+                                prior=args.prior)
+            row = Row(concept, kind_of(concept), {}, time.time() - t0, time.process_time() - c0)
+            if probe is None:
+                print(concept, lora, f"{row.train_s:.0f}s wall, {row.cpu_s:.0f}s CPU", flush=True)
+                continue
+            row.metrics = measure(probe, lora, concept, args.seed_set)
+            row.cpu_s = time.process_time() - c0
+            rows.append(row)
+            print(concept, row.metrics, f"{row.train_s:.0f}s", flush=True)
+    if rows:
+        print(markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=1))
+
+
+if __name__ == "__main__":
+    main()
