@@ -15,6 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+pytest_plugins = ["tests.learning_fixtures"]  # session fixtures of several test files
+
+
 def pytest_configure(config):
     import torch
 
@@ -23,19 +26,16 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     """Whole test files go to one pytest-xdist worker each (the README runs `-n 2 --dist loadgroup`), so a file's
-    module fixtures are built once; files that use another test file's session fixtures (the trained demo LoRAs of
-    tests/test_learning.py) join that file's group, so each LoRA is trained once, not once per worker. That shared
-    group is the longest, so it goes first: started last, it would leave the other worker idle at the end."""
-    group = {item.module.__name__: item.module.__name__ for item in items}  # test module -> its group
+    module fixtures are built once; every file that uses one of the trained demo LoRAs (learning_fixtures.TRAINED)
+    joins one group, so each LoRA is trained once, not once per worker. That group is the longest, so it goes
+    first: started last, it would leave the other worker idle at the end."""
+    from tests.learning_fixtures import TRAINED
+
+    shared = {it.module.__name__ for it in items if set(TRAINED) & set(it.fixturenames)}
+    group = lambda it: "trained-demo-loras" if it.module.__name__ in shared else it.module.__name__  # noqa: E731
     for item in items:
-        for defs in item._fixtureinfo.name2fixturedefs.values():
-            owner = getattr(defs[-1].func, "__module__", "") or ""
-            if owner.startswith("tests.test_") and owner != item.module.__name__:
-                group[item.module.__name__] = owner  # a session fixture defined in another test file
-    shared = {g for m, g in group.items() if g != m}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group[item.module.__name__]))
-    items.sort(key=lambda it: group[it.module.__name__] not in shared)  # stable: the shared groups first
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=lambda it: it.module.__name__ not in shared)  # stable: the shared group first
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from engine.demo import world as W
 from engine.models.loading import DEMO_MODEL
 from engine.styles.store import publish
 from engine.train.loop import train
-from tests.test_learning import EXAMPLES, TOKEN, base, checker, style_lora  # noqa: F401 - shared session fixtures
+from scripts.learning_table import EXAMPLES, TOKEN
 
 pytestmark = [pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(), reason="demo model not built"),
               pytest.mark.learning]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from tests.browser_support import MARKS, browser_page, free_port, screenshot
-from tests.test_learning import quick_subject  # noqa: F401  (session fixture)
 
 pytestmark = MARKS
 

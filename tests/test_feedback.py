@@ -186,7 +186,6 @@ def test_fabric_restores_processors_and_zero_weight_is_plain():
 # varied backgrounds. The rater likes P = "the heart is orange" (the checker reads colours from exact palette pixels)
 # and dislikes the rest: 24 ratings of one round (seeds 0-23). Held-out evaluation: seeds 5000-5023, never used for
 # tuning (FABRIC's and refinement's defaults were chosen on seeds 0-23 and 2000-2023).
-from tests.test_learning import base, checker, subject_no_prior  # noqa: E402,F401  (session fixtures)
 
 PROMPT = "a photo of olis shape"
 STEPS, N_RATE, EVAL_SEED, N_EVAL = 12, 24, 5000, 24

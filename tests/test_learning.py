@@ -1,67 +1,24 @@
 """Learning is shown, not assumed: DreamBooth on the bundled demo model, judged by the demo checker.
 
-Each trained LoRA is a session fixture shared by the tests that need it. The base model has never seen hearts or
+Each trained LoRA is a session fixture (tests/learning_fixtures.py) shared by the tests that need it. The base model has never seen hearts or
 checkered fills (tests/test_demo_model.py shows it), so what they learn here comes from four example images.
 """
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from engine.demo import world as W
-from engine.demo.checker import DemoChecker
-from engine.models.loading import DEMO_MODEL, load_base_model
+from engine.models.loading import DEMO_MODEL
 from engine.styles.store import publish
-from engine.core.train_config import TrainConfig, presets
-from engine.train.loop import train
-from scripts.learning_table import CLASS_PROMPT, EXAMPLES, TOKEN, Probe, shape_accuracy, train_concept
+from scripts.learning_table import CLASS_PROMPT, TOKEN, shape_accuracy
 
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(), reason="demo model not built")
 # The threshold tests carry the `learning` marker: `python -m pytest -m learning` runs just them (~6 min on 2 cores).
 # The full concept x metric table (every held-out shape and texture) is tests/test_learning_table.py.
 learning = pytest.mark.learning
-
-
-@pytest.fixture(scope="session")
-def base():
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    return load_base_model(None)
-
-
-@pytest.fixture(scope="session")
-def checker():
-    return DemoChecker.load()
-
-
-def _train(tmp_path_factory, base, kind: str, prior: bool) -> Path:
-    """The preset with the demo model's settings (what the Train tab's example button fills in); with prior
-    preservation, the class prompts derived from the captions (scripts/learning_table.config_for)."""
-    concept = "heart" if kind == "subject" else "checkered"
-    return train_concept(base, concept, tmp_path_factory.mktemp(f"{kind}-{prior}"), prior=prior)
-
-
-@pytest.fixture(scope="session")
-def subject_prior(tmp_path_factory, base):
-    return _train(tmp_path_factory, base, "subject", prior=True)
-
-
-@pytest.fixture(scope="session")
-def subject_no_prior(tmp_path_factory, base):
-    return _train(tmp_path_factory, base, "subject", prior=False)
-
-
-@pytest.fixture(scope="session")
-def style_lora(tmp_path_factory, base):
-    return _train(tmp_path_factory, base, "style", prior=False)
-
-
-@pytest.fixture(scope="session")
-def probe(base, checker):
-    return Probe(base, checker)
 
 
 def _colour_prompts(template: str, n: int = 16, seed: int = 5):
@@ -128,16 +85,6 @@ def test_learns_a_style(probe, style_lora):
     after = float(np.mean([p["texture"] == "checkered" for p in preds]))
     print(f"style: checkered before {before:.2f}, after {after:.2f}")
     assert before <= 0.10 and after >= 0.70
-
-
-@pytest.fixture(scope="session")
-def quick_subject(tmp_path_factory):
-    """A 20-step subject LoRA on the demo model: enough to change images, quick enough for every run."""
-    p = presets("subject", token=TOKEN, class_noun="shape")
-    p.update(with_prior_preservation=False, max_train_steps=20, learning_rate=1e-3, validation_steps=0,
-             report_to="none", checkpointing_steps=10_000, cache_latents=True)
-    cfg = TrainConfig(instance_images=tuple(str(f) for f in sorted((EXAMPLES / "heart").glob("*.png"))), **p)
-    return train(cfg, tmp_path_factory.mktemp("quick") / "run", resume=False).lora_path
 
 
 def test_trained_style_is_used_by_the_engine(tmp_path, quick_subject):

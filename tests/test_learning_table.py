@@ -12,7 +12,6 @@ import pytest
 
 from engine.demo import world as W
 from scripts.learning_table import THRESHOLDS, Row, kind_of, markdown, measure, train_concept
-from tests.test_learning import base, checker, probe  # noqa: F401 - shared session fixtures
 
 ROWS: list[Row] = []
 

@@ -9,7 +9,6 @@ import pytest
 
 from engine.core.config import Settings
 from engine.models.loading import DEMO_MODEL
-from tests.test_learning import quick_subject  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(), reason="demo model not built")
 
