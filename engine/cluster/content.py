@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from engine.core.errors import ConfigError
-from engine.core.files import atomic_dir
+from engine.core.files import atomic_dir, sha256_file
 
 SCHEMA_VERSION = 1
 CHUNK = 16 * 2**20  # bytes per read from the app's node: small enough for Ray's object store, large enough to be quick
@@ -32,13 +32,6 @@ class Bundle:
     base: Path  # the folder its relative paths start from, on the app's node
     manifest: dict
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def safe_rel(rel: str) -> str:
@@ -70,7 +63,7 @@ class Hasher:
         st = path.stat()
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
         if key not in self._seen:
-            self._seen[key] = _sha256(path)
+            self._seen[key] = sha256_file(path)
         return self._seen[key]
 
     def bundle(self, base: Path, files: list[Path]) -> Bundle:

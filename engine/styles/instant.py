@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from engine.core.files import sha256_file
 from engine.core.errors import LibraryError
 from engine.models.safety import check_model_file
 
@@ -41,13 +42,6 @@ STYLE_BLOCKS = {"demo": ("up_blocks.1.", "up_blocks.2."), "sd": ("up_blocks.1.",
 # Weight files of the standard release (h94/IP-Adapter: models/ip-adapter_sd15.safetensors, models/image_encoder/).
 WEIGHT_NAMES = ("ip_adapter.safetensors", "ip-adapter_sd15.safetensors", "ip-adapter-plus_sd15.safetensors")
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def find_adapter_files(folder: Path) -> tuple[Path, Path]:
@@ -128,7 +122,7 @@ def load_adapter(folder: Path, *, device="cpu", dtype=torch.float32) -> IPAdapte
     encoder = CLIPVisionModelWithProjection.from_pretrained(enc_dir, use_safetensors=True).to(device, dtype).eval()
     size = encoder.config.image_size
     processor = CLIPImageProcessor(size=size, crop_size=size)  # as diffusers' load_ip_adapter builds it
-    return IPAdapter(Path(folder), _sha256(weights)[:16], encoder, processor, state)
+    return IPAdapter(Path(folder), sha256_file(weights)[:16], encoder, processor, state)
 
 
 class IPAdapterHook:

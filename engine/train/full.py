@@ -24,7 +24,7 @@ from engine.styles.lora_format import LoraModule, Resolved, to_peft
 from engine.train import checkpoints as ck
 from engine.train.extract import Extraction, extract_module, merge
 from engine.train.output import step6_save
-from engine.train.state import Models, Run, Setup
+from engine.train.state import Models, Run, Setup, enter_train_mode
 
 MODEL_DIR = "model"
 
@@ -32,19 +32,12 @@ MODEL_DIR = "model"
 def step2_full(setup: Setup, models: Models) -> None:
     """All UNet (+ text-encoder) parameters trainable in fp32 (master weights under mixed precision); VAE frozen."""
     from accelerate.utils import set_seed
-    from diffusers.training_utils import cast_training_params
 
     cfg, c = setup.cfg, models.components
     set_seed(cfg.seed)  # same as the LoRA path: nothing random is drawn here, but the global state starts equal
     c.unet.requires_grad_(True)
     c.text_encoder.requires_grad_(cfg.train_text_encoder)
-    cast_training_params([c.unet, c.text_encoder], torch.float32)  # only what trains; the rest stays in weight_dtype
-    if cfg.gradient_checkpointing:
-        c.unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            c.text_encoder.gradient_checkpointing_enable()
-    c.unet.train()
-    c.text_encoder.train(cfg.train_text_encoder)
+    enter_train_mode(cfg, c)
 
 
 def checkpoint_bytes(params: dict[str, torch.Tensor], limit: int) -> int:

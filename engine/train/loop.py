@@ -31,7 +31,8 @@ from engine.train import checkpoints as ck
 from engine.train import full
 from engine.train.data import DreamBoothData, EpochSampler
 from engine.train.evaluate import evaluate_checkpoint
-from engine.train.state import Counters, Data, Models, Run, Setup, Trainable, trainable_params
+from engine.train.state import (Counters, Data, Models, Run, Setup, Trainable, enter_train_mode,
+                                trainable_params)
 from engine.train.math import diffusion_target, dreambooth_loss, is_oom, min_snr_weights, offset_noise
 from engine.train.output import log_preview, step6_save
 
@@ -89,7 +90,6 @@ def step1_load(setup: Setup) -> Models:
 def step2_add_lora(setup: Setup, models: Models) -> None:
     """LoRA on the UNet attention projections and (optionally) the text-encoder ones; trainable params in fp32."""
     from accelerate.utils import set_seed
-    from diffusers.training_utils import cast_training_params
     from peft import LoraConfig, inject_adapter_in_model
 
     cfg, c = setup.cfg, models.components
@@ -99,13 +99,7 @@ def step2_add_lora(setup: Setup, models: Models) -> None:
     if cfg.train_text_encoder:  # peft directly: works on transformers 5.23 and 5.24 (LIBRARY-NOTES §0.1)
         inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
                                            target_modules=list(cfg.text_encoder_target_modules)), c.text_encoder)
-    cast_training_params([c.unet, c.text_encoder], torch.float32)
-    if cfg.gradient_checkpointing:
-        c.unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            c.text_encoder.gradient_checkpointing_enable()
-    c.unet.train()
-    c.text_encoder.train(cfg.train_text_encoder)
+    enter_train_mode(cfg, c)
 
 
 def step3_priors(setup: Setup, class_images, class_captions=()) -> tuple[list[Path], list[str]]:

@@ -137,3 +137,18 @@ def trainable_params(cfg: TrainConfig, acc, unet, te) -> dict[str, torch.nn.Para
     if cfg.method == "full":
         return full_params(acc, unet, te, cfg.train_text_encoder)
     return lora_params(acc, unet, te)
+
+
+def enter_train_mode(cfg: TrainConfig, components) -> None:
+    """What trains goes to fp32 (the rest stays in the weight dtype), gradient checkpointing if asked, train mode;
+    the text encoder trains only when `train_text_encoder` (LoRA and full fine-tuning alike)."""
+    from diffusers.training_utils import cast_training_params
+
+    c = components
+    cast_training_params([c.unet, c.text_encoder], torch.float32)
+    if cfg.gradient_checkpointing:
+        c.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            c.text_encoder.gradient_checkpointing_enable()
+    c.unet.train()
+    c.text_encoder.train(cfg.train_text_encoder)
