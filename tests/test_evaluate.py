@@ -27,7 +27,8 @@ from engine.core.train_config import TrainConfig, presets
 from engine.train import evaluate as E
 from engine.train.loop import train
 from tests.test_training import draw_images
-from ui.train_handlers import TrainHandlers, eval_frame
+from ui.train_handlers import TrainHandlers
+from ui.train_plots import eval_frame
 
 torch.set_num_threads(1)
 R = E.Record

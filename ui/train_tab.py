@@ -15,8 +15,9 @@ from engine.core.train_config import LR_SCHEDULERS, MIXED_PRECISION, REPORT_TO, 
 from .forms import int_fields
 from .session import user_of
 
-from .train_handlers import (EXAMPLES, INT_FIELDS, MAX_IMAGES, MIN_IMAGES, PROMPT_FIELDS, TrainHandlers, default_values,
-                             eval_frame, loss_frame)
+from .train_handlers import (EXAMPLES, INT_FIELDS, MAX_IMAGES, MIN_IMAGES, PROMPT_FIELDS, TrainHandlers,
+                             default_values)
+from .train_plots import eval_frame, loss_frame
 
 
 @dataclass
