@@ -166,6 +166,8 @@ def test_bob_cannot_change_refine_or_revert_anns_style_and_ann_pays_for_refining
             assert words in err and "Ann look" not in err, (key, session)
     assert app.quotas.balance("bob").credits == bob_credits
     ann_credits = app.quotas.balance("ann").credits
+    mine = [(r.style_id, r.style_version, r.rating) for r in _ratings(app, "ann")]
+    assert any(f"{sid}@v{v}" == app.ref and rating >= 4 for sid, v, rating in mine), mine  # test 2's like is there
     out = json.dumps(_ok(_call(app, app.ann, "fb-refine", "click", {"fb-style": app.ref, "fb-steps": 5},
                                ann_session, timeout_s=600)))
     assert "v2 made from 1 liked / 1 disliked" in out, out
