@@ -24,6 +24,7 @@ def pytest_configure(config):
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """Whole test files go to one pytest-xdist worker each (the README runs `-n 2 --dist loadgroup`), so a file's
     module fixtures are built once; every file that uses one of the trained demo LoRAs (learning_fixtures.TRAINED)
