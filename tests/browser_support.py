@@ -40,3 +40,17 @@ def screenshot(page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / ".gitignore").write_text("*\n!.gitignore\n")
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+def run_batch_and_download(page, folder: Path, images: int) -> Path:
+    """Press the batch panel's Run, wait for `images` images and the X/Y grid, download the zip into `folder`."""
+    from playwright.sync_api import expect
+
+    page.locator("#batch-run").click()
+    expect(page.locator("#batch-status")).to_contain_text(f"Done: {images} of {images} image(s)", timeout=180_000)
+    expect(page.locator("#batch-grid img")).to_be_visible()
+    with page.expect_download() as dl:
+        page.locator("#batch-zip a").first.click()
+    path = Path(folder) / "batch.zip"
+    dl.value.save_as(path)
+    return path

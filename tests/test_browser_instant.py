@@ -10,7 +10,7 @@ import zipfile
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.browser_support import MARKS, browser_page, free_port, screenshot
+from tests.browser_support import MARKS, browser_page, free_port, run_batch_and_download, screenshot
 
 pytestmark = MARKS
 
@@ -126,13 +126,7 @@ def test_instant_style_create_train_generate_and_batch_in_the_browser(app, tmp_p
         _pick(page, "#batch-styles", "Ink (")
         page.keyboard.press("Escape")
         before = set((engine.data_dir / "outputs").rglob("*.png"))
-        page.locator("#batch-run").click()
-        expect(page.locator("#batch-status")).to_contain_text("Done: 4 of 4 image(s)", timeout=180_000)
-        expect(page.locator("#batch-grid img")).to_be_visible()
-        with page.expect_download() as dl:
-            page.locator("#batch-zip a").first.click()
-        path = tmp_path / "batch.zip"
-        dl.value.save_as(path)
+        path = run_batch_and_download(page, tmp_path, 4)
         with zipfile.ZipFile(path) as z:
             pngs = [n for n in z.namelist() if n.endswith(".png")]
             z.extractall(tmp_path / "zip")

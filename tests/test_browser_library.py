@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from tests.browser_support import MARKS, browser_page, free_port, screenshot
+from tests.browser_support import MARKS, browser_page, free_port, run_batch_and_download, screenshot
 
 pytestmark = MARKS
 
@@ -72,13 +72,7 @@ def test_library_blend_and_batch_in_the_browser(app, tmp_path):
         page.locator("#batch-prompts textarea").fill("a red circle\na blue square")
         _pick(page, "#batch-styles", "Ink and wash (")
         page.keyboard.press("Escape")
-        page.locator("#batch-run").click()
-        expect(page.locator("#batch-status")).to_contain_text("Done: 4 of 4 image(s)", timeout=180_000)
-        expect(page.locator("#batch-grid img")).to_be_visible()
-        with page.expect_download() as dl:
-            page.locator("#batch-zip a").first.click()
-        path = tmp_path / "batch.zip"
-        dl.value.save_as(path)
+        path = run_batch_and_download(page, tmp_path, 4)
         with zipfile.ZipFile(path) as z:
             assert sum(n.endswith(".png") for n in z.namelist()) == 5  # 2 prompts x 2 styles + the grid
         screenshot(page, "batch.png")
