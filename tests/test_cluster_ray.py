@@ -24,8 +24,8 @@ from engine.api import Engine  # noqa: E402
 from engine.cluster.head import HeadStore  # noqa: E402
 from engine.core.config import ConfigError, GenerateRequest, Settings  # noqa: E402
 from engine.core.events import TrainCheckpoint, TrainLog, TrainProgress  # noqa: E402
-from engine.core.train_config import TrainConfig, presets  # noqa: E402
 from engine.generate.recipes import read_recipe  # noqa: E402
+from tests.test_checkpoints import make_config  # noqa: E402  (the same tiny-run config as the local resume tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 2**20
@@ -81,13 +81,6 @@ def _draw(folder: Path, n: int = 4) -> list[str]:
     return [str(folder / f"c{i}.png") for i in range(n)]
 
 
-def _cfg(model: Path, images, **over) -> TrainConfig:
-    base = {**presets("subject"), "instance_images": tuple(images), "base_model": str(model), "max_train_steps": 4,
-            "checkpointing_steps": 2, "validation_steps": 0, "validation_prompts": (), "report_to": "none",
-            "with_prior_preservation": False, "lora_alpha": 8, "learning_rate": 1e-3, "text_encoder_lr": 1e-3}
-    return TrainConfig(**{**base, **over})
-
-
 def _studio(engine: Engine) -> Engine:
     studio = engine.enable_studio()
     for u in ("ann", "bob"):
@@ -103,7 +96,7 @@ def test_jobs_of_two_users_spread_over_both_workers_with_exact_quotas(cluster, t
     c, workers, backend = cluster
     assert backend.capacity() == 2  # two one-CPU workers; the head runs no jobs
     local = Engine(Settings(model=str(tiny_sd), data_dir=str(tmp_path / "local")))
-    style = local.train(_cfg(tiny_sd, _draw(tmp_path / "img"), max_train_steps=2), "round").style
+    style = local.train(make_config(tiny_sd, _draw(tmp_path / "img"), max_train_steps=2), "round").style
     eng = _studio(Engine(Settings(model=str(tiny_sd), data_dir=str(tmp_path / "local")), cluster=backend))
     for u in ("ann", "bob"):
         eng.studio.quotas.set_monthly_free(u, 10)
@@ -178,7 +171,7 @@ def test_a_killed_workers_training_job_resumes_on_the_other_from_its_checkpoint(
     eng = _studio(Engine(Settings(model=str(tiny_sd), data_dir=str(tmp_path / "data")), cluster=backend))
     eng.studio.quotas.add_credits("ann", 50)  # one training run (Policy.train_price)
     images = _draw(tmp_path / "img")
-    cfg = _cfg(tiny_sd, images, max_train_steps=12, checkpointing_steps=4, checkpoints_total_limit=5)
+    cfg = make_config(tiny_sd, images, max_train_steps=12, checkpointing_steps=4, checkpoints_total_limit=5)
     events, killed = [], {}
 
     def killer():  # once checkpoint-4 is held by the app (HoldingStore), the first attempt's machine dies
@@ -207,7 +200,7 @@ def test_a_killed_workers_training_job_resumes_on_the_other_from_its_checkpoint(
     assert after[0] == resumed + 1 and after == list(range(resumed + 1, 13))  # no step before it redone
 
     # The same LoRA and losses as an uninterrupted run of the same config in this process.
-    straight = T.train(_cfg(tiny_sd, images, max_train_steps=12, checkpointing_steps=12), tmp_path / "straight")
+    straight = T.train(make_config(tiny_sd, images, max_train_steps=12, checkpointing_steps=12), tmp_path / "straight")
     assert res.result.losses == pytest.approx(straight.losses, abs=1e-6)
     a, b = st.load_file(str(straight.lora_path)), st.load_file(str(res.style.lora))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -231,7 +224,7 @@ def test_cancel_on_the_cluster_keeps_a_resumable_checkpoint_and_refunds_once(clu
     c, workers, backend = cluster
     eng = _studio(Engine(Settings(model=str(tiny_sd), data_dir=str(tmp_path / "data")), cluster=backend))
     eng.studio.quotas.add_credits("bob", 50)
-    cfg = _cfg(tiny_sd, _draw(tmp_path / "img"), max_train_steps=200, checkpointing_steps=1000)
+    cfg = make_config(tiny_sd, _draw(tmp_path / "img"), max_train_steps=200, checkpointing_steps=1000)
 
     def on_event(e):
         if isinstance(e, TrainProgress) and e.step >= 2:
