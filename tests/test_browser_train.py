@@ -166,6 +166,9 @@ def test_full_fine_tuning_from_the_train_tab(page, tmp_path):
     expect(page.locator("#train-images")).to_contain_text("heart3")
     page.locator("#style-name textarea, #style-name input").first.fill("full heart")
     page.locator("#method").get_by_text("Full fine-tuning").click()
+    # The demo example's LoRA rates (left by the tests before) become full fine-tuning's own.
+    expect(page.locator("#train-status textarea")).to_have_value(re.compile(r"^Method: full fine-tuning\. Learning "
+                                                                             r"rates set to 3e-05"))
     _set_number(page, "#train-steps", 2)
     if not page.locator("#extract-rank").is_visible():
         page.locator("#train-advanced").get_by_text("Advanced").click()

@@ -24,7 +24,7 @@ from engine.core.errors import AccessDenied, CheckpointError, DiskFullError, Lib
 from engine.core.events import (Queued, TrainCheckpoint, TrainEvaluation, TrainJobResult, TrainLog, TrainPreview,
                                 TrainProgress)
 from engine.core.train_config import (TRIGGER_CANDIDATES, TrainConfig, demo_settings, field_names, presets,
-                                      save_train_config)
+                                      rates_for_method, save_train_config)
 
 from .forms import whole_numbers
 from .train_plots import evaluation_view, loss_frame
@@ -155,6 +155,21 @@ class TrainHandlers:
             return default_values(kind, (token or "").strip() or TRIGGER_CANDIDATES[0], (noun or "").strip() or "shape")
         except ConfigError as e:
             raise gr.Error(str(e)) from None
+
+    @staticmethod
+    def method(method: str, learning_rate: float, text_encoder_lr: float) -> dict[str, Any]:
+        """Switching LoRA <-> full fine-tuning: the other method's default learning rates become this one's (a LoRA
+        rate would wreck a full fine-tune); rates the user typed are kept, with a note."""
+        try:
+            rates = rates_for_method(method, float(learning_rate or 0), float(text_encoder_lr or 0))
+        except (ConfigError, TypeError, ValueError) as e:
+            raise gr.Error(str(e)) from None
+        name = "full fine-tuning" if method == "full" else "LoRA"
+        if rates is None:
+            return {"status": f"Method: {name}. Your learning rates are kept; check they suit {name} (full "
+                              "fine-tuning wants about 20x less than LoRA)."}
+        return {**rates, "status": f"Method: {name}. Learning rates set to {rates['learning_rate']:g} (UNet) and "
+                                   f"{rates['text_encoder_lr']:g} (text encoder), what {name} needs on this model."}
 
     def prompts(self, kind: str, token: str, noun: str) -> dict[str, Any]:
         """Rebuild the prompts from the preset's templates after the trigger or class noun changed."""

@@ -364,3 +364,23 @@ def save_train_config(cfg: TrainConfig, path: str | Path) -> None:
 
 def field_names() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
+
+
+# Learning rates (UNet, text encoder) that suit each method. LoRA trains small added matrices: ~1e-4 on Stable
+# Diffusion (kohya, diffusers' train_dreambooth_lora.py); full fine-tuning moves every weight, and DreamBooth's
+# reference script uses 5e-6 (2e-6 with the text encoder). The demo model, trained from scratch and tiny, needs
+# 10x more for LoRA (demo_settings) and 3e-5 for full fine-tuning (scripts/compare_full_vs_lora.py: 1e-4 cost
+# prompt fidelity, 3e-4 the colours too).
+METHOD_LEARNING_RATES = {("lora", "sd"): (1e-4, 5e-5), ("full", "sd"): (5e-6, 2e-6),
+                         ("lora", "demo"): (1e-3, 2e-4), ("full", "demo"): (3e-5, 3e-5)}
+
+
+def rates_for_method(method: str, learning_rate: float, text_encoder_lr: float) -> dict[str, float] | None:
+    """The learning rates to use after switching to `method`, when the current ones are another method's defaults
+    (for Stable Diffusion or for the demo model); None when they are the user's own, which are kept."""
+    _check(method in METHODS, f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    for (m, model), rates in METHOD_LEARNING_RATES.items():
+        if m != method and (learning_rate, text_encoder_lr) == rates:
+            lr, te_lr = METHOD_LEARNING_RATES[(method, model)]
+            return {"learning_rate": lr, "text_encoder_lr": te_lr}
+    return None
