@@ -35,6 +35,14 @@ def browser_page(url: str, height: int):
             browser.close()
 
 
+def set_number(page, selector: str, value) -> None:
+    """Type into the number box under `selector` (a Number, or a Slider's box) and leave it: Gradio commits a
+    number box on blur."""
+    box = page.locator(f"{selector} input[type=number]").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
 def screenshot(page, name: str) -> None:
     """Save a full-page screenshot to tests/artifacts/ (kept out of git) for a human to look at."""
     ARTIFACTS.mkdir(exist_ok=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.browser_support import MARKS, browser_page, free_port, screenshot
+from tests.browser_support import MARKS, browser_page, free_port, screenshot, set_number
 
 pytestmark = MARKS
 
@@ -33,18 +33,12 @@ def page(app_url):
         yield pg
 
 
-def _set_number(page, selector: str, value) -> None:
-    box = page.locator(f"{selector} input[type=number]").first
-    box.fill(str(value))
-    box.press("Tab")  # Gradio commits a slider's number box on blur
-
-
 def test_generate_in_the_browser(page):
     from playwright.sync_api import expect
 
     expect(page.locator("#header")).to_contain_text("Model:")
     page.locator("#prompt textarea").fill("a red circle on a blue background")
-    _set_number(page, "#steps", 3)
+    set_number(page, "#steps", 3)
     page.locator("#generate").click()
     images = page.locator("#gallery img")
     expect(images.first).to_be_visible(timeout=120_000)
@@ -58,15 +52,15 @@ def test_cancel_in_the_browser_really_stops_the_run(page):
     from playwright.sync_api import expect
 
     page.locator("#prompt textarea").fill("a yellow square on a purple background")
-    _set_number(page, "#steps", 150)
-    _set_number(page, "#batches", 16)
+    set_number(page, "#steps", 150)
+    set_number(page, "#batches", 16)
     page.locator("#generate").click()
     expect(page.locator("#status")).to_contain_text("step", timeout=60_000)
     expect(page.locator("#gallery")).to_contain_text("batch 1/16")  # gr.Progress bar over the gallery
     page.locator("#cancel").click()
     expect(page.locator("#status")).to_contain_text("Cancelled")
-    _set_number(page, "#steps", 2)
-    _set_number(page, "#batches", 1)
+    set_number(page, "#steps", 2)
+    set_number(page, "#batches", 1)
     # Generate uses trigger_mode "once": for ~0.1 s after a cancel the frontend may still count the old event as
     # running and drop a click (a human just clicks again). Retry the click; the engine part is what is tested.
     for _ in range(3):

@@ -10,7 +10,7 @@ import zipfile
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.browser_support import MARKS, browser_page, free_port, run_batch_and_download, screenshot
+from tests.browser_support import MARKS, browser_page, free_port, run_batch_and_download, screenshot, set_number
 
 pytestmark = MARKS
 
@@ -57,12 +57,6 @@ def _pick(page, dropdown: str, text: str) -> None:
     page.get_by_role("option").filter(has_text=text).first.click()
 
 
-def _set_number(page, selector: str, value) -> None:
-    box = page.locator(f"{selector} input[type=number]").first
-    box.fill(str(value))
-    box.press("Tab")  # Gradio commits a number box on blur
-
-
 def _recipes(engine, before: set) -> list[dict]:
     new = sorted(set((engine.data_dir / "outputs").rglob("*.png")) - before)
     return [engine.read_recipe(p) for p in new]
@@ -98,7 +92,7 @@ def test_instant_style_create_train_generate_and_batch_in_the_browser(app, tmp_p
         page.locator("#lib-refresh").click()
         _pick(page, "#lib-style", f"Checks ({sid}")
         expect(page.locator("#instant-refs img")).to_have_count(2)  # the card's references follow the picker
-        _set_number(page, "#instant-train-steps", 2)
+        set_number(page, "#instant-train-steps", 2)
         page.locator("#instant-train").click()
         expect(page.locator("#instant-status")).to_contain_text("v2 is ready", timeout=180_000)
         assert [v.kind for v in engine.style_versions(sid)] == ["instant", "lora"]
@@ -109,7 +103,7 @@ def test_instant_style_create_train_generate_and_batch_in_the_browser(app, tmp_p
         _pick(page, "#instant-style", f"Checks ({sid})")
         _pick(page, "#style", "Ink (")
         page.locator("#prompt textarea").fill("a red circle")
-        _set_number(page, "#steps", 2)
+        set_number(page, "#steps", 2)
         before = set((engine.data_dir / "outputs").rglob("*.png"))
         page.locator("#generate").click()
         expect(page.locator("#status")).to_contain_text("Done: 1 image(s)", timeout=120_000)

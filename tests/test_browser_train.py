@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser_support import MARKS, browser_page, free_port, screenshot
+from tests.browser_support import MARKS, browser_page, free_port, screenshot, set_number
 from PIL import Image, ImageDraw
 
 pytestmark = MARKS
@@ -54,12 +54,6 @@ def _images(folder: Path, n: int = 4) -> list[str]:
     return out
 
 
-def _set_number(page, selector: str, value) -> None:
-    box = page.locator(f"{selector} input[type=number]").first
-    box.fill(str(value))
-    box.press("Tab")  # Gradio commits a number box on blur
-
-
 def test_train_then_generate_with_the_new_style(page, tmp_path):
     from playwright.sync_api import expect
 
@@ -67,10 +61,10 @@ def test_train_then_generate_with_the_new_style(page, tmp_path):
     page.locator("#train-images input[type=file]").set_input_files(_images(tmp_path))
     expect(page.locator("#train-images")).to_contain_text("heart3")
     page.locator("#style-name textarea, #style-name input").first.fill("browser heart")
-    _set_number(page, "#train-steps", 4)
+    set_number(page, "#train-steps", 4)
     page.locator("#train-advanced").get_by_text("Advanced").click()
-    _set_number(page, "#num-class-images", 2)
-    _set_number(page, "#validation-steps", 2)
+    set_number(page, "#num-class-images", 2)
+    set_number(page, "#validation-steps", 2)
     # 4 tiny steps take about a second: record what the status box and its progress bar show while training.
     page.evaluate("""() => { window.seen = new Set(); window.rec = setInterval(() => {
         const box = document.querySelector('#train-status');
@@ -99,7 +93,7 @@ def test_train_then_generate_with_the_new_style(page, tmp_path):
     page.locator("#style input").first.click()
     page.get_by_role("option", name="browser heart").first.click()
     page.locator("#prompt textarea").fill("a photo of olis shape")
-    _set_number(page, "#steps", 2)
+    set_number(page, "#steps", 2)
     page.locator("#generate").click()
     expect(page.locator("#status")).to_contain_text("Done: 1 image(s)", timeout=120_000)
     expect(page.locator("#gallery img").first).to_be_visible()
@@ -111,7 +105,7 @@ def test_save_and_load_config_and_the_example_button(page, tmp_path):
     from playwright.sync_api import expect
 
     page.get_by_role("tab", name="Train").click()
-    _set_number(page, "#train-steps", 7)
+    set_number(page, "#train-steps", 7)
     page.get_by_role("button", name="Save config (TOML)").click()
     link = page.locator("#config-file a")
     expect(link.first).to_be_visible()
@@ -120,7 +114,7 @@ def test_save_and_load_config_and_the_example_button(page, tmp_path):
     saved = tmp_path / "run.toml"
     dl.value.save_as(saved)
     assert "max_train_steps = 7" in saved.read_text()
-    _set_number(page, "#train-steps", 3)
+    set_number(page, "#train-steps", 3)
     with page.expect_file_chooser() as chooser:
         page.locator("#load-config").click()
     # The TOML goes up together with the images it names (issue 8 p1: it never reads a path on the server).
@@ -142,7 +136,7 @@ def test_cancel_then_resume_in_the_browser(page):
     from playwright.sync_api import expect
 
     page.get_by_role("tab", name="Train").click()
-    _set_number(page, "#train-steps", 400)
+    set_number(page, "#train-steps", 400)
     page.locator("#train").click()
     expect(page.locator("#train-status")).to_contain_text("step", timeout=60_000)  # the progress bar's text
     page.locator("#train-cancel").click()
@@ -169,11 +163,11 @@ def test_full_fine_tuning_from_the_train_tab(page, tmp_path):
     # The demo example's LoRA rates (left by the tests before) become full fine-tuning's own.
     expect(page.locator("#train-status textarea")).to_have_value(re.compile(r"^Method: full fine-tuning\. Learning "
                                                                              r"rates set to 3e-05"))
-    _set_number(page, "#train-steps", 2)
+    set_number(page, "#train-steps", 2)
     if not page.locator("#extract-rank").is_visible():
         page.locator("#train-advanced").get_by_text("Advanced").click()
-    _set_number(page, "#extract-rank", 4)
-    _set_number(page, "#validation-steps", 0)
+    set_number(page, "#extract-rank", 4)
+    set_number(page, "#validation-steps", 0)
     page.locator("#train").click()
     expect(page.locator("#train-result")).to_contain_text("is ready", timeout=180_000)
     expect(page.locator("#train-log textarea")).to_have_value(re.compile("LoRA extracted by SVD"))
