@@ -23,7 +23,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from engine.api import Engine  # noqa: E402
 from engine.cluster.head import HeadStore  # noqa: E402
 from engine.core.config import ConfigError, GenerateRequest, Settings  # noqa: E402
-from engine.core.events import TrainCheckpoint, TrainLog, TrainProgress  # noqa: E402
+from engine.core.events import TrainCheckpoint, TrainEvaluation, TrainLog, TrainProgress  # noqa: E402
 from engine.generate.recipes import read_recipe  # noqa: E402
 from tests.test_checkpoints import make_config  # noqa: E402  (the same tiny-run config as the local resume tests)
 
@@ -204,6 +204,16 @@ def test_a_killed_workers_training_job_resumes_on_the_other_from_its_checkpoint(
     assert res.result.losses == pytest.approx(straight.losses, abs=1e-6)
     a, b = st.load_file(str(straight.lora_path)), st.load_file(str(res.style.lora))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+    # Every checkpoint's evaluation is held by the app under its own run id, including those made before the kill,
+    # so the Train tab can publish any of them (a new version of the style the run published).
+    evals = [e for e in events if isinstance(e, TrainEvaluation)]
+    assert {e.run_id for e in evals} == {res.run_dir.name} and {e.step for e in evals} == {0, 4, 8, 12}
+    assert [r[0] for r in evals[-1].scores] == [0, 4, 8, 12]  # the retry continued the records
+    with pytest.raises(ConfigError, match="unknown training run"):
+        eng.publish_checkpoint(res.run_dir.name, 4, user="bob")
+    v = eng.publish_checkpoint(res.run_dir.name, 4, user="ann")  # exported by the worker that died
+    assert v.id == res.style.id and len(eng.library.get(v.id).versions) == 2
 
     # Charged once: one reservation, committed, no refund, despite two attempts.
     assert eng.balance("ann").credits == 0

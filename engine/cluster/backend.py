@@ -136,10 +136,12 @@ class RayBackend:
         from engine.jobs import state as jobs
         from engine.styles.store import publish_files
         from engine.train.checkpoints import latest_step
+        from engine.train.job import record_published, write_run_name
 
         cfg = spec["config"]
         run_dir = Path(spec["run_dir"])
         run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_name(run_dir, spec["name"])
         images = [Path(p).resolve() for p in cfg["instance_images"]]
         base = Path(_common_parent(images))
         spec = {**spec, "root": self.root, "dataset": self.files_ref(base, images),
@@ -188,6 +190,7 @@ class RayBackend:
             atomic_write_bytes(out_dir / name, data)
         atomic_write_bytes(out_dir / "style.json", json.dumps(meta, indent=1).encode())
         style = publish_files(Path(spec["data_dir"]), spec["name"], publish, meta, style_id=spec.get("style_id"))
+        record_published(run_dir, style.id)  # a checkpoint published later becomes its next version
         jobs.write_job(run_dir, "done", step=out["steps"], lora=str(out_dir / lora_name))
         result = dataclasses.replace(result, lora_path=out_dir / lora_name, style_json_path=out_dir / "style.json")
         return TrainJobResult(run_dir, result, style, rejected, out["notices"])

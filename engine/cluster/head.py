@@ -9,6 +9,7 @@ here: only a job id, a step and file names, all checked.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import uuid
@@ -17,7 +18,7 @@ from pathlib import Path
 from engine.cluster.content import Bundle, ContentError, read_chunk, safe_rel
 from engine.core.errors import CheckpointError
 from engine.core.events import TrainCheckpoint
-from engine.core.files import fsync_dir
+from engine.core.files import atomic_dir, atomic_write_bytes, fsync_dir
 
 
 class HeadStore:
@@ -124,6 +125,40 @@ class HeadStore:
         ck.prune(ckpt_dir, self._job(job_id)["keep"], keep=final, warn=lambda m: None)
         self.emit(job_id, TrainCheckpoint(step, final))  # the app's event says where it is held, once it is
         return str(final)
+
+    # ---- evaluations ------------------------------------------------------------------------------------------
+    def put_evaluation(self, job_id: str, event, export: dict[str, bytes], scores: bytes) -> None:
+        """A checkpoint's evaluation into the job's run folder on this node, laid out as engine/train/evaluate.py
+        does locally (evaluation/step-N/ with the LoRA, style.json and grid; evaluation/scores.json), then reported
+        under this node's run id, so the Train tab can show it and publish that checkpoint. `export` is empty when
+        a resumed attempt re-shows a checkpoint evaluated before: the export written then is kept."""
+        from engine.train.evaluate import EVAL_DIR, checkpoint_export
+
+        run_dir = self._job(job_id)["run_dir"]
+        step = getattr(event, "step", None)
+        if run_dir is None or not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise CheckpointError("an evaluation needs a training job with a run folder and a step >= 0")
+        if export:
+            folder = checkpoint_export(run_dir, step)
+            staged = folder.with_name(f"{folder.name}.new-{uuid.uuid4().hex[:8]}")
+            with atomic_dir(staged) as tmp:
+                for name, data in export.items():
+                    if safe_rel(name) != name or "/" in name:
+                        raise ContentError(f"bad evaluation file name {name[:60]!r}")
+                    (tmp / name).write_bytes(data)
+            if folder.exists():  # a retried attempt evaluates the same step again: keep the first one aside
+                folder.rename(folder.with_name(f"{folder.name}.bad-{uuid.uuid4().hex[:8]}"))
+            staged.rename(folder)
+        atomic_write_bytes(Path(run_dir) / EVAL_DIR / "scores.json", scores)
+        self.emit(job_id, dataclasses.replace(event, run_id=Path(run_dir).name))
+
+    def scores(self, job_id: str) -> bytes | None:
+        """The run's scores.json as this node holds it (a resumed attempt continues its records), or None."""
+        from engine.train.evaluate import EVAL_DIR
+
+        run_dir = self._job(job_id)["run_dir"]
+        path = Path(run_dir) / EVAL_DIR / "scores.json" if run_dir else None
+        return path.read_bytes() if path is not None and path.is_file() else None
 
     def latest_checkpoint(self, job_id: str) -> tuple[int, dict[str, bytes]] | None:
         """The newest checkpoint of the job's run that verifies (older ones if newer are damaged), as bytes."""

@@ -150,8 +150,9 @@ def generate_task(spec: dict, store) -> dict:
 def train_task(spec: dict, store) -> dict:
     """Run (or resume) one training job; returns the trainer's result and the output files as bytes."""
     from engine.core.config import from_dict
-    from engine.core.events import TrainCheckpoint, TrainLog
+    from engine.core.events import TrainCheckpoint, TrainEvaluation, TrainLog
     from engine.core.train_config import TrainConfig
+    from engine.train.evaluate import EVAL_DIR, checkpoint_export
     from engine.train.loop import train
 
     job_id = spec["job_id"]
@@ -172,12 +173,22 @@ def train_task(spec: dict, store) -> dict:
             (ckpt / name).write_bytes(data)
         store.emit.remote(job_id, TrainLog(f"attempt {attempt} on node {node_id()[:8]}: resuming from "
                                            f"checkpoint-{step} held by the app"))
+    scores = ray.get(store.scores.remote(job_id))
+    if scores is not None:  # the evaluations so far continue where the app's node has them
+        (run_dir / EVAL_DIR).mkdir(parents=True, exist_ok=True)
+        (run_dir / EVAL_DIR / "scores.json").write_bytes(scores)
     class_images, class_captions = _priors(spec, cfg, root, store)
 
     def on_event(e):
         if isinstance(e, TrainCheckpoint):  # to the app's node before the next step runs
             files = {p.name: p.read_bytes() for p in Path(e.path).iterdir() if p.is_file()}
             ray.get(store.put_checkpoint.remote(job_id, e.step, files))  # the store reports it to the app
+        elif isinstance(e, TrainEvaluation):  # its export too, so the app can publish that checkpoint
+            folder = checkpoint_export(run_dir, e.step)
+            export = ({p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+                      if e.images and folder.is_dir() else {})  # no images: re-shown after a resume, held already
+            ray.get(store.put_evaluation.remote(job_id, e, export,
+                                                (run_dir / EVAL_DIR / "scores.json").read_bytes()))
         else:
             store.emit.remote(job_id, e)
 

@@ -47,7 +47,7 @@ def run_training(model, data_dir: Path, cfg: TrainConfig, name: str, *, run_dir:
     run_dir.mkdir(parents=True, exist_ok=True)
     if on_run_dir is not None:  # the engine records who owns the run before any work, so a crash keeps it theirs
         on_run_dir(run_dir)
-    atomic_write_bytes(run_dir / "style-name.json", json.dumps({"schema_version": 1, "name": name}).encode())
+    write_run_name(run_dir, name)
     resolution = cfg.resolution or model.components.default_size
 
     # 1. images in: only decoded, re-encoded PNGs reach training (IM-3); every refusal names its file
@@ -91,7 +91,7 @@ def run_training(model, data_dir: Path, cfg: TrainConfig, name: str, *, run_dir:
     preview = result.style_json_path.parent / "preview.png"
     style = publish(data_dir, name, result.lora_path, result.style_json_path, preview, style_id=style_id)
     # so "publish checkpoint N as the style" (publish_checkpoint) makes the next version of this style
-    atomic_write_bytes(run_dir / PUBLISHED, json.dumps({"schema_version": 1, "style_id": style.id}).encode())
+    record_published(run_dir, style.id)
     emit(TrainLog(f"style '{style.name}' ready: use trigger '{style.trigger_token}' in the Generate tab"))
     best = best_record(read_scores(run_dir), cfg.eval_fidelity_floor)
     if best is not None and best.step != result.steps:
@@ -102,6 +102,15 @@ def run_training(model, data_dir: Path, cfg: TrainConfig, name: str, *, run_dir:
 
 
 PUBLISHED = "published.json"  # {"schema_version": 1, "style_id": ...}: the style a run published
+
+
+def record_published(run_dir: Path, style_id: str) -> None:
+    atomic_write_bytes(Path(run_dir) / PUBLISHED, json.dumps({"schema_version": 1, "style_id": style_id}).encode())
+
+
+def write_run_name(run_dir: Path, name: str) -> None:
+    """The style name the run publishes under (read_run_name), also for a checkpoint published later."""
+    atomic_write_bytes(Path(run_dir) / "style-name.json", json.dumps({"schema_version": 1, "name": name}).encode())
 
 
 def published_style(run_dir: Path) -> str | None:
