@@ -99,7 +99,8 @@ def test_p03_settings_from_toml_refuses_a_quoted_boolean(tmp_path):
 def test_p03_forms_convert_whole_slider_floats_and_refuse_the_rest():
     """Sliders send 20.0 for 20: the UI converts it where it knows the component; the dataclass never guesses."""
     from ui.generate_tab import GenerateHandlers
-    from ui.train_handlers import FIELD_NAMES, TrainHandlers
+    from ui.train_form import FIELD_NAMES
+    from ui.train_handlers import TrainHandlers
 
     g = GenerateHandlers(None)
     r = g.request({"prompt": "x", "num_inference_steps": 20.0, "width": 64.0, "seed": 3.0})

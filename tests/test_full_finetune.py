@@ -222,7 +222,8 @@ def test_8bit_adam_is_refused_with_a_clear_message_where_it_cannot_run(tiny_sd, 
 def test_train_tab_offers_the_method_and_maps_it_by_name(tmp_path):
     import gradio as gr
 
-    from ui.train_handlers import TrainHandlers, default_values
+    from ui.train_form import default_values
+    from ui.train_handlers import TrainHandlers
     from ui.train_tab import build_train_tab
 
     with gr.Blocks():

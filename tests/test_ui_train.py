@@ -22,7 +22,8 @@ from engine.core.train_config import TRIGGER_CANDIDATES, TrainConfig, field_name
 from ui.app import build_app
 from ui.generate_tab import GenerateHandlers
 from ui.generate_tab import default_values as generate_defaults
-from ui.train_handlers import DERIVED, FIELD_NAMES, TrainHandlers, default_values, to_form
+from ui.train_form import DERIVED, FIELD_NAMES, default_values, to_form
+from ui.train_handlers import TrainHandlers
 from ui.train_tab import build_train_tab
 
 torch.set_num_threads(1)  # two shared cores; tiny models only lose from more threads

@@ -1,7 +1,7 @@
 """The Train tab: images in, a form wired to `TrainConfig` by field name, live progress, a style out.
 
-The work is in `ui.train_handlers.TrainHandlers`; `build_train_tab` only lays out components and maps names to
-components.
+The work is in `ui.train_handlers.TrainHandlers` (its form part in ui.train_form); `build_train_tab` only lays out
+components and maps names to components.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from engine.core.train_config import LR_SCHEDULERS, MIXED_PRECISION, REPORT_TO, 
 from .forms import int_fields
 from .session import user_of
 
-from .train_handlers import (EXAMPLES, INT_FIELDS, MAX_IMAGES, MIN_IMAGES, PROMPT_FIELDS, TrainHandlers,
-                             default_values)
+from .train_form import EXAMPLES, INT_FIELDS, MAX_IMAGES, MIN_IMAGES, PROMPT_FIELDS, default_values
+from .train_handlers import TrainHandlers
 from .train_plots import eval_frame, loss_frame
 
 
