@@ -355,9 +355,15 @@ def suggest_trigger_token(tokenizer, avoid: tuple[str, ...] = ()) -> str:
     return min(options, key=lambda w: (n_tokens(w), options.index(w)))
 
 
+# Weight-changing fields added after checkpoints already existed, with the value that means "as before": at that
+# value they stay out of the hash, so a run checkpointed by an older version still resumes after an upgrade.
+_ADDED_LATER = {"min_timestep": 0, "max_timestep": 1000}
+
+
 def config_hash(cfg: TrainConfig) -> str:
     """sha256 of the fields that change the trained weights; checkpoints refuse to resume under another hash."""
-    data = {k: v for k, v in asdict(cfg).items() if k not in _NON_TRAINING_FIELDS}
+    data = {k: v for k, v in asdict(cfg).items()
+            if k not in _NON_TRAINING_FIELDS and not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()
 
 
