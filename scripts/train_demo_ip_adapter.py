@@ -18,13 +18,13 @@ block) on the denoising loss through the frozen demo model (UNet, VAE, text enco
 low-to-mid noise where texture is decided. Fixed step counts, seeded, one thread: the run is reproducible
 (--minutes caps the wall time if you must, at the cost of that).
 
-Training textures (scripts/ip_adapter_textures.py): solid and striped (the base model knows them), three
+Training textures (scripts/ip_adapter_textures.py): solid and striped (the base model knows them), the
 hand-written adapter-only ones, and a family of procedural periodic patterns (random 2..8 px tiles: random cells,
-products of two 1-D patterns, slanted stripes; 300 by default), the demo's stand-in for the millions of images a
+stripes, products of two 1-D patterns, slanted stripes; 300 by default), the demo's stand-in for the millions of images a
 real IP-Adapter sees, so a new texture has neighbours. The world's held-out textures (checkered, tiled, polka) are
 in no training pair, reference or warm-up image: every candidate is refused if it is within a Hamming distance of
 0.25 of any of them or of a checkerboard of any cell size (every shift, transpose, tone inversion), or if the demo
-checker calls it checkered on any of 8 drawings (tiled or polka on more than one).
+checker calls it checkered on more than 1 of 16 drawings.
 
 Saved in diffusers' IP-Adapter layout, loadable by plain diffusers:
     assets/demo-ip-adapter/ip_adapter.safetensors   keys image_proj.* and ip_adapter.<1,3,5..>.to_{k,v}_ip.weight
