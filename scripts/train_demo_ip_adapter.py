@@ -168,6 +168,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--encoder-steps", type=int, default=240)
     ap.add_argument("--encoder-seconds", type=float, default=0, help="wall-time cap of stage 1; 0: none")
+    ap.add_argument("--encoder-width", type=int, default=64, help="image encoder's hidden size")
+    ap.add_argument("--encoder-layers", type=int, default=2)
     ap.add_argument("--pool", type=int, default=300, help="procedural textures in the training family")
     ap.add_argument("--style-fraction", type=float, default=0.75,
                     help="share of steps with InstantStyle's style-only block scales on (style pairs)")
@@ -183,14 +185,16 @@ def main() -> None:
     te = CLIPTextModel.from_pretrained(a.base / "text_encoder").requires_grad_(False)
     tok = CLIPTokenizer.from_pretrained(a.base / "tokenizer")
     noise_sched = DDPMScheduler.from_pretrained(a.base / "scheduler")
-    enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION_CONFIG))
+    vision = {**VISION_CONFIG, "hidden_size": a.encoder_width, "intermediate_size": 2 * a.encoder_width,
+              "num_hidden_layers": a.encoder_layers}
+    enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision))
     t_start = time.time()
     from engine.demo.checker import DemoChecker
     family = TextureFamily(a.pool, a.seed, DemoChecker.load())
     print(f"texture family: {len(family.family)} procedural + {family.kept_hand_written} (+ solid); rejected "
           f"{family.rejected}; nearest to the held-out textures: {family.nearest}", flush=True)
     pretrain_encoder(enc, family, a.encoder_steps, 64, a.seed, a.encoder_seconds)
-    unet._load_ip_adapter_weights([build_initial_state(unet, VISION_CONFIG["projection_dim"])])
+    unet._load_ip_adapter_weights([build_initial_state(unet, vision["projection_dim"])])
     # classic (non-SDPA) processors for training: CPU SDPA backward is slow for 2-head attention
     procs = {}
     for name, proc in unet.attn_processors.items():
@@ -272,7 +276,7 @@ def main() -> None:
     enc.save_pretrained(a.out / "image_encoder", safe_serialization=True)
     (a.out / "training.json").write_text(json.dumps(
         {"steps_done": step + 1, "seconds": round(seconds), "final_loss": float(np.mean(losses[-50:])),
-         "batch": a.batch, "lr": a.lr, "seed": a.seed, "threads": a.threads, "vision_config": VISION_CONFIG,
+         "batch": a.batch, "lr": a.lr, "seed": a.seed, "threads": a.threads, "vision_config": vision,
          "textures": {"solid": 0.1, "striped": 0.1, "hand_written": family.kept_hand_written[1:],
                       "hand_written_share": 0.2, "procedural": len(family.family), "procedural_share": 0.6},
          "held_out": list(W.HELD_OUT_TEXTURES), "family_rejected": family.rejected,
