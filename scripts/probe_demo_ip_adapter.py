@@ -3,7 +3,8 @@
 Not the acceptance test (tests/test_instant_learning.py uses fixed styles, prompts and seeds 9000+): here each
 probe style is 2 references of one random scene family (seeds 700+), the prompts name 2 other shapes and the
 references' colours, never the texture. Prints, per reference texture and setting (bare, style only, style and
-content), the checker's rate of the reference texture, of the prompt's shape and of the reference's shape.
+content), the checker's rate of the reference texture (and its mean probability), of the prompt's shape and of
+the reference's shape.
 
 Usage: python scripts/probe_demo_ip_adapter.py [--adapter assets/demo-ip-adapter] [--styles 8] [--strength 1.0]
 """
@@ -53,18 +54,21 @@ def main() -> None:
             styles.append((sid, ref, shapes, a.seed + k))
         for setting, only in (("bare", None), ("style only", True), ("style and content", False)):
             hit = kept = leak = n = 0
+            prob = 0.0  # the checker's mean probability of the reference texture: less noisy than the rate
             for sid, ref, shapes, seed in styles:
                 kw = {} if only is None else dict(instant_style=sid, instant_style_only=only,
                                                   instant_strength=a.strength)
                 res = eng.generate(GenerateRequest(prompt="\n".join(W.prompt_for(s, ref.fg, ref.bg) for s in shapes),
                                                    prompt_per_line=True, seed=seed, num_inference_steps=20,
                                                    guidance_scale=5.0, **kw))
-                for p, s in zip(checker.predict([im.image for im in res.images]), shapes):
+                images = [im.image for im in res.images]
+                prob += float(checker.probabilities(images)[:, W.TEXTURES.index(texture)].sum())
+                for p, s in zip(checker.predict(images), shapes):
                     hit += p["texture"] == texture
                     kept += p["shape"] == s
                     leak += p["shape"] == ref.shape
                     n += 1
-            print(f"{texture:10s} {setting:18s} texture {hit / n:.2f}  shape kept {kept / n:.2f}  "
+            print(f"{texture:10s} {setting:18s} texture {hit / n:.2f} (p {prob / n:.2f})  shape kept {kept / n:.2f}  "
                   f"reference shape {leak / n:.2f}  (n={n})", flush=True)
 
 

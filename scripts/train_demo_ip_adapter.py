@@ -18,10 +18,13 @@ block) on the denoising loss through the frozen demo model (UNet, VAE, text enco
 low-to-mid noise where texture is decided. Fixed step counts, seeded, one thread: the run is reproducible
 (--minutes caps the wall time if you must, at the cost of that).
 
-The checkered texture is held out: it is in no training pair, no reference, no encoder warm-up image. Adapter-only
-textures, drawn here and never seen by the base model (stripes in three more directions; dots, grid lines at two
-periods, diagonal cross-hatching, bricks), teach the adapter to steer the frozen UNet towards patterns it cannot
-name, which is what a held-out texture needs.
+Training textures (scripts/ip_adapter_textures.py): solid and striped (the base model knows them), the
+hand-written adapter-only ones, and a family of procedural periodic patterns (random 2..8 px tiles: random cells,
+stripes, products of two 1-D patterns, slanted stripes; 300 by default), the demo's stand-in for the millions of images a
+real IP-Adapter sees, so a new texture has neighbours. The world's held-out textures (checkered, tiled, polka) are
+in no training pair, reference or warm-up image: every candidate is refused if it is within a Hamming distance of
+0.25 of any of them or of a checkerboard of any cell size (every shift, transpose, tone inversion), or if the demo
+checker calls it checkered on more than 1 of 16 drawings.
 
 Saved in diffusers' IP-Adapter layout, loadable by plain diffusers:
     assets/demo-ip-adapter/ip_adapter.safetensors   keys image_proj.* and ip_adapter.<1,3,5..>.to_{k,v}_ip.weight
@@ -49,6 +52,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.demo import world as W  # noqa: E402
 from engine.styles.instant import STYLE_BLOCKS  # noqa: E402
+from scripts.ip_adapter_textures import TextureFamily  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VISION_CONFIG = dict(image_size=32, patch_size=4, num_channels=3, hidden_size=64, intermediate_size=128,
@@ -56,51 +60,6 @@ VISION_CONFIG = dict(image_size=32, patch_size=4, num_channels=3, hidden_size=64
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIPImageProcessor's defaults: intake uses the same numbers
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 NUM_TOKENS = 4  # diffusers' ImageProjection loader assumes 4 image tokens
-# Adapter-only textures (the base model never saw them): vertical and diagonal stripes, and 2-D patterns with
-# other periods and coverage than the held-out checkered (two tones in alternating 2 px squares): dots, grid lines,
-# diagonal cross-hatching and bricks. A broad family of periodic patterns is the demo's stand-in for the millions
-# of images a real IP-Adapter sees; none of them is the checkerboard (nor a rotated one).
-ADAPTER_TEXTURES = ("solid", "striped", "vstriped", "diagonal", "antidiagonal", "dotted", "grid", "grid4",
-                    "crosshatch", "bricks")
-ADAPTER_TEXTURE_WEIGHTS = (0.14, 0.14, 0.1, 0.08, 0.08, 0.1, 0.1, 0.09, 0.09, 0.08)
-
-
-def draw_texture(scene: W.Scene, texture: str) -> Image.Image:
-    """Draw a scene; the world's textures as the world draws them, plus the adapter-only ones."""
-    if texture in W.TEXTURES:
-        assert texture != "checkered", "checkered is held out of every training pair"
-        return W.draw(W.Scene(**{**scene.__dict__, "texture": texture}))
-    big = W.SIZE * W.SUPERSAMPLE
-    rgb = W.COLORS[scene.fg]
-    fill = np.empty((big, big, 3), np.uint8)
-    fill[:] = rgb
-    yy, xx = np.mgrid[0:big, 0:big]
-    half, px = 2 * W.SUPERSAMPLE, W.SUPERSAMPLE
-    if texture == "vstriped":
-        mask = (xx // half) % 2 == 1
-    elif texture == "diagonal":
-        mask = ((xx + yy) // (half + half // 2)) % 2 == 1
-    elif texture == "antidiagonal":
-        mask = ((xx - yy + 10 * big) // (half + half // 2)) % 2 == 1
-    elif texture == "dotted":  # 2 px dots every 6 px
-        mask = ((yy % (6 * px)) < 2 * px) & ((xx % (6 * px)) < 2 * px)
-    elif texture == "grid":  # 1 px lines every 6 px
-        mask = ((yy % (6 * px)) < px) | ((xx % (6 * px)) < px)
-    elif texture == "grid4":  # 1 px lines every 4 px
-        mask = ((yy % (4 * px)) < px) | ((xx % (4 * px)) < px)
-    elif texture == "crosshatch":  # 1 px diagonal lines both ways every 6 px (union, not alternation)
-        mask = (((xx + yy) % (6 * px)) < px) | (((xx - yy + 60 * big) % (6 * px)) < px)
-    elif texture == "bricks":  # 1 px mortar rows every 4 px, joints every 8 px, shifted by 4 px every other row
-        row = yy // (4 * px)
-        mask = ((yy % (4 * px)) < px) | (((xx + (row % 2) * 4 * px) % (8 * px)) < px)
-    else:
-        raise ValueError(texture)
-    fill[mask] = W._second_tone(rgb)
-    canvas = Image.new("RGB", (big, big), W.COLORS[scene.bg])
-    canvas.paste(Image.fromarray(fill), (0, 0), W.shape_mask(scene, big))
-    return canvas.resize((W.SIZE, W.SIZE), Image.BOX)
-
-
 def clip_pixels(images) -> torch.Tensor:
     """32x32 RGB images -> CLIPImageProcessor-normalised pixel values (resize/crop are identities at 32 px)."""
     a = torch.from_numpy(np.stack([np.asarray(im, np.float32) / 255.0 for im in images])).permute(0, 3, 1, 2)
@@ -119,40 +78,45 @@ def caption_without_texture(scene: W.Scene, rng: random.Random, keep_shape: bool
     return cap.replace(scene.shape, "shape") if not keep_shape else cap
 
 
-def make_pair(rng: random.Random, content: bool):
+def make_pair(rng: random.Random, content: bool, family: TextureFamily):
     """(reference image, target image, caption), same texture and colours.
 
     Style pairs (content=False): the target always has another shape and the caption names it, so the image may
     only bring texture and colours. Content pairs: the target keeps the reference's shape and the caption mostly
     says "shape", so the image has to bring the shape too."""
-    texture = rng.choices(ADAPTER_TEXTURES, weights=ADAPTER_TEXTURE_WEIGHTS)[0]
+    texture = family.sample(rng)
     ref = W.random_scene(rng, W.TRAIN_SHAPES)
     tgt = W.random_scene(rng, W.TRAIN_SHAPES if content else tuple(s for s in W.TRAIN_SHAPES if s != ref.shape))
     tgt = W.Scene(**{**tgt.__dict__, "fg": ref.fg, "bg": ref.bg, "shape": ref.shape if content else tgt.shape})
     cap = caption_without_texture(tgt, rng, keep_shape=not content or rng.random() < 0.2)
-    return draw_texture(ref, texture), draw_texture(tgt, texture), cap
+    return family.draw(ref, texture, rng), family.draw(tgt, texture, rng), cap
 
 
-def pretrain_encoder(enc, steps: int, batch: int, seed: int, seconds: float) -> None:
-    """Stage 1: teach the tiny encoder what a scene is made of (texture, colours, shape) with linear heads on its
-    projected embedding: a cheap supervised warm start, so the adapter stage does not spend its budget on it."""
-    names = {"texture": ADAPTER_TEXTURES, "fg": tuple(sorted(W.COLORS)), "bg": tuple(sorted(W.COLORS)),
-             "shape": W.TRAIN_SHAPES}
+def pretrain_encoder(enc, family: TextureFamily, steps: int, batch: int, seed: int, seconds: float) -> None:
+    """Stage 1: teach the tiny encoder what a scene is made of with linear heads on its projected embedding: a
+    cheap supervised warm start, so the adapter stage does not spend its budget on it. Colours and shape are
+    classes; the texture is regressed as a continuous descriptor (coverage and autocorrelation, see
+    ip_adapter_textures.descriptor), so textures it never saw land between the ones it did, not on a label."""
+    names = {"fg": tuple(sorted(W.COLORS)), "bg": tuple(sorted(W.COLORS)), "shape": W.TRAIN_SHAPES}
     dim = enc.config.projection_dim
+    ddim = len(next(iter(family.descriptors.values())))
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, len(v)) for k, v in names.items()})
+    heads["texture"] = torch.nn.Linear(dim, ddim)
     opt = torch.optim.AdamW(list(enc.parameters()) + list(heads.parameters()), lr=2e-3, weight_decay=1e-2)
     t0 = time.time()
     for step in range(steps):
         rng = random.Random(seed * 31 + step)
-        imgs, labels = [], {k: [] for k in names}
+        imgs, desc, labels = [], [], {k: [] for k in names}
         for _ in range(batch):
             sc = W.random_scene(rng, W.TRAIN_SHAPES)
-            tex = rng.choices(ADAPTER_TEXTURES, weights=ADAPTER_TEXTURE_WEIGHTS)[0]
-            imgs.append(draw_texture(sc, tex))
-            for k, v in (("texture", tex), ("fg", sc.fg), ("bg", sc.bg), ("shape", sc.shape)):
+            tex = family.sample(rng)
+            imgs.append(family.draw(sc, tex, rng))
+            desc.append(family.descriptors[tex])
+            for k, v in (("fg", sc.fg), ("bg", sc.bg), ("shape", sc.shape)):
                 labels[k].append(names[k].index(v))
         emb = enc(clip_pixels(imgs)).image_embeds
         loss = sum(F.cross_entropy(heads[k](emb), torch.tensor(labels[k])) for k in names)
+        loss = loss + 10.0 * F.mse_loss(heads["texture"](emb), torch.from_numpy(np.stack(desc)))
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         if (step + 1) % 50 == 0:
             print(f"encoder step {step+1} loss {loss.item():.3f} {time.time()-t0:.0f}s", flush=True)
@@ -204,6 +168,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--encoder-steps", type=int, default=240)
     ap.add_argument("--encoder-seconds", type=float, default=0, help="wall-time cap of stage 1; 0: none")
+    ap.add_argument("--encoder-width", type=int, default=64, help="image encoder's hidden size")
+    ap.add_argument("--encoder-layers", type=int, default=2)
+    ap.add_argument("--pool", type=int, default=300, help="procedural textures in the training family")
     ap.add_argument("--style-fraction", type=float, default=0.75,
                     help="share of steps with InstantStyle's style-only block scales on (style pairs)")
     a = ap.parse_args()
@@ -218,10 +185,16 @@ def main() -> None:
     te = CLIPTextModel.from_pretrained(a.base / "text_encoder").requires_grad_(False)
     tok = CLIPTokenizer.from_pretrained(a.base / "tokenizer")
     noise_sched = DDPMScheduler.from_pretrained(a.base / "scheduler")
-    enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION_CONFIG))
+    vision = {**VISION_CONFIG, "hidden_size": a.encoder_width, "intermediate_size": 2 * a.encoder_width,
+              "num_hidden_layers": a.encoder_layers}
+    enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision))
     t_start = time.time()
-    pretrain_encoder(enc, a.encoder_steps, 64, a.seed, a.encoder_seconds)
-    unet._load_ip_adapter_weights([build_initial_state(unet, VISION_CONFIG["projection_dim"])])
+    from engine.demo.checker import DemoChecker
+    family = TextureFamily(a.pool, a.seed, DemoChecker.load())
+    print(f"texture family: {len(family.family)} procedural + {family.kept_hand_written} (+ solid); rejected "
+          f"{family.rejected}; nearest to the held-out textures: {family.nearest}", flush=True)
+    pretrain_encoder(enc, family, a.encoder_steps, 64, a.seed, a.encoder_seconds)
+    unet._load_ip_adapter_weights([build_initial_state(unet, vision["projection_dim"])])
     # classic (non-SDPA) processors for training: CPU SDPA backward is slow for 2-head attention
     procs = {}
     for name, proc in unet.attn_processors.items():
@@ -261,7 +234,7 @@ def main() -> None:
         style_step = rng.random() < a.style_fraction
         for name, proc in ip_procs.items():
             proc.scale = [1.0 if not style_step or name.startswith(style_blocks) else 0.0]
-        refs, tgts, caps = zip(*[make_pair(rng, content=not style_step) for _ in range(a.batch)])
+        refs, tgts, caps = zip(*[make_pair(rng, not style_step, family) for _ in range(a.batch)])
         caps = [c if rng.random() > 0.1 else "" for c in caps]
         with torch.no_grad():
             ids = tok(list(caps), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -303,8 +276,11 @@ def main() -> None:
     enc.save_pretrained(a.out / "image_encoder", safe_serialization=True)
     (a.out / "training.json").write_text(json.dumps(
         {"steps_done": step + 1, "seconds": round(seconds), "final_loss": float(np.mean(losses[-50:])),
-         "batch": a.batch, "lr": a.lr, "seed": a.seed, "threads": a.threads, "vision_config": VISION_CONFIG,
-         "textures": dict(zip(ADAPTER_TEXTURES, ADAPTER_TEXTURE_WEIGHTS)), "held_out": "checkered",
+         "batch": a.batch, "lr": a.lr, "seed": a.seed, "threads": a.threads, "vision_config": vision,
+         "textures": {"solid": 0.1, "striped": 0.1, "hand_written": family.kept_hand_written[1:],
+                      "hand_written_share": 0.2, "procedural": len(family.family), "procedural_share": 0.6},
+         "held_out": list(W.HELD_OUT_TEXTURES), "family_rejected": family.rejected,
+         "nearest_hamming_distance": {k: round(v, 4) for k, v in family.nearest.items()},
          "style_fraction": a.style_fraction, "style_blocks": list(style_blocks)}, indent=1))
     print(f"done: {step+1} steps in {seconds:.0f}s -> {a.out}", flush=True)
 
