@@ -118,12 +118,15 @@ def train_concept(base, concept: str, workdir: Path, *, prior: bool = False, ove
 
 
 class Probe:
-    """Generate with the base model or with one LoRA (20 DPM++ steps, guidance 5), and ask the checker."""
+    """Generate with the base model or with one LoRA (20 DPM++ steps, guidance 5), and ask the checker.
 
-    def __init__(self, base, checker):
+    `guidance` other than 5 is a diagnostic only (is what a LoRA learned tied to its prompt? classifier-free
+    guidance amplifies only that part); the table's thresholds are for 5."""
+
+    def __init__(self, base, checker, guidance: float = 5.0):
         from engine.styles.adapters import AdapterCache
 
-        self.base, self.checker = base, checker
+        self.base, self.checker, self.guidance = base, checker, guidance
         self.cache = AdapterCache(base.components)
         self.names: dict[Path, str] = {}
 
@@ -141,7 +144,7 @@ class Probe:
         from engine.generate.sampler import sample, to_pil
 
         imgs = sample(self.base.components, prompts, [""] * len(prompts), [seed0 + i for i in range(len(prompts))],
-                      num_inference_steps=20, guidance_scale=5.0, scheduler="dpmpp_2m")
+                      num_inference_steps=20, guidance_scale=self.guidance, scheduler="dpmpp_2m")
         return self.checker.predict([np.asarray(im) for im in to_pil(imgs)])
 
 
@@ -234,12 +237,14 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--reuse", action="store_true", help="use LoRAs already in --workdir for the same settings")
     ap.add_argument("--prior", action="store_true", help="prior preservation on (automatic class prompts)")
+    ap.add_argument("--guidance", type=float, default=5.0,
+                    help="diagnostic: measure at this guidance scale (the thresholds are for 5)")
     ap.add_argument("--train-only", action="store_true", help="train (into --workdir) without measuring")
     args = ap.parse_args()
     torch.set_num_threads(1)
     overrides = {k: _value(v) for k, v in (o.split("=", 1) for o in args.override)}
     base = load_base_model(None)
-    probe = None if args.train_only else Probe(base, DemoChecker.load())
+    probe = None if args.train_only else Probe(base, DemoChecker.load(), args.guidance)
     rows = []
     with tempfile.TemporaryDirectory(prefix="learning-table-") as tmp:
         for concept in args.concepts or list(W.HELD_OUT_SHAPES + W.HELD_OUT_TEXTURES):
