@@ -110,20 +110,24 @@ def test_example_fills_the_upload_and_the_preset(h):
 
 
 def test_switching_method_sets_its_learning_rates_and_keeps_the_users_own(h):
-    out = h.example("heart")  # the demo's LoRA rates (1e-3 / 2e-4)
-    full = h.method("full", out["learning_rate"], out["text_encoder_lr"])
-    assert (full["learning_rate"], full["text_encoder_lr"]) == (3e-5, 3e-5) and "full fine-tuning" in full["status"]
-    back = h.method("lora", full["learning_rate"], full["text_encoder_lr"])
-    assert (back["learning_rate"], back["text_encoder_lr"]) == (out["learning_rate"], out["text_encoder_lr"])
+    for example, kind in (("heart", "subject"), ("checkered", "style")):
+        out = h.example(example)  # the demo's LoRA rates for that preset
+        full = h.method("full", kind, out["learning_rate"], out["text_encoder_lr"])
+        assert (full["learning_rate"], full["text_encoder_lr"]) == (3e-5, 3e-5), example
+        assert "full fine-tuning" in full["status"]
+        back = h.method("lora", kind, full["learning_rate"], full["text_encoder_lr"])
+        assert (back["learning_rate"], back["text_encoder_lr"]) == (out["learning_rate"], out["text_encoder_lr"])
     sd = presets("subject")  # Stable Diffusion's LoRA rates -> DreamBooth's full fine-tuning rates
-    assert h.method("full", sd["learning_rate"], sd["text_encoder_lr"])["learning_rate"] == 5e-6
-    own = h.method("full", 7e-4, 1e-4)  # typed by the user: kept, and the note says to check them
+    assert h.method("full", "subject", sd["learning_rate"], sd["text_encoder_lr"])["learning_rate"] == 5e-6
+    own = h.method("full", "subject", 7e-4, 1e-4)  # typed by the user: kept, and the note says to check them
     assert "learning_rate" not in own and "kept" in own["status"]
     cfg = h.config({**{k: v for k, v in out.items() if k in FIELD_NAMES}, "method": "full", **{
         k: full[k] for k in ("learning_rate", "text_encoder_lr")}}, out["images"])
     assert cfg.method == "full" and cfg.learning_rate == 3e-5
     with pytest.raises(gr.Error, match="unknown method"):
-        h.method("lora; rm -rf /", 1e-3, 2e-4)
+        h.method("lora; rm -rf /", "subject", 1e-3, 2e-4)
+    with pytest.raises(gr.Error, match="unknown preset"):
+        h.method("full", "../style", 1e-3, 2e-4)
 
 
 def test_toml_saved_by_the_ui_loads_back_to_the_same_config(h):

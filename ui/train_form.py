@@ -131,11 +131,11 @@ class FormHandlers:
             raise gr.Error(str(e)) from None
 
     @staticmethod
-    def method(method: str, learning_rate: float, text_encoder_lr: float) -> dict[str, Any]:
+    def method(method: str, kind: str, learning_rate: float, text_encoder_lr: float) -> dict[str, Any]:
         """Switching LoRA <-> full fine-tuning: the other method's default learning rates become this one's (a LoRA
         rate would wreck a full fine-tune); rates the user typed are kept, with a note."""
         try:
-            rates = rates_for_method(method, float(learning_rate or 0), float(text_encoder_lr or 0))
+            rates = rates_for_method(method, kind, float(learning_rate or 0), float(text_encoder_lr or 0))
         except (ConfigError, TypeError, ValueError) as e:
             raise gr.Error(str(e)) from None
         name = "full fine-tuning" if method == "full" else "LoRA"

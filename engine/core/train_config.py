@@ -392,21 +392,25 @@ def field_names() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
 
 
-# Learning rates (UNet, text encoder) that suit each method. LoRA trains small added matrices: ~1e-4 on Stable
-# Diffusion (kohya, diffusers' train_dreambooth_lora.py); full fine-tuning moves every weight, and DreamBooth's
-# reference script uses 5e-6 (2e-6 with the text encoder). The demo model, trained from scratch and tiny, needs
-# 10x more for LoRA (demo_settings) and 3e-5 for full fine-tuning (scripts/compare_full_vs_lora.py: 1e-4 cost
-# prompt fidelity, 3e-4 the colours too).
-METHOD_LEARNING_RATES = {("lora", "sd"): (1e-4, 5e-5), ("full", "sd"): (5e-6, 2e-6),
-                         ("lora", "demo"): (1e-3, 2e-4), ("full", "demo"): (3e-5, 3e-5)}
+# Full fine-tuning's learning rates (UNet, text encoder). LoRA trains small added matrices (~1e-4 on Stable
+# Diffusion: kohya, diffusers' train_dreambooth_lora.py; 10x more on the tiny demo model, see demo_settings); full
+# fine-tuning moves every weight, and DreamBooth's reference script uses 5e-6 (2e-6 with the text encoder). The demo
+# model: 3e-5 (scripts/compare_full_vs_lora.py: 1e-4 cost prompt fidelity, 3e-4 the colours too).
+FULL_FT_RATES = {"sd": (5e-6, 2e-6), "demo": (3e-5, 3e-5)}
 
 
-def rates_for_method(method: str, learning_rate: float, text_encoder_lr: float) -> dict[str, float] | None:
-    """The learning rates to use after switching to `method`, when the current ones are another method's defaults
-    (for Stable Diffusion or for the demo model); None when they are the user's own, which are kept."""
+def _lora_rates(kind: str, model: str) -> tuple[float, float]:
+    p = presets(kind) if model == "sd" else {**presets(kind), **demo_settings(kind)}
+    return p["learning_rate"], p["text_encoder_lr"]
+
+
+def rates_for_method(method: str, kind: str, learning_rate: float, text_encoder_lr: float) -> dict[str, float] | None:
+    """The learning rates to use after switching to `method`, when the current ones are the other method's defaults
+    for this preset (on Stable Diffusion or on the demo model); None when they are the user's own, which are kept."""
     _check(method in METHODS, f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    for (m, model), rates in METHOD_LEARNING_RATES.items():
-        if m != method and (learning_rate, text_encoder_lr) == rates:
-            lr, te_lr = METHOD_LEARNING_RATES[(method, model)]
-            return {"learning_rate": lr, "text_encoder_lr": te_lr}
+    _check(kind in PRESETS, f"unknown preset {kind!r}; choose one of: {', '.join(PRESETS)}")
+    for model, full in FULL_FT_RATES.items():
+        old, new = (_lora_rates(kind, model), full) if method == "full" else (full, _lora_rates(kind, model))
+        if (learning_rate, text_encoder_lr) == old:
+            return {"learning_rate": new[0], "text_encoder_lr": new[1]}
     return None
