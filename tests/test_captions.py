@@ -83,6 +83,37 @@ def test_each_training_example_gets_its_own_caption(tiny_sd, tmp_path):
     assert torch.equal(batch["ids"], torch.cat([tokenize(tok, ["olis blue"]), tokenize(tok, ["olis red"])]))
 
 
+def test_caption_dropout_trains_some_steps_on_the_instance_prompt(tiny_sd, tmp_path):
+    """caption_dropout p: each instance example takes the instance prompt instead of its caption with probability p
+    (drawn from the training generator); at 0 nothing is drawn, so older runs keep their random stream."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from engine.generate.sampler import tokenize
+    from engine.train.data import DreamBoothData
+
+    tok = StableDiffusionPipeline.from_pretrained(tiny_sd).tokenizer
+    imgs = [str(_png(tmp_path / f"{i}.png", 40 * i)) for i in range(3)]
+    caps = ("olis red", "olis green", "olis blue")
+    own, plain = [tokenize(tok, [c]) for c in caps], tokenize(tok, ["a photo of olis shape"])
+
+    def run(p: float, seed: int = 0):
+        cfg = TrainConfig(**{**presets("subject"), "instance_images": tuple(imgs), "instance_captions": caps,
+                             "with_prior_preservation": False, "caption_dropout": p})
+        data, gen = DreamBoothData(cfg, [], tok, 32), torch.Generator().manual_seed(seed)
+        out = [data.batch([i % 3], gen)["ids"] for i in range(300)]
+        return [0 if torch.equal(x, own[i % 3]) else 1 if torch.equal(x, plain) else -1 for i, x in enumerate(out)], gen
+
+    never, gen = run(0.0)
+    assert never == [0] * 300 and torch.equal(gen.get_state(), torch.Generator().manual_seed(0).get_state())
+    assert run(1.0)[0] == [1] * 300
+    half = run(0.5)[0]
+    assert -1 not in half and 110 <= sum(half) <= 190  # binomial(300, 0.5): 150 +- 4.6 sigma
+    assert half == run(0.5)[0] and half != run(0.5, seed=1)[0]  # from the run's generator: resumes exactly
+    with pytest.raises(ConfigError, match="caption_dropout"):
+        TrainConfig(**{**presets("subject"), "instance_images": tuple(imgs), "caption_dropout": 1.5})
+
+
 def test_class_images_get_their_own_captions_and_several_prompts_need_them(tiny_sd, tmp_path):
     import torch
     from diffusers import StableDiffusionPipeline

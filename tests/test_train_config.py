@@ -90,13 +90,13 @@ def test_config_hash_ignores_fields_that_do_not_change_weights():
 
 
 def test_fields_added_later_keep_old_checkpoints_resumable():
-    """A checkpoint written before min/max_timestep existed hashed every other field: at their "as before" values
-    the hash is the same, so the run resumes after an upgrade; another value is another run."""
+    """A checkpoint written before min/max_timestep and caption_dropout existed hashed every other field: at their
+    "as before" values the hash is the same, so the run resumes after an upgrade; another value is another run."""
     base = make()
     old = {k: v for k, v in dataclasses.asdict(base).items()
            if k not in ("validation_prompts", "validation_steps", "checkpointing_steps", "checkpoints_total_limit",
                         "report_to", "output_name", "eval_seeds", "eval_prompts", "eval_model", "eval_fidelity_floor",
-                        "extract_rank", "extract_energy", "min_timestep", "max_timestep")}
+                        "extract_rank", "extract_energy", "min_timestep", "max_timestep", "caption_dropout")}
     assert config_hash(base) == hashlib.sha256(json.dumps(old, sort_keys=True, default=list).encode()).hexdigest()
     assert config_hash(dataclasses.replace(base, max_timestep=500)) != config_hash(base)
 

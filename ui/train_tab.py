@@ -49,6 +49,8 @@ ADVANCED = [
      ("use_8bit_adam", "check", "8-bit Adam", {"info": "CUDA only"}),
      ("cache_latents", "check", "Cache latents", {"info": "encode images once; needs center crop"})],
     [("snr_gamma", "float", "Min-SNR γ (0 = off)", {}), ("noise_offset", "fraction", "Noise offset", {}),
+     ("caption_dropout", "fraction", "Caption dropout",
+      {"info": "share of steps on the instance prompt instead of the image's caption"}),
      ("max_nonfinite_steps", "int", "Stop after N NaN steps", {"minimum": 1})],
     [("min_timestep", "int", "Min timestep (of 1000)", {"minimum": 0, "info": "higher: more detail, less layout"}),
      ("max_timestep", "int", "Max timestep (of 1000)",

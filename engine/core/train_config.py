@@ -117,6 +117,11 @@ class TrainConfig:
     # detail drawn inside them (a texture, brush strokes). A style that must reach new subjects can skip the top.
     min_timestep: int = 0
     max_timestep: int = 1000
+    # Probability that an instance image trains on `instance_prompt` ("a photo of olis shape") instead of its own
+    # caption. Why: with a handful of captioned images the trigger can mean "the subject *given this exact
+    # caption*"; trained sometimes on the trigger alone it must carry the concept whatever else the prompt says
+    # (kohya sd-scripts' caption_dropout_rate drops to "" instead, which trains the unconditional branch).
+    caption_dropout: float = 0.0
     max_nonfinite_steps: int = 3  # stop after this many consecutive NaN/Inf steps
     seed: int = 0
     checkpointing_steps: int = 100
@@ -196,6 +201,7 @@ class TrainConfig:
         between("text_encoder_stop_fraction", 0.0, 1.0)
         between("snr_gamma", 0.0, 100.0)
         between("noise_offset", 0.0, 1.0)
+        between("caption_dropout", 0.0, 1.0)
         between("max_grad_norm", 0.0, 1e6)
         between("min_timestep", 0, 999)
         between("max_timestep", 1, 1000)
@@ -273,6 +279,7 @@ def presets(kind: str, *, token: str = TRIGGER_CANDIDATES[0], class_noun: str = 
                   text_encoder_lr=5e-5, lr_scheduler="constant", lr_warmup_steps=0, train_batch_size=1,
                   gradient_accumulation_steps=1, max_grad_norm=1.0, mixed_precision="no",
                   gradient_checkpointing=False, use_8bit_adam=False, snr_gamma=5.0, min_timestep=0, max_timestep=1000,
+                  caption_dropout=0.0,
                   max_nonfinite_steps=3, seed=0,
                   checkpointing_steps=100, checkpoints_total_limit=2, validation_steps=100, report_to="tensorboard",
                   eval_seeds=2, eval_prompts=(), eval_model="", eval_fidelity_floor=0.9,
@@ -365,7 +372,7 @@ def suggest_trigger_token(tokenizer, avoid: tuple[str, ...] = ()) -> str:
 
 # Weight-changing fields added after checkpoints already existed, with the value that means "as before": at that
 # value they stay out of the hash, so a run checkpointed by an older version still resumes after an upgrade.
-_ADDED_LATER = {"min_timestep": 0, "max_timestep": 1000}
+_ADDED_LATER = {"min_timestep": 0, "max_timestep": 1000, "caption_dropout": 0.0}
 
 
 def config_hash(cfg: TrainConfig) -> str:

@@ -57,7 +57,8 @@ class DreamBoothData:
             self.n = max(self.n, len(self.images["class"]))
         captions = cfg.instance_captions or (cfg.instance_prompt,) * len(cfg.instance_images)
         self.ids = {"instance": [tokenize(tokenizer, [c]) for c in captions],
-                    "class": [tokenize(tokenizer, [c]) for c in class_captions or [cfg.class_prompt.strip()]]}
+                    "class": [tokenize(tokenizer, [c]) for c in class_captions or [cfg.class_prompt.strip()]],
+                    "dropped": [tokenize(tokenizer, [cfg.instance_prompt])]}
         self.latent_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _resize(self, path):
@@ -104,5 +105,9 @@ class DreamBoothData:
                 key, px = self.example(kind, i, gen)
                 keys.append(key)
                 pixels.append(px)
-                ids.append(self.ids[kind][key[1] % len(self.ids[kind])])  # instance: that image's own caption
+                # instance: that image's own caption, or with probability caption_dropout the instance prompt (drawn
+                # only when on, so runs without it keep their random stream)
+                dropped = (kind == "instance" and self.cfg.caption_dropout > 0
+                           and float(torch.rand(1, generator=gen)) < self.cfg.caption_dropout)
+                ids.append(self.ids["dropped"][0] if dropped else self.ids[kind][key[1] % len(self.ids[kind])])
         return {"keys": keys, "pixels": None if pixels[0] is None else torch.stack(pixels), "ids": torch.cat(ids)}
