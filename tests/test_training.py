@@ -79,6 +79,31 @@ def test_min_snr_weights_and_prior_loss():
     assert torch.allclose(diff, diff[..., :1, :1].expand_as(diff), atol=1e-6) and diff.abs().max() > 0
 
 
+def test_timestep_range_is_sampled_and_checked_against_the_model():
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    # The full range draws exactly what the loop drew before the range existed (old runs reproduce).
+    assert torch.equal(TM.sample_timesteps(64, 0, 1000, 1000, g()), torch.randint(0, 1000, (64,), generator=g()))
+    t = TM.sample_timesteps(2000, 700, 1000, 1000, g())
+    assert int(t.min()) == 700 and int(t.max()) == 999
+    assert int(TM.sample_timesteps(2000, 0, 1000, 500, g()).max()) == 499  # a model with fewer timesteps
+    with pytest.raises(ConfigError, match="use a min_timestep below 500"):
+        TM.sample_timesteps(1, 600, 1000, 500, g())
+
+
+def test_timestep_range_changes_what_is_trained(tiny_sd_v, tmp_path, monkeypatch):
+    """Every training step noises at a timestep inside [min_timestep, max_timestep), and the LoRA differs."""
+    seen = []
+    orig = T.diffusion_target
+    monkeypatch.setattr(T, "diffusion_target", lambda s, x, n, t: seen.append(t.tolist()) or orig(s, x, n, t))
+    images = draw_images(tmp_path / "img")
+    low = make_config(tiny_sd_v, images, max_train_steps=3, checkpointing_steps=0, max_timestep=100)
+    high = make_config(tiny_sd_v, images, max_train_steps=3, checkpointing_steps=0, min_timestep=900)
+    loras = [T.train(cfg, tmp_path / name).lora_path for cfg, name in ((low, "low"), (high, "high"))]
+    assert all(0 <= t < 100 for t in sum(seen[:3], [])) and all(900 <= t < 1000 for t in sum(seen[3:], []))
+    a, b = (__import__("safetensors.torch").torch.load_file(str(p)) for p in loras)
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+
 def test_sampler_continues_mid_epoch_exactly():
     a, b = EpochSampler(4, seed=3), EpochSampler(4, seed=3)
     first = a.take(3)

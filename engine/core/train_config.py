@@ -111,6 +111,12 @@ class TrainConfig:
     use_8bit_adam: bool = False
     snr_gamma: float = 0.0  # min-SNR weighting gamma (Hang et al. 2023); 0 = off, 5 is the paper's value
     noise_offset: float = 0.0
+    # The timesteps a step may draw, [min_timestep, max_timestep) of the scheduler's 1000 (kohya sd-scripts'
+    # --min_timestep/--max_timestep). Why: the noise level decides what a step teaches. High noise fixes the
+    # composition (which shape, where: with 4 images, it learns those 4 layouts by heart); low noise fixes the
+    # detail drawn inside them (a texture, brush strokes). A style that must reach new subjects can skip the top.
+    min_timestep: int = 0
+    max_timestep: int = 1000
     max_nonfinite_steps: int = 3  # stop after this many consecutive NaN/Inf steps
     seed: int = 0
     checkpointing_steps: int = 100
@@ -191,6 +197,11 @@ class TrainConfig:
         between("snr_gamma", 0.0, 100.0)
         between("noise_offset", 0.0, 1.0)
         between("max_grad_norm", 0.0, 1e6)
+        between("min_timestep", 0, 999)
+        between("max_timestep", 1, 1000)
+        _check(self.min_timestep < self.max_timestep,
+               f"`min_timestep` ({self.min_timestep}) must be below `max_timestep` ({self.max_timestep}); the full "
+               "range is 0 and 1000")
         between("max_nonfinite_steps", 1, 1000)
         between("seed", 0, 2**32 - 1)
         between("checkpointing_steps", 0, 1_000_000)
@@ -261,7 +272,8 @@ def presets(kind: str, *, token: str = TRIGGER_CANDIDATES[0], class_noun: str = 
                   resolution=0, center_crop=True, train_text_encoder=True,
                   text_encoder_lr=5e-5, lr_scheduler="constant", lr_warmup_steps=0, train_batch_size=1,
                   gradient_accumulation_steps=1, max_grad_norm=1.0, mixed_precision="no",
-                  gradient_checkpointing=False, use_8bit_adam=False, snr_gamma=5.0, max_nonfinite_steps=3, seed=0,
+                  gradient_checkpointing=False, use_8bit_adam=False, snr_gamma=5.0, min_timestep=0, max_timestep=1000,
+                  max_nonfinite_steps=3, seed=0,
                   checkpointing_steps=100, checkpoints_total_limit=2, validation_steps=100, report_to="tensorboard",
                   eval_seeds=2, eval_prompts=(), eval_model="", eval_fidelity_floor=0.9,
                   cache_latents=False, base_model="", output_name="lora",

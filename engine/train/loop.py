@@ -33,7 +33,8 @@ from engine.train.data import DreamBoothData, EpochSampler
 from engine.train.evaluate import evaluate_checkpoint
 from engine.train.state import (Counters, Data, Models, Run, Setup, Trainable, enter_train_mode,
                                 trainable_params)
-from engine.train.math import diffusion_target, dreambooth_loss, is_oom, min_snr_weights, offset_noise
+from engine.train.math import (diffusion_target, dreambooth_loss, is_oom, min_snr_weights, offset_noise,
+                               sample_timesteps)
 from engine.train.output import log_preview, step6_save
 
 
@@ -218,7 +219,8 @@ def forward_loss(run: Run, batch: dict, te_on: bool) -> torch.Tensor:
     dev, gen = acc.device, run.data.gen
     latents = encode_latents(run, batch)
     noise = offset_noise(latents.shape, gen, cfg.noise_offset).to(dev)
-    t = torch.randint(0, ns.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(dev)
+    t = sample_timesteps(latents.shape[0], cfg.min_timestep, cfg.max_timestep, ns.config.num_train_timesteps,
+                         gen).to(dev)
     noisy = ns.add_noise(latents, noise, t)
     with acc.autocast():
         enc = encode_text(run, batch["ids"], te_on)

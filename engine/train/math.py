@@ -19,6 +19,16 @@ def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor
     raise ConfigError(f"base model predicts {kind!r}; only 'epsilon' and 'v_prediction' models can be trained")
 
 
+def sample_timesteps(n: int, lo: int, hi: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+    """n timesteps uniform in [lo, min(hi, num_train_timesteps)) (Ho et al. 2020, Algorithm 1 draws them from the
+    whole range; kohya sd-scripts' --min_timestep/--max_timestep narrow it), on the CPU generator."""
+    hi = min(hi, num_train_timesteps)
+    if lo >= hi:
+        raise ConfigError(f"`min_timestep` {lo} leaves no timestep: this model has {num_train_timesteps}; "
+                          f"use a min_timestep below {num_train_timesteps}")
+    return torch.randint(lo, hi, (n,), generator=generator)
+
+
 def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR+1) for v."""
     clipped = torch.minimum(snr, torch.full_like(snr, gamma))
