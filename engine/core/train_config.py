@@ -306,9 +306,18 @@ def demo_settings(kind: str) -> dict[str, Any]:
     rate that would overcook Stable Diffusion (measured with tests/test_learning.py). Min-SNR is off because it
     down-weights the high-noise steps where a v-prediction model decides the shape."""
     _check(kind in PRESETS, f"unknown preset {kind!r}; choose one of: {', '.join(PRESETS)}")
-    return dict(learning_rate=1e-3, text_encoder_lr=2e-4, text_encoder_stop_fraction=1.0,
-                max_train_steps=300 if kind == "subject" else 900, lora_rank=8, lora_alpha=8, snr_gamma=0.0,
-                cache_latents=True)
+    settings = dict(learning_rate=1e-3, text_encoder_lr=2e-4, text_encoder_stop_fraction=1.0,
+                    max_train_steps=300 if kind == "subject" else 900, lora_rank=8, lora_alpha=8, snr_gamma=0.0,
+                    cache_latents=True)
+    if kind == "subject":
+        # Issue 14, measured with scripts/learning_table.py on the tune set (recognised star / arrow / bolt):
+        # as before 0.56 / 0.75 / 0.62; text encoder frozen 0.62 / 0.81 / 0.69; steps from t >= 300 only (the
+        # high-noise end decides the shape; the low-noise end is left to the base model) with the encoder frozen
+        # 0.62 / 0.94 / 0.75. A frozen text encoder also stops the LoRA from re-encoding prompts that do not
+        # use the trigger: with prior preservation, non-token shape accuracy 38 -> 40 of 48
+        # (tests/test_learning.py::test_prior_preservation_protects_the_class). Same 300 steps, same cost.
+        settings.update(train_text_encoder=False, min_timestep=300)
+    return settings
 
 
 def is_common_word(token: str, tokenizer=None) -> bool:
