@@ -316,7 +316,13 @@ def demo_settings(kind: str) -> dict[str, Any]:
     common = dict(text_encoder_lr=2e-4, text_encoder_stop_fraction=1.0, lora_rank=8, lora_alpha=8, snr_gamma=0.0,
                   cache_latents=True)
     if kind == "subject":
-        return dict(common, learning_rate=1e-3, max_train_steps=300)
+        # Issue 14, measured with scripts/learning_table.py on the tune set (recognised star / arrow / bolt):
+        # as before 0.56 / 0.75 / 0.62; text encoder frozen 0.62 / 0.81 / 0.69; steps from t >= 300 only (the
+        # high-noise end decides the shape; the low-noise end is left to the base model) with the encoder frozen
+        # 0.62 / 0.94 / 0.75. A frozen text encoder also stops the LoRA from re-encoding prompts that do not
+        # use the trigger: with prior preservation, non-token shape accuracy 38 -> 40 of 48
+        # (tests/test_learning.py::test_prior_preservation_protects_the_class). Same 300 steps, same cost.
+        return dict(common, learning_rate=1e-3, max_train_steps=300, train_text_encoder=False, min_timestep=300)
     # Style (scripts/learning_table.py, tune set, 900 steps; README "Every held-out concept, one preset"): skipping
     # the lowest-noise timesteps (min_timestep 300; training only on those, max_timestep 300, taught no texture at
     # all: 0.00) with twice the learning rate took tiled from 0.06 to 0.31 textured and checkered from 0.69 to
