@@ -19,7 +19,7 @@ from engine.train.loop import train
 from scripts.learning_table import EXAMPLES, TOKEN, Probe, train_concept
 
 # The expensive ones (minutes each); quick_subject (20 steps) is cheap enough to train once per worker.
-TRAINED = ("subject_prior", "subject_no_prior", "style_lora")
+TRAINED = ("subject_prior", "subject_no_prior", "style_lora", "feedback_subject")
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +48,16 @@ def subject_prior(tmp_path_factory, base):
 @pytest.fixture(scope="session")
 def subject_no_prior(tmp_path_factory, base):
     return _train(tmp_path_factory, base, "subject", prior=False)
+
+
+@pytest.fixture(scope="session")
+def feedback_subject(tmp_path_factory, base):
+    """The heart subject with the demo subject settings the simulated rater of tests/test_feedback.py was built on
+    (text encoder trained, every timestep): its "a photo of olis shape" hearts come in black, orange and red, which
+    the rater needs to like some and dislike others. Pinned here, so a preset change (issue 14 froze the text encoder
+    and skips t < 300: 23 of 24 hearts black) does not silently take the feedback tests' premise away."""
+    return train_concept(base, "heart", tmp_path_factory.mktemp("feedback-subject"),
+                         overrides={"train_text_encoder": True, "min_timestep": 0})
 
 
 @pytest.fixture(scope="session")

@@ -182,8 +182,8 @@ def test_fabric_restores_processors_and_zero_weight_is_plain():
 
 
 # ---- the simulated rater (demo model, judged by the checker) ----------------------------------------------------
-# The heart subject of tests/test_learning.py, prompted without colours, draws its heart in black, orange or red on
-# varied backgrounds. The rater likes P = "the heart is orange" (the checker reads colours from exact palette pixels)
+# The heart subject (tests/learning_fixtures.feedback_subject: the demo subject settings it was built on, pinned),
+# prompted without colours, draws its heart in black, orange or red on varied backgrounds. The rater likes P = "the heart is orange" (the checker reads colours from exact palette pixels)
 # and dislikes the rest: 24 ratings of one round (seeds 0-23). Held-out evaluation: seeds 5000-5023, never used for
 # tuning (FABRIC's and refinement's defaults were chosen on seeds 0-23 and 2000-2023).
 
@@ -209,14 +209,14 @@ def _hashes(style):
 
 
 @pytest.fixture(scope="module")
-def rated(tmp_path_factory, subject_no_prior, checker):
+def rated(tmp_path_factory, feedback_subject, checker):
     """An engine with the heart subject as v1 and one round of 24 ratings by the simulated rater."""
     from engine.api import Engine
     from engine.styles.store import publish
 
     torch.set_num_threads(1)
     eng = Engine(Settings(data_dir=str(tmp_path_factory.mktemp("feedback"))))
-    lora = subject_no_prior
+    lora = feedback_subject
     v1 = publish(eng.data_dir, "heart", lora, lora.parent / "style.json", lora.parent / "preview.png")
     res = eng.generate(GenerateRequest(prompt=PROMPT, style=v1.id, seed=0, batch_size=N_RATE,
                                        num_inference_steps=STEPS))
