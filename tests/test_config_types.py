@@ -80,7 +80,7 @@ def test_p03_real_booleans_in_settings_toml_still_work(cfg):
 ])
 def test_p03_train_toml_with_wrong_types_names_the_field(tmp_path, line, message):
     path = tmp_path / "run.toml"
-    path.write_text(f'instance_images = ["a.png"]\ninstance_prompt = "a photo of olis shape"\n'
+    path.write_text('instance_images = ["a.png"]\ninstance_prompt = "a photo of olis shape"\n'
                     'with_prior_preservation = false\n' + line + "\n")
     if line.startswith("instance_images"):
         path.write_text(line + '\ninstance_prompt = "a photo of olis shape"\nwith_prior_preservation = false\n')
