@@ -202,3 +202,12 @@ def owned_style(data: Path, tmp: Path, name: str, owner: str, shared: bool = Fal
     lib.set_shared(sid, shared)
     lib.close()
     return sid
+
+
+def page_values(app, fn: int, overrides: dict) -> list:
+    """The inputs of event `fn` as the page sends them: each component's value, or overrides[elem_id]."""
+    cfg = app.config()
+    comps = {c["id"]: c for c in cfg["components"]}
+    dep = next(d for d in cfg["dependencies"] if d["id"] == fn)
+    return [overrides.get(comps[cid].get("props", {}).get("elem_id"), comps[cid].get("props", {}).get("value"))
+            for cid in dep["inputs"]]

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from http_support import launched_app
+from http_support import launched_app, page_values
 
 TRAIN_PRICE = 50  # engine/studio/quota.Policy.train_price
 
@@ -50,19 +50,11 @@ def app(tmp_path_factory):
         yield a
 
 
-def _values(app, fn: int, overrides: dict) -> list:
-    """The inputs of event `fn` as the page sends them: each component's value, or overrides[elem_id]."""
-    cfg = app.config()
-    comps = {c["id"]: c for c in cfg["components"]}
-    dep = next(d for d in cfg["dependencies"] if d["id"] == fn)
-    return [overrides.get(comps[cid].get("props", {}).get("elem_id"), comps[cid].get("props", {}).get("value"))
-            for cid in dep["inputs"]]
-
 
 def _call(app, http, key: str, trigger: str, overrides: dict, session: str, event_data=None, timeout_s=300) -> dict:
     """One event through the queue as the page sends it, in browser session `session` (its gr.State lives there)."""
     fn = app.fn_index(key, trigger)
-    r = http.post("/gradio_api/queue/join", json={"data": _values(app, fn, overrides), "fn_index": fn,
+    r = http.post("/gradio_api/queue/join", json={"data": page_values(app, fn, overrides), "fn_index": fn,
                                                   "session_hash": session, "event_data": event_data,
                                                   "trigger_id": None})
     r.raise_for_status()

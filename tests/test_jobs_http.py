@@ -17,20 +17,12 @@ import pytest
 from gradio_client import Client
 from PIL import Image
 
-from http_support import launched_app
+from http_support import launched_app, page_values
 
 from engine.jobs.store import JobStore
 from engine.studio.accounts import Accounts
 from engine.studio.quota import Quotas
 
-
-def _values(app, fn: int, overrides: dict) -> list:
-    """The inputs of event `fn` as the page would send them: each component's value, or overrides[elem_id]."""
-    cfg = app.config()
-    comps = {c["id"]: c for c in cfg["components"]}
-    dep = next(d for d in cfg["dependencies"] if d["id"] == fn)
-    return [overrides.get(comps[c].get("props", {}).get("elem_id"), comps[c].get("props", {}).get("value"))
-            for c in dep["inputs"]]
 
 
 def _start_and_leave(app, http: httpx.Client, fn: int, data: list, store: JobStore, user: str) -> str:
@@ -68,7 +60,7 @@ def test_gr12_a_generation_survives_its_page_and_is_found_again_by_its_user_only
     store = JobStore(studio.data_dir / "stylebooth.db")
     ann = studio.login("ann", "ann-password")
     fn = studio.fn_index("generate", "click")
-    data = _values(studio, fn, {"prompt": "a red circle", "steps": 60, "batches": 3})
+    data = page_values(studio, fn, {"prompt": "a red circle", "steps": 60, "batches": 3})
     job_id = _start_and_leave(studio, ann, fn, data, store, "ann")
     ann.close()
 
@@ -115,7 +107,7 @@ def test_tr9_a_training_run_killed_with_the_app_is_interrupted_and_resumable_aft
     ann = studio.login("ann", "ann-password")
     uploads = studio.upload(*_draw(tmp_path / "imgs"))
     fn = studio.fn_index("train", "click")
-    data = _values(studio, fn, {"train-images": [studio.file_data(p) for p in uploads], "style-name": "killed run",
+    data = page_values(studio, fn, {"train-images": [studio.file_data(p) for p in uploads], "style-name": "killed run",
                                 "train-steps": 100000, "checkpointing-steps": 3, "validation-steps": 0,
                                 "with-prior-preservation": False})
     ann.post("/gradio_api/queue/join", json={"data": data, "fn_index": fn, "session_hash": uuid.uuid4().hex,
