@@ -137,11 +137,11 @@ def test_tmp_folders_are_never_chosen(tmp_path):
 
 # ---- TR-1/TR-2/TR-8: failures during a save ------------------------------------------------------------------------
 
-def _save(d: Path, step: int, limit: int = 1) -> Path:
+def _save(d: Path, step: int, limit: int = 1, **kw) -> Path:
     return ck.save_checkpoint(d, step, tensors={"lora.safetensors": {"w": torch.full((4,), float(step))}},
                               blobs={"rng-rank0.safetensors": st.save({"s": torch.arange(3)})},
                               json_files={"state.json": {"step": step}}, manifest_info={"seed": 0}, limit=limit,
-                              warn=print)
+                              warn=print, **kw)
 
 
 def test_enospc_at_every_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -175,6 +175,14 @@ def test_prune_keeps_the_newest_after_verifying(tmp_path):
     for s in (1, 2, 3, 4):
         _save(d, s, limit=2)
     assert [s for s, _ in ck.list_checkpoints(d)] == [4, 3]
+
+
+def test_prune_spares_protected_steps_outside_the_limit(tmp_path):
+    """Full fine-tuning's best checkpoint is published from its weights later, so pruning must not take it."""
+    d = tmp_path / "ck"
+    for s in (1, 2, 3, 4):
+        _save(d, s, limit=2, protect=frozenset({1}))
+    assert [s for s, _ in ck.list_checkpoints(d)] == [4, 3, 1]
 
 
 def test_enospc_during_training_stops_with_disk_full(tiny_sd, tmp_path, monkeypatch):

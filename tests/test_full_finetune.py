@@ -132,6 +132,46 @@ def test_extracted_lora_is_published_and_reproduces_the_full_model(job, tiny_sd)
     assert float((exact - want).abs().max()) < 1e-3 and float((te_exact - te_full).abs().max()) < 1e-3
 
 
+def test_a_checkpoint_is_published_by_extracting_it_then(job, tmp_path):
+    """Checkpoints of a full run are scored at once but their LoRA is extracted only when one is published (an SVD
+    of every layer per checkpoint would cost minutes on SD): the last checkpoint's gives the final LoRA exactly, a
+    pruned or corrupted checkpoint is refused with a message that says what to do, and the run is left as it was."""
+    import shutil
+
+    from engine.train.job import publish_checkpoint
+
+    result, _, _ = job
+    run_dir = tmp_path / "data" / "runs" / result.run_dir.name
+    shutil.copytree(result.run_dir, run_dir)  # the shared job stays untouched for the other tests
+    export = run_dir / "evaluation" / "step-4"
+    meta = json.loads((export / "style.json").read_text())
+    assert meta["extraction"] == "when published" and not (export / meta["lora_file"]).exists()
+    style = publish_checkpoint(tmp_path / "data", run_dir, 4)
+    got, want = st.load_file(str(style.lora)), st.load_file(str(result.style.lora))
+    assert got.keys() == want.keys() and len(got) > 100
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    ex = json.loads((style.folder / "style.json").read_text())["extraction"]
+    assert ex["layers"] > 50 and ex["rel_error"] < 1e-3 and ex["max_rank"] == 64
+
+    weights = run_dir / "checkpoints" / "checkpoint-2" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
+    with pytest.raises(ConfigError, match="checkpoint 2 cannot be published.*sha256"):
+        publish_checkpoint(tmp_path / "data", run_dir, 2)
+    shutil.rmtree(weights.parent)  # pruned
+    with pytest.raises(ConfigError, match="checkpoint 2's weights are no longer on disk.*checkpoints_total_limit"):
+        publish_checkpoint(tmp_path / "data", run_dir, 2)
+    assert not (run_dir / "evaluation" / "step-2" / meta["lora_file"]).exists()
+
+
+def test_pruning_keeps_the_best_checkpoint_of_a_full_run(tiny_sd, tmp_path, monkeypatch):
+    monkeypatch.setattr("engine.train.evaluate.best_step", lambda run_dir: 2)  # as scores.json would name it
+    cfg = full_config(tiny_sd, draw_images(tmp_path / "img"), checkpointing_steps=1, checkpoints_total_limit=1,
+                      eval_seeds=0)
+    T.train(cfg, tmp_path / "run")
+    assert [s for s, _ in ck.list_checkpoints(tmp_path / "run" / "checkpoints")] == [4, 2]
+
+
 def test_resume_equals_uninterrupted_with_optimizer_state(tiny_sd, tmp_path):
     imgs = draw_images(tmp_path / "img")
     cfg = full_config(tiny_sd, imgs, max_train_steps=4, checkpointing_steps=2, checkpoints_total_limit=3,
@@ -245,7 +285,7 @@ def test_disk_space_for_full_checkpoints_is_checked_before_training(tiny_sd, tmp
     imgs = draw_images(tmp_path / "img")
     n = sum(p.numel() for p in _pipe(tiny_sd).unet.parameters()) + sum(
         p.numel() for p in _pipe(tiny_sd).text_encoder.parameters())
-    need = n * 4 * (3 * (2 + 1) + 2) + ck.MARGIN_BYTES  # checkpoints_total_limit=2
+    need = n * 4 * (3 * (2 + 2) + 2) + ck.MARGIN_BYTES  # checkpoints_total_limit=2, plus the best one
     monkeypatch.setattr(ck, "free_bytes", lambda path: need - 1)
     with pytest.raises(ck.DiskFullError, match="full fine-tuning needs about"):
         T.train(full_config(tiny_sd, imgs, checkpoints_total_limit=2), tmp_path / "full")

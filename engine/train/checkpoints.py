@@ -84,8 +84,9 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
 
 def save_checkpoint(ckpt_dir: Path, step: int, *, tensors: dict[str, dict[str, torch.Tensor]],
                     blobs: dict[str, bytes], json_files: dict[str, dict], manifest_info: dict, limit: int,
-                    warn: Warn) -> Path:
-    """Write checkpoint-<step>/ atomically, verify it, then prune to `limit` (never the new or only one)."""
+                    warn: Warn, protect: frozenset[int] = frozenset()) -> Path:
+    """Write checkpoint-<step>/ atomically, verify it, then prune to `limit` (never the new or only one, nor the
+    steps in `protect`)."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     payload = {name: st.save({k: v.detach().cpu().contiguous() for k, v in sd.items()}) for name, sd in tensors.items()}
     payload.update(blobs)
@@ -120,7 +121,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, tensors: dict[str, dict[str, t
     except CheckpointError as e:
         quarantine(final, str(e), warn)
         raise
-    prune(ckpt_dir, limit, keep=final, warn=warn)
+    prune(ckpt_dir, limit, keep=final, warn=warn, protect=protect)
     return final
 
 
@@ -186,9 +187,10 @@ def find_resume_checkpoint(ckpt_dir: Path, warn: Warn) -> tuple[Path, dict] | No
     return None
 
 
-def prune(ckpt_dir: Path, limit: int, *, keep: Path, warn: Warn) -> None:
-    """Delete the oldest checkpoints beyond `limit`; `keep` (just verified) always stays."""
-    others = [p for _, p in list_checkpoints(ckpt_dir) if p != keep]
+def prune(ckpt_dir: Path, limit: int, *, keep: Path, warn: Warn, protect: frozenset[int] = frozenset()) -> None:
+    """Delete the oldest checkpoints beyond `limit`; `keep` (just verified) always stays, and so do the steps in
+    `protect` (full fine-tuning's best checkpoint, which is published from its weights), outside the count."""
+    others = [p for step, p in list_checkpoints(ckpt_dir) if p != keep and step not in protect]
     for p in others[max(0, limit - 1):]:
         shutil.rmtree(p, ignore_errors=True)
 
@@ -287,6 +289,11 @@ def save_run(run, warn: Warn) -> Path | None:
     setup, tr, data = run.setup, run.trainable, run.data
     cfg, acc = setup.cfg, setup.acc
     lora = {k: p.detach().float() for k, p in run.lora_params().items()}
+    protect = frozenset()
+    if cfg.method == "full":  # its checkpoints are exported only when published (engine.train.full): keep the best
+        from engine.train.evaluate import best_step
+
+        protect = frozenset(s for s in (best_step(setup.run_dir),) if s is not None)
     blobs = gather_blobs(acc, rng_blob({"train": data.gen}))  # collective: every rank takes part
     error, path = [None], None
     if setup.main:
@@ -306,7 +313,7 @@ def save_run(run, warn: Warn) -> Path | None:
                 blobs={f"rng-rank{r}.safetensors": b for r, b in enumerate(blobs)}, json_files={"state.json": state},
                 manifest_info={"seed": cfg.seed, "epoch": data.sampler.epoch, "config_hash": config_hash(cfg),
                                "dataset_hash": data.dataset_hash, "base_model_fingerprint": run.models.base.fingerprint},
-                limit=cfg.checkpoints_total_limit, warn=warn)
+                limit=cfg.checkpoints_total_limit, warn=warn, protect=protect)
         except (CheckpointError, DiskFullError) as e:
             error = [e]
     if acc.num_processes > 1:

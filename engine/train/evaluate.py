@@ -260,6 +260,15 @@ def read_scores(run_dir: Path) -> list[Record]:
         return []
 
 
+def best_step(run_dir: Path) -> int | None:
+    """The best checkpoint's step as scores.json records it (None: no scores, none picked, or unreadable)."""
+    try:
+        step = json.loads((Path(run_dir) / EVAL_DIR / "scores.json").read_text("utf-8"))["best_step"]
+        return step if isinstance(step, int) and not isinstance(step, bool) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _score(v) -> float | None:
     if v is None:
         return None
@@ -322,8 +331,12 @@ def evaluate_checkpoint(run) -> None:
     folder = checkpoint_export(setup.run_dir, step)
     folder.mkdir(parents=True, exist_ok=True)
     grid = write_grid(images, len(prompts), folder / "preview.png")
-    if step > 0 and cfg.method == "lora":  # full fine-tuning: scored only; an SVD extraction per checkpoint
-        step6_save(run, out=folder, grid_path=grid)  # would cost minutes and a model-sized file each time
+    if step > 0 and cfg.method == "lora":
+        step6_save(run, out=folder, grid_path=grid)
+    elif step > 0:  # full fine-tuning: an SVD per checkpoint would cost minutes each; extracted when published
+        from engine.train.full import write_deferred_export
+
+        write_deferred_export(run, folder, grid)
     records.append(Record(step, likeness, fidelity))
     best = best_record(records, cfg.eval_fidelity_floor)
     warning = overtraining_warning(records, best)

@@ -10,6 +10,7 @@ the LoRA keeps (relative Frobenius error per layer and overall) goes into style.
 """
 from __future__ import annotations
 
+import copy
 import shutil
 import uuid
 from pathlib import Path
@@ -41,10 +42,11 @@ def step2_full(setup: Setup, models: Models) -> None:
 
 
 def checkpoint_bytes(params: dict[str, torch.Tensor], limit: int) -> int:
-    """Disk for training (TR-8): `limit`+1 checkpoints of fp32 weights and AdamW's two moments each, then the
-    model folder (weights once more) and the extracted LoRA (smaller than the weights)."""
+    """Disk for training (TR-8): `limit`+1 checkpoints of fp32 weights and AdamW's two moments each, plus the best
+    one kept outside the limit (it is published from its weights), then the model folder (weights once more) and
+    the extracted LoRA (smaller than the weights)."""
     weights = sum(p.numel() * 4 for p in params.values())
-    return weights * (3 * (limit + 1) + 2)
+    return weights * (3 * (limit + 2) + 2)
 
 
 def save_model_folder(run: Run, folder: Path) -> Path:
@@ -114,6 +116,61 @@ def write_lora_file(extraction: Extraction, path: Path) -> None:
             validate_safetensors(tmp, check_values=True)
     except OSError as e:
         raise ck.DiskFullError(f"could not save the LoRA ({e}); the checkpoints are kept, resume to retry") from e
+
+
+# ---- a checkpoint published later: the export is completed from the checkpoint's weights ------------------------
+
+PENDING = "when published"  # style.json "extraction" of a checkpoint export whose LoRA is not extracted yet
+
+
+def write_deferred_export(run: Run, folder: Path, grid: Path) -> None:
+    """A full fine-tuning checkpoint's export (engine/train/evaluate.py): style.json and the grid now; the LoRA is
+    extracted from the checkpoint's weights by `complete_export` if and when the user publishes this step."""
+    step6_save(run, out=folder, grid_path=grid, write_lora=lambda _run, _path: None,
+               extra_style={"method": "full", "extraction": PENDING})
+
+
+def complete_export(run_dir: Path, step: int, folder: Path) -> None:
+    """Extract the LoRA of checkpoint `step` of a full fine-tuning run into its export `folder` (SVD against the
+    base model, as at the end of training) and record the extraction in style.json; raises ConfigError when the
+    checkpoint's weights are gone (pruned) or no longer match the base model."""
+    import json
+
+    from engine.core.config import ConfigError
+    from engine.core.files import atomic_write_bytes
+    from engine.models.loading import load_base_model
+
+    style_path = folder / "style.json"
+    style = json.loads(style_path.read_text("utf-8"))
+    cfg = style["training_config"]
+    ckpt = Path(run_dir) / "checkpoints" / f"checkpoint-{int(step)}"
+    if not ckpt.is_dir():
+        raise ConfigError(f"checkpoint {step}'s weights are no longer on disk: a full fine-tuning run keeps its "
+                          f"last {cfg['checkpoints_total_limit']} checkpoints and its best one. Publish one of "
+                          "those, or the final model; raise checkpoints_total_limit to keep more next time")
+    try:
+        ck.verify_checkpoint(ckpt)
+    except ck.CheckpointError as e:
+        raise ConfigError(f"checkpoint {step} cannot be published: {e}") from None
+    base = load_base_model(cfg["base_model"] or None, device="cpu", dtype=torch.float32)
+    if base.fingerprint != style["base_model_fingerprint"]:
+        raise ConfigError(f"checkpoint {step} was trained on other base-model weights than the ones on disk now; "
+                          "it cannot be extracted against them")
+    saved = ck.read_tensors(ckpt / "weights.safetensors")
+    parts = []
+    for component in ("unet", "text_encoder"):
+        weights = {k.split(".", 1)[1]: v for k, v in saved.items() if k.startswith(component + ".")}
+        if not weights:
+            continue  # the text encoder did not train
+        frozen = getattr(base.components, component)
+        tuned = copy.deepcopy(frozen)
+        tuned.load_state_dict(weights, strict=True)
+        parts.append(extract_module(component, frozen, tuned, rank=cfg["extract_rank"],
+                                    energy=cfg["extract_energy"]))
+    extraction = merge(*parts)
+    write_lora_file(extraction, folder / style["lora_file"])
+    style["extraction"] = {"max_rank": cfg["extract_rank"], "energy": cfg["extract_energy"], **extraction.report()}
+    atomic_write_bytes(style_path, json.dumps(style, indent=1).encode())
 
 
 def step6_save_full(run: Run) -> tuple[Path, Path]:
