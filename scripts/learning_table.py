@@ -16,6 +16,7 @@ README's table; never looked at while tuning).
 Usage:
     python scripts/learning_table.py                       # all held-out concepts, report set, markdown table
     python scripts/learning_table.py crescent zigzag --set tune --override lora_rank=16
+    python scripts/learning_table.py --method full         # the full fine-tuning column (the model folder itself)
     python -m pytest -m learning_table                     # the same table, asserted (tests/test_learning_table.py)
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from engine.core.captions import read_captions  # noqa: E402
-from engine.core.train_config import TrainConfig, demo_settings, presets  # noqa: E402
+from engine.core.train_config import FULL_FT_RATES, TrainConfig, demo_settings, presets  # noqa: E402
 from engine.demo import world as W  # noqa: E402
 
 EXAMPLES = ROOT / "assets" / "examples"
@@ -76,6 +77,13 @@ def config_for(concept: str, *, prior: bool = False, overrides: dict | None = No
              seed=0)
     p.update(overrides or {})
     return TrainConfig(instance_images=tuple(str(f) for f in images), instance_captions=captions, **p)
+
+
+def full_overrides(overrides: dict | None = None) -> dict:
+    """Full fine-tuning with the demo model's full-FT learning rates (what the Train tab switches to), the same
+    steps and every other preset setting, so the column compares methods, not tunings."""
+    lr, te_lr = FULL_FT_RATES["demo"]
+    return {"method": "full", "learning_rate": lr, "text_encoder_lr": te_lr, **(overrides or {})}
 
 
 def run_name(concept: str, prior: bool, overrides: dict | None) -> str:
@@ -240,9 +248,13 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=5.0,
                     help="diagnostic: measure at this guidance scale (the thresholds are for 5)")
     ap.add_argument("--train-only", action="store_true", help="train (into --workdir) without measuring")
+    ap.add_argument("--method", choices=("lora", "full"), default="lora",
+                    help="full: fine-tune every UNet (+ text-encoder) weight and measure the saved model folder")
     args = ap.parse_args()
     torch.set_num_threads(1)
     overrides = {k: _value(v) for k, v in (o.split("=", 1) for o in args.override)}
+    if args.method == "full":
+        overrides = full_overrides(overrides)
     base = load_base_model(None)
     probe = None if args.train_only else Probe(base, DemoChecker.load(), args.guidance)
     rows = []
@@ -255,7 +267,11 @@ def main() -> None:
             if probe is None:
                 print(concept, lora, f"{row.train_s:.0f}s wall, {row.cpu_s:.0f}s CPU", flush=True)
                 continue
-            row.metrics = measure(probe, lora, concept, args.seed_set)
+            if args.method == "full":  # the fine-tuned model itself, not the LoRA extracted from it
+                tuned = Probe(load_base_model(lora.parent / "model"), probe.checker, args.guidance)
+                row.metrics = measure(tuned, None, concept, args.seed_set)
+            else:
+                row.metrics = measure(probe, lora, concept, args.seed_set)
             row.cpu_s = time.process_time() - c0
             rows.append(row)
             print(concept, row.metrics, f"{row.train_s:.0f}s", flush=True)
