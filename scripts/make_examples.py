@@ -1,10 +1,13 @@
 """Write the demo world's example training sets (assets/examples/<concept>/): 4 images + kohya-style captions each.
 
 Deterministic: the same world gives byte-identical files. Every held-out shape is a *subject* example, captioned
-like the heart ("a photo of {token} shape in red on a blue background"); every held-out texture is a *style*
-example, captioned like the checkered one ("a {token} circle in blue on a yellow background"). The heart and
-checkered folders predate this script and are left as they are unless named on the command line (the script
-draws them the same way, up to the heart's slightly different centring).
+"a photo of {token} shape in black on a yellow background" (the colours of SUBJECT_SCENES, below); every held-out
+texture is a *style* example, captioned like the checkered one ("a {token} circle in blue on a yellow
+background"). The heart and checkered folders predate this script and are left as they are unless named on the
+command line. The script draws checkered the same way; the heart keeps its original colours (red on blue, yellow on
+purple, green on white, orange on black, slightly different centring) on purpose: tests/test_learning.py and the
+feedback tests are built on them, and with SUBJECT_SCENES' colours the prior-preservation test fails (non-token
+shape accuracy with priors 37 of 48 where it needs 40; tune set: heart recognised 0.94 against 0.81, both pass).
 
 Usage:
     python scripts/make_examples.py                 # every held-out concept that has no folder yet
@@ -25,9 +28,20 @@ sys.path.insert(0, str(ROOT))
 from engine.demo import world as W  # noqa: E402
 
 OUT = ROOT / "assets" / "examples"
-# The heart example's colours and placement, used for every subject so that results compare across shapes.
-SUBJECT_SCENES = (("red", "blue", 0.46), ("yellow", "purple", 0.48), ("green", "white", 0.52),
-                  ("orange", "black", 0.54))
+# (fg, bg, centre x) of every subject's 4 examples (the heart's excepted, see above), the same for every shape so
+# that results compare across shapes.
+# The colours are a cycle over two dark and two light colours: each is the shape once and the background once,
+# two dark-on-light and two light-on-dark. Why (issue 14, scripts/learning_table.py --set tune, README "Every
+# held-out concept, one preset"): from 4 captioned images the LoRA ties each colour word to the role it had there.
+# The old examples (red on blue, yellow on purple, green on white, orange on black) had blue, purple and black only
+# as backgrounds, and star/bolt in those colours came out as blobs (tune set, recognised heart / star / crescent /
+# arrow / bolt / frame: 0.81 / 0.62 / 0.94 / 0.94 / 0.75 / 1.00). Balancing polarity with each colour once (black on
+# yellow, orange on purple, blue on white, green on red) only moved the failures to black/blue backgrounds and white
+# shapes: 0.62 / 0.69 / 0.81 / 0.69 / 0.56 / 0.88. This cycle: 0.94 / 0.88 / 1.00 / 0.94 / 0.75 / 0.88 (bolt
+# still fails; colours 0.81: an orange bolt comes out yellow); the same cycle over black / orange / purple / white:
+# 0.94 / 0.81 / 1.00 / 0.69 / 0.75 / 0.94. Colours obeyed >= 0.94 in every other cell (bolt: 0.94, 0.81, 0.81, 1.00).
+SUBJECT_SCENES = (("black", "yellow", 0.46), ("yellow", "blue", 0.48), ("blue", "white", 0.52),
+                  ("white", "black", 0.54))
 # The checkered example's shapes and colours, used for every texture.
 STYLE_SCENES = (("circle", "blue", "yellow"), ("square", "red", "white"), ("triangle", "purple", "green"),
                 ("diamond", "black", "orange"))
