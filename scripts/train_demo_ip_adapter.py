@@ -91,7 +91,8 @@ def make_pair(rng: random.Random, content: bool, family: TextureFamily):
     return family.draw(ref, texture, rng), family.draw(tgt, texture, rng), cap
 
 
-def pretrain_encoder(enc, family: TextureFamily, steps: int, batch: int, seed: int, seconds: float) -> None:
+def pretrain_encoder(enc, family: TextureFamily, steps: int, batch: int, seed: int, seconds: float,
+                     plus: bool = False) -> None:
     """Stage 1: teach the tiny encoder what a scene is made of with linear heads on its projected embedding: a
     cheap supervised warm start, so the adapter stage does not spend its budget on it. Colours and shape are
     classes; the texture is regressed as a continuous descriptor (coverage and autocorrelation, see
@@ -101,6 +102,8 @@ def pretrain_encoder(enc, family: TextureFamily, steps: int, batch: int, seed: i
     ddim = len(next(iter(family.descriptors.values())))
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, len(v)) for k, v in names.items()})
     heads["texture"] = torch.nn.Linear(dim, ddim)
+    if plus:  # Plus reads the penultimate patch features: the texture descriptor must be readable there too
+        heads["patch_texture"] = torch.nn.Linear(enc.config.hidden_size, ddim)
     opt = torch.optim.AdamW(list(enc.parameters()) + list(heads.parameters()), lr=2e-3, weight_decay=1e-2)
     t0 = time.time()
     for step in range(steps):
@@ -113,9 +116,13 @@ def pretrain_encoder(enc, family: TextureFamily, steps: int, batch: int, seed: i
             desc.append(family.descriptors[tex])
             for k, v in (("fg", sc.fg), ("bg", sc.bg), ("shape", sc.shape)):
                 labels[k].append(names[k].index(v))
-        emb = enc(clip_pixels(imgs)).image_embeds
+        out = enc(clip_pixels(imgs), output_hidden_states=plus)
+        emb, target = out.image_embeds, torch.from_numpy(np.stack(desc))
         loss = sum(F.cross_entropy(heads[k](emb), torch.tensor(labels[k])) for k in names)
-        loss = loss + 10.0 * F.mse_loss(heads["texture"](emb), torch.from_numpy(np.stack(desc)))
+        loss = loss + 10.0 * F.mse_loss(heads["texture"](emb), target)
+        if plus:  # mean over the patch tokens (not the class token) of the hidden states the Resampler reads
+            patches = out.hidden_states[-2][:, 1:].mean(dim=1)
+            loss = loss + 10.0 * F.mse_loss(heads["patch_texture"](patches), target)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         if (step + 1) % 50 == 0:
             print(f"encoder step {step+1} loss {loss.item():.3f} {time.time()-t0:.0f}s", flush=True)
@@ -245,7 +252,7 @@ def main() -> None:
     family = TextureFamily(a.pool, a.seed, DemoChecker.load())
     print(f"texture family: {len(family.family)} procedural + {family.kept_hand_written} (+ solid); rejected "
           f"{family.rejected}; nearest to the held-out textures: {family.nearest}", flush=True)
-    pretrain_encoder(enc, family, a.encoder_steps, 64, a.seed, a.encoder_seconds)
+    pretrain_encoder(enc, family, a.encoder_steps, 64, a.seed, a.encoder_seconds, plus=a.plus_tokens > 0)
     plus = a.plus_tokens > 0
     image_dim = vision["hidden_size"] if plus else vision["projection_dim"]
     unet._load_ip_adapter_weights([build_initial_state(unet, image_dim, a.plus_tokens)])

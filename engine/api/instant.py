@@ -101,8 +101,8 @@ class InstantMethods:
 
     def _activate_instant(self, style_id: str, strength: float, style_only: bool):
         """Attach the IP-Adapter with InstantStyle block scales and return (version, (embedding, unconditional
-        embedding)) (each [1, D], or [1, tokens, width] for IP-Adapter Plus; the sampler's `image_embeds`), or
-        detach it and return (None, None). Call under the model lock."""
+        embedding)), the sampler's `image_embeds` (each [1, D], or [1, patches + 1, width] hidden states for
+        IP-Adapter Plus), or detach it and return (None, None). Call under the model lock."""
         from engine.styles.instant import IPAdapterHook, style_blocks_for
 
         if not style_id:
