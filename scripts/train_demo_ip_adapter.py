@@ -91,7 +91,8 @@ def make_pair(rng: random.Random, content: bool, family: TextureFamily):
     return family.draw(ref, texture, rng), family.draw(tgt, texture, rng), cap
 
 
-def pretrain_encoder(enc, family: TextureFamily, steps: int, batch: int, seed: int, seconds: float) -> None:
+def pretrain_encoder(enc, family: TextureFamily, steps: int, batch: int, seed: int, seconds: float,
+                     plus: bool = False) -> None:
     """Stage 1: teach the tiny encoder what a scene is made of with linear heads on its projected embedding: a
     cheap supervised warm start, so the adapter stage does not spend its budget on it. Colours and shape are
     classes; the texture is regressed as a continuous descriptor (coverage and autocorrelation, see
@@ -101,6 +102,8 @@ def pretrain_encoder(enc, family: TextureFamily, steps: int, batch: int, seed: i
     ddim = len(next(iter(family.descriptors.values())))
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, len(v)) for k, v in names.items()})
     heads["texture"] = torch.nn.Linear(dim, ddim)
+    if plus:  # Plus reads the penultimate patch features: the texture descriptor must be readable there too
+        heads["patch_texture"] = torch.nn.Linear(enc.config.hidden_size, ddim)
     opt = torch.optim.AdamW(list(enc.parameters()) + list(heads.parameters()), lr=2e-3, weight_decay=1e-2)
     t0 = time.time()
     for step in range(steps):
@@ -113,9 +116,13 @@ def pretrain_encoder(enc, family: TextureFamily, steps: int, batch: int, seed: i
             desc.append(family.descriptors[tex])
             for k, v in (("fg", sc.fg), ("bg", sc.bg), ("shape", sc.shape)):
                 labels[k].append(names[k].index(v))
-        emb = enc(clip_pixels(imgs)).image_embeds
+        out = enc(clip_pixels(imgs), output_hidden_states=plus)
+        emb, target = out.image_embeds, torch.from_numpy(np.stack(desc))
         loss = sum(F.cross_entropy(heads[k](emb), torch.tensor(labels[k])) for k in names)
-        loss = loss + 10.0 * F.mse_loss(heads["texture"](emb), torch.from_numpy(np.stack(desc)))
+        loss = loss + 10.0 * F.mse_loss(heads["texture"](emb), target)
+        if plus:  # mean over the patch tokens (not the class token) of the hidden states the Resampler reads
+            patches = out.hidden_states[-2][:, 1:].mean(dim=1)
+            loss = loss + 10.0 * F.mse_loss(heads["patch_texture"](patches), target)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         if (step + 1) % 50 == 0:
             print(f"encoder step {step+1} loss {loss.item():.3f} {time.time()-t0:.0f}s", flush=True)
@@ -123,12 +130,24 @@ def pretrain_encoder(enc, family: TextureFamily, steps: int, batch: int, seed: i
             break
 
 
-def build_initial_state(unet, image_dim: int) -> dict:
-    """diffusers' IP-Adapter state dict; to_k_ip/to_v_ip start as copies of each block's to_k/to_v (as Ye et al.)."""
+def build_initial_state(unet, image_dim: int, plus_tokens: int = 0) -> dict:
+    """diffusers' IP-Adapter state dict; to_k_ip/to_v_ip start as copies of each block's to_k/to_v (as Ye et al.).
+
+    plus_tokens > 0: IP-Adapter Plus (Ye et al. 2023, sec. 4.2's fine-grained variant): a perceiver Resampler
+    (Jaegle et al. 2021; diffusers' IPAdapterPlusImageProjection, depth 4 and 64-d heads as its loader assumes)
+    turns the encoder's patch features (penultimate hidden states) into `plus_tokens` image tokens, instead of 4
+    tokens from the pooled embedding: a periodic texture is local, and patch tokens keep its cells and phase."""
     cad = unet.config.cross_attention_dim
-    proj = torch.nn.Linear(image_dim, NUM_TOKENS * cad)
-    sd = {"image_proj": {"proj.weight": proj.weight.data.clone() * 0.5, "proj.bias": torch.zeros(NUM_TOKENS * cad),
-                         "norm.weight": torch.ones(cad), "norm.bias": torch.zeros(cad)}, "ip_adapter": {}}
+    if plus_tokens:
+        from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+        resampler = IPAdapterPlusImageProjection(embed_dims=image_dim, output_dims=cad, hidden_dims=64, heads=1,
+                                                 num_queries=plus_tokens)
+        sd = {"image_proj": plus_to_original(resampler.state_dict()), "ip_adapter": {}}
+    else:
+        proj = torch.nn.Linear(image_dim, NUM_TOKENS * cad)
+        sd = {"image_proj": {"proj.weight": proj.weight.data.clone() * 0.5, "proj.bias": torch.zeros(NUM_TOKENS * cad),
+                             "norm.weight": torch.ones(cad), "norm.bias": torch.zeros(cad)}, "ip_adapter": {}}
     key_id = 1
     for name, mod in unet.named_modules():
         if name.endswith("attn2"):
@@ -138,20 +157,58 @@ def build_initial_state(unet, image_dim: int) -> dict:
     return sd
 
 
+def plus_to_original(state: dict) -> dict:
+    """IPAdapterPlusImageProjection's diffusers names -> the original IP-Adapter Plus names that diffusers'
+    `_convert_ip_adapter_image_proj_to_diffusers` reads (the inverse of its renaming; to_k/to_v joined as to_kv)."""
+    out = {}
+    for k, v in state.items():
+        parts = k.split(".")
+        if parts[0] != "layers":
+            out[k] = v
+            continue
+        i, rest = parts[1], ".".join(parts[2:])
+        if rest.startswith("attn.to_k."):
+            out[f"layers.{i}.0.to_kv.weight"] = torch.cat([v, state[k.replace("to_k.", "to_v.")]])
+            continue
+        ren = {"ln0.": "0.norm1.", "ln1.": "0.norm2.", "attn.to_q.": "0.to_q.", "attn.to_out.0.": "0.to_out.",
+               "ff.0.": "1.0.", "ff.1.net.0.proj.": "1.1.", "ff.1.net.2.": "1.3."}
+        for a, b in ren.items():
+            if rest.startswith(a):
+                out[f"layers.{i}.{b}{rest[len(a):]}"] = v
+                break
+        else:
+            if not rest.startswith("attn.to_v."):
+                raise KeyError(f"unexpected Resampler key {k}")
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
 def export_state(unet) -> dict[str, torch.Tensor]:
     """The trained adapter back in the flat safetensors layout that `load_ip_adapter` reads."""
     out = {}
     p = unet.encoder_hid_proj.image_projection_layers[0]
-    out["image_proj.proj.weight"], out["image_proj.proj.bias"] = p.image_embeds.weight, p.image_embeds.bias
-    out["image_proj.norm.weight"], out["image_proj.norm.bias"] = p.norm.weight, p.norm.bias
+    if hasattr(p, "latents"):  # IP-Adapter Plus
+        out.update({f"image_proj.{k}": v for k, v in plus_to_original(p.state_dict()).items()})
+    else:
+        out["image_proj.proj.weight"], out["image_proj.proj.bias"] = p.image_embeds.weight, p.image_embeds.bias
+        out["image_proj.norm.weight"], out["image_proj.norm.bias"] = p.norm.weight, p.norm.bias
     key_id = 1
     for name, proc in unet.attn_processors.items():  # same order diffusers' loader walks
-        if name.endswith("attn1.processor"):
+        if not name.endswith("attn2.processor"):  # self-attention, or the Resampler's own attention
             continue
         out[f"ip_adapter.{key_id}.to_k_ip.weight"] = proc.to_k_ip[0].weight
         out[f"ip_adapter.{key_id}.to_v_ip.weight"] = proc.to_v_ip[0].weight
         key_id += 2
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
+
+
+def image_condition(enc, pixels: torch.Tensor, plus: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image embeddings, unconditional ones) as diffusers' `encode_image` makes them: the projected embedding and
+    zeros, or (Plus) the penultimate hidden states of the image and of an all-zero pixel tensor."""
+    if not plus:
+        emb = enc(pixels).image_embeds
+        return emb, torch.zeros_like(emb)
+    emb = enc(pixels, output_hidden_states=True).hidden_states[-2]
+    return emb, enc(torch.zeros_like(pixels[:1]), output_hidden_states=True).hidden_states[-2]
 
 
 def main() -> None:
@@ -170,6 +227,9 @@ def main() -> None:
     ap.add_argument("--encoder-width", type=int, default=64, help="image encoder's hidden size")
     ap.add_argument("--encoder-layers", type=int, default=2)
     ap.add_argument("--pool", type=int, default=300, help="procedural textures in the training family")
+    ap.add_argument("--plus-tokens", type=int, default=0,
+                    help="IP-Adapter Plus: a Resampler over the encoder's patch features with this many image "
+                         "tokens; 0: the basic adapter (4 tokens from the pooled embedding)")
     ap.add_argument("--style-fraction", type=float, default=0.75,
                     help="share of steps with InstantStyle's style-only block scales on (style pairs)")
     a = ap.parse_args()
@@ -192,12 +252,14 @@ def main() -> None:
     family = TextureFamily(a.pool, a.seed, DemoChecker.load())
     print(f"texture family: {len(family.family)} procedural + {family.kept_hand_written} (+ solid); rejected "
           f"{family.rejected}; nearest to the held-out textures: {family.nearest}", flush=True)
-    pretrain_encoder(enc, family, a.encoder_steps, 64, a.seed, a.encoder_seconds)
-    unet._load_ip_adapter_weights([build_initial_state(unet, vision["projection_dim"])])
+    pretrain_encoder(enc, family, a.encoder_steps, 64, a.seed, a.encoder_seconds, plus=a.plus_tokens > 0)
+    plus = a.plus_tokens > 0
+    image_dim = vision["hidden_size"] if plus else vision["projection_dim"]
+    unet._load_ip_adapter_weights([build_initial_state(unet, image_dim, a.plus_tokens)])
     # classic (non-SDPA) processors for training: CPU SDPA backward is slow for 2-head attention
     procs = {}
     for name, proc in unet.attn_processors.items():
-        if name.endswith("attn1.processor"):
+        if not name.endswith("attn2.processor"):  # self-attention, or the Resampler's own attention
             procs[name] = AttnProcessor()
         else:
             new = IPAdapterAttnProcessor(hidden_size=proc.hidden_size, cross_attention_dim=proc.cross_attention_dim,
@@ -246,10 +308,11 @@ def main() -> None:
         noisy = noise_sched.add_noise(lat, noise, t)
         target = noise_sched.get_velocity(lat, noise, t)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            emb = enc(clip_pixels(refs)).image_embeds.float()
-            # 10% image dropout to zeros: the unconditional image embedding diffusers uses for CFG
-            keep = (torch.rand(a.batch, generator=g) > 0.1).float()[:, None]
-            pred = unet(noisy, t, cond, added_cond_kwargs={"image_embeds": [(emb * keep)[:, None, :]]}).sample
+            emb, uncond = image_condition(enc, clip_pixels(refs), plus)
+            # 10% image dropout to the unconditional image condition diffusers uses for CFG
+            keep = (torch.rand(a.batch, generator=g) > 0.1).view(-1, *[1] * (emb.dim() - 1))
+            emb = torch.where(keep, emb.float(), uncond.float())
+            pred = unet(noisy, t, cond, added_cond_kwargs={"image_embeds": [emb[:, None]]}).sample
         per = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
         # plain v-loss: min-SNR weighting (used for the base model) would down-weight exactly the low-noise steps
         # where the texture lives
@@ -280,7 +343,8 @@ def main() -> None:
                       "hand_written_share": 0.2, "procedural": len(family.family), "procedural_share": 0.6},
          "held_out": list(W.HELD_OUT_TEXTURES), "family_rejected": family.rejected,
          "nearest_hamming_distance": {k: round(v, 4) for k, v in family.nearest.items()},
-         "style_fraction": a.style_fraction, "style_blocks": list(style_blocks)}, indent=1))
+         "style_fraction": a.style_fraction,
+         "image_proj": f"plus ({a.plus_tokens} tokens)" if plus else "basic (4 tokens)", "style_blocks": list(style_blocks)}, indent=1))
     print(f"done: {step+1} steps in {seconds:.0f}s -> {a.out}", flush=True)
 
 

@@ -102,8 +102,9 @@ def tiny_sd_v(tmp_path_factory) -> Path:
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd_v") / "model", prediction_type="v_prediction", seed=1)
 
 
-def build_tiny_ip_adapter(out: Path, unet_dir: Path, seed: int = 0) -> Path:
-    """A random-weight IP-Adapter folder in diffusers' layout (ip_adapter.safetensors + image_encoder/)."""
+def build_tiny_ip_adapter(out: Path, unet_dir: Path, seed: int = 0, plus_tokens: int = 0) -> Path:
+    """A random-weight IP-Adapter folder in diffusers' layout (ip_adapter.safetensors + image_encoder/);
+    plus_tokens > 0: IP-Adapter Plus (a Resampler over the encoder's hidden states, the original key names)."""
     import torch
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
@@ -118,6 +119,14 @@ def build_tiny_ip_adapter(out: Path, unet_dir: Path, seed: int = 0) -> Path:
     cad = unet.config.cross_attention_dim
     sd = {"image_proj.proj.weight": torch.randn(4 * cad, 16) * 0.3, "image_proj.proj.bias": torch.randn(4 * cad) * 0.1,
           "image_proj.norm.weight": torch.ones(cad), "image_proj.norm.bias": torch.zeros(cad)}
+    if plus_tokens:
+        from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+        from scripts.train_demo_ip_adapter import plus_to_original
+
+        resampler = IPAdapterPlusImageProjection(embed_dims=32, output_dims=cad, hidden_dims=64, heads=1,
+                                                 num_queries=plus_tokens)
+        sd = {f"image_proj.{k}": v for k, v in plus_to_original(resampler.state_dict()).items()}
     key = 1
     for name, mod in unet.named_modules():
         if name.endswith("attn2"):
@@ -131,3 +140,9 @@ def build_tiny_ip_adapter(out: Path, unet_dir: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ip_adapter(tiny_sd, tmp_path_factory) -> Path:
     return build_tiny_ip_adapter(tmp_path_factory.mktemp("tiny_ipa") / "adapter", tiny_sd / "unet")
+
+
+@pytest.fixture(scope="session")
+def tiny_ip_adapter_plus(tiny_sd, tmp_path_factory) -> Path:
+    return build_tiny_ip_adapter(tmp_path_factory.mktemp("tiny_ipa_plus") / "adapter", tiny_sd / "unet",
+                                 plus_tokens=6)

@@ -145,3 +145,43 @@ def test_batch_panel_takes_the_forms_instant_style_and_references_are_served_fro
     assert (req.instant_style, req.instant_strength, req.instant_style_only) == (sid, 0.4, False)
     shown = InstantHandlers(engine).references(sid)
     assert len(shown) == 2 and not any(str(engine.data_dir) in p for p in shown)  # the data dir is blocked
+
+
+def test_ip_adapter_plus_matches_plain_diffusers_and_detaches(tiny_sd, tiny_ip_adapter_plus, refs, tmp_path):
+    """IP-Adapter Plus (Resampler over patch features): cached hidden states per reference, the unconditional
+    half is the zero image's hidden states (diffusers' encode_image), images equal plain diffusers' to 1e-4, and
+    the Resampler's attention layers go away on detach."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from engine.generate.sampler import make_scheduler
+
+    eng = Engine(Settings(model=str(tiny_sd), data_dir=str(tmp_path / "data"), ip_adapter=str(tiny_ip_adapter_plus)))
+    info = eng.create_instant_style("Plus look", refs[:2])
+    with safe_open(str(info.folder / "image_embeds.safetensors"), framework="pt") as f:
+        assert f.get_tensor("image_embeds").shape == (2, 17, 32)  # (32 / 8)^2 patches + class token, width 32
+    bare = _gen(eng)
+    n_procs = len(eng.model.components.unet.attn_processors)
+    req = GenerateRequest(prompt="a red circle", negative_prompt="blurry", num_inference_steps=5, seed=5,
+                          guidance_scale=6.0, instant_style=info.id, instant_strength=0.7, instant_style_only=False)
+    ours = np.asarray(eng.generate(req).images[0].image, np.float32)
+    assert np.abs(ours - bare).max() > 1
+    assert np.array_equal(_gen(eng), bare) and len(eng.model.components.unet.attn_processors) == n_procs
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.load_ip_adapter(str(tiny_ip_adapter_plus), subfolder="", weight_name="ip_adapter.safetensors",
+                         image_encoder_folder="image_encoder")
+    pipe.set_ip_adapter_scale(0.7)
+    pipe.scheduler = make_scheduler("dpmpp_2m", pipe.scheduler.config)
+    images = [Image.open(p).convert("RGB") for p in refs[:2]]
+    emb, neg = pipe.encode_image(images, "cpu", 1, output_hidden_states=True)
+    emb, neg = emb.mean(0, keepdim=True).detach(), neg[:1].detach()  # ours: the mean of the references
+    ref = pipe("a red circle", negative_prompt="blurry", num_inference_steps=5, guidance_scale=6.0,
+               generator=torch.Generator().manual_seed(5), ip_adapter_image_embeds=[torch.cat([neg, emb])[:, None]],
+               output_type="np").images[0]
+    assert np.abs(ours - np.round(ref * 255)).max() <= 1  # our PNG is the pipeline's image to a rounding step
+    with eng._lock:
+        _, (our_emb, our_neg) = eng._activate_instant(info.id, 0.7, False)
+        eng._detach_instant()
+    assert (our_emb - emb).abs().max().item() <= 1e-5 and (our_neg - neg).abs().max().item() <= 1e-5

@@ -114,11 +114,17 @@ def test_plain_diffusers_loads_the_demo_adapter_and_reproduces_our_images(tmp_pa
     pipe.set_ip_adapter_scale({"up": {f"block_{b.split('.')[1]}": [0.8, 0.8] for b in STYLE_BLOCKS["demo"]}})
     pipe.scheduler = make_scheduler("dpmpp_2m", pipe.scheduler.config)
     images = [Image.open(p).convert("RGB") for p in refs]
-    emb = pipe.image_encoder(pipe.feature_extractor(images, return_tensors="pt").pixel_values).image_embeds
-    emb = emb.mean(0, keepdim=True).detach()  # our combination of several references (the mean)
-    assert (emb - ours_embeds).abs().max().item() <= 1e-5
+    # the pipeline's own encoding (prepare_ip_adapter_image_embeds): pooled embedding and zeros for the basic
+    # adapter, penultimate hidden states of the image and of a zero image for IP-Adapter Plus
+    from diffusers.models.embeddings import ImageProjection
+
+    plus = not isinstance(pipe.unet.encoder_hid_proj.image_projection_layers[0], ImageProjection)
+    emb, neg = pipe.encode_image(images, "cpu", 1, output_hidden_states=plus)
+    emb, neg = emb.mean(0, keepdim=True).detach(), neg.mean(0, keepdim=True).detach()  # ours: the mean of several
+    assert (emb - ours_embeds[0]).abs().max().item() <= 1e-5
+    assert (neg - ours_embeds[1]).abs().max().item() <= 1e-5
     ref = pipe(prompts, num_inference_steps=20, guidance_scale=5.0, output_type="pt",
                generator=[torch.Generator().manual_seed(s) for s in seeds],
-               ip_adapter_image_embeds=[torch.cat([torch.zeros_like(emb).expand(2, -1),
-                                                   emb.expand(2, -1)])[:, None, :]]).images
+               ip_adapter_image_embeds=[torch.cat([neg.expand(2, *neg.shape[1:]),
+                                                   emb.expand(2, *emb.shape[1:])])[:, None]]).images
     assert (ours - ref).abs().max().item() <= 1e-4

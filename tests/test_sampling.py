@@ -112,3 +112,23 @@ def test_matches_pipeline_with_ip_adapter(tiny_sd, tiny_ip_adapter, scale):
     bare = sample(_components(pipe), ["a red circle"] * 2, ["blurry"] * 2, seeds, num_inference_steps=5,
                   guidance_scale=6.0, image_embeds=torch.zeros_like(emb))
     assert (ours - bare).abs().max().item() > 1e-3  # the image embedding really conditions
+
+
+def test_matches_pipeline_with_ip_adapter_plus(tiny_sd, tiny_ip_adapter_plus):
+    """IP-Adapter Plus (Resampler over the encoder's penultimate hidden states): our sampler given the pair the
+    pipeline's encode_image makes (image, zero image) matches the pipeline encoding the reference itself."""
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.load_ip_adapter(str(tiny_ip_adapter_plus), subfolder="", weight_name="ip_adapter.safetensors",
+                         image_encoder_folder="image_encoder")
+    pipe.set_ip_adapter_scale({"up": {"block_1": [0.0, 1.0]}})
+    image = torch.rand(1, 3, 32, 32)
+    emb, neg = pipe.encode_image(image, "cpu", 1, output_hidden_states=True)  # [1, patches + 1, width] each
+    assert emb.dim() == 3 and (neg - emb).abs().max().item() > 1e-3  # the zero image's states, not zeros
+    seeds = [3, 4]
+    ref = _reference(pipe, "dpmpp_2m", "a red circle", "blurry", seeds, steps=5, guidance=6.0, ip_adapter_image=image)
+    ours = sample(_components(pipe), ["a red circle"] * 2, ["blurry"] * 2, seeds, num_inference_steps=5,
+                  guidance_scale=6.0, image_embeds=(emb.detach(), neg.detach()))
+    assert (ours - ref).abs().max().item() <= 1e-4
+    with_zeros = sample(_components(pipe), ["a red circle"] * 2, ["blurry"] * 2, seeds, num_inference_steps=5,
+                        guidance_scale=6.0, image_embeds=emb.detach())
+    assert (ours - with_zeros).abs().max().item() > 1e-4  # the unconditional half really is the zero image's

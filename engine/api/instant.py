@@ -100,8 +100,9 @@ class InstantMethods:
         return combine_embeds(embeds)
 
     def _activate_instant(self, style_id: str, strength: float, style_only: bool):
-        """Attach the IP-Adapter with InstantStyle block scales and return (version, [1, D] embedding), or detach
-        it and return (None, None). Call under the model lock."""
+        """Attach the IP-Adapter with InstantStyle block scales and return (version, (embedding, unconditional
+        embedding)), the sampler's `image_embeds` (each [1, D], or [1, patches + 1, width] hidden states for
+        IP-Adapter Plus), or detach it and return (None, None). Call under the model lock."""
         from engine.styles.instant import IPAdapterHook, style_blocks_for
 
         if not style_id:
@@ -120,7 +121,7 @@ class InstantMethods:
             self._ip_hook = IPAdapterHook(unet)
         self._ip_hook.attach(adapter)
         self._ip_hook.set_scale(strength, style_blocks_for(self._is_demo()) if style_only else None)
-        return v, embeds
+        return v, (embeds, adapter.negative(embeds))
 
     def _detach_instant(self) -> None:
         if self._ip_hook is not None:

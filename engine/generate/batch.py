@@ -126,7 +126,8 @@ def run_batch(req: BatchRequest, components, out_dir: Path, *, activate: Activat
               check: Callable[[], None], on_progress: Callable[[Progress], None] | None = None,
               image_embeds=None) -> BatchResult:
     """Run the whole batch; `check()` raises Cancelled to stop (what was made is kept, with a grid and zip).
-    `image_embeds` ([1, D]): an instant style's embedding for every image (its IP-Adapter already attached)."""
+    `image_embeds`: an instant style's embedding for every image (its IP-Adapter already attached), as `sample`
+    takes it."""
     t0 = time.perf_counter()
     c = components
     cells, row_labels, col_labels = plan(req)

@@ -97,7 +97,7 @@ def sample(c: Components, prompts: Sequence[str], negative_prompts: Sequence[str
            scheduler: str = "dpmpp_2m", height: int | None = None, width: int | None = None,
            callback: StepCallback | None = None, output: str = "image",
            prompt_embeds: torch.Tensor | None = None, negative_embeds: torch.Tensor | None = None,
-           image_embeds: torch.Tensor | None = None,
+           image_embeds: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
            on_step_start: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Denoise one batch: image i uses `prompts[i]`, `negative_prompts[i]` and its own generator seeded `seeds[i]`.
 
@@ -106,9 +106,11 @@ def sample(c: Components, prompts: Sequence[str], negative_prompts: Sequence[str
     (unconditional first), so results match `StableDiffusionPipeline` to float precision.
     `on_step_start(i, n, t)` runs before each UNet call (FABRIC collects its reference attention there).
 
-    `image_embeds` ([B, D] or [1, D], one image-encoder embedding per image) conditions an IP-Adapter loaded into
-    the UNet (Ye et al. 2023): the conditional half gets it, the unconditional half gets zeros, exactly as
-    `StableDiffusionPipeline.prepare_ip_adapter_image_embeds` does for an `ImageProjection` adapter.
+    `image_embeds` conditions an IP-Adapter loaded into the UNet (Ye et al. 2023): one image-encoder embedding per
+    image ([B, ...] or [1, ...]: [*, D] for the basic adapter, [*, tokens, width] hidden states for IP-Adapter
+    Plus), or a pair (embeddings, unconditional embeddings) as the pipeline's `encode_image` returns them. The
+    conditional half gets the embeddings, the unconditional half the second of the pair (default zeros), exactly as
+    `StableDiffusionPipeline.prepare_ip_adapter_image_embeds` does.
     """
     n = len(prompts)
     if not (len(negative_prompts) == len(seeds) == n):
@@ -127,8 +129,15 @@ def sample(c: Components, prompts: Sequence[str], negative_prompts: Sequence[str
         embeds = cond
     added = None
     if image_embeds is not None:
-        ie = image_embeds.to(c.device, c.dtype).reshape(-1, 1, image_embeds.shape[-1]).expand(n, 1, -1)
-        added = {"image_embeds": [torch.cat([torch.zeros_like(ie), ie]) if do_cfg else ie]}
+        pos, neg = image_embeds if isinstance(image_embeds, tuple) else (image_embeds, None)
+
+        def per_image(e):  # [B or 1, ...] -> [n, 1, ...]: one reference image per prompt
+            e = e.to(c.device, c.dtype).unsqueeze(1)
+            return e.expand(n, *e.shape[1:])
+
+        ie = per_image(pos)
+        added = {"image_embeds": [torch.cat([torch.zeros_like(ie) if neg is None else per_image(neg), ie])
+                                  if do_cfg else ie]}
 
     # One generator per image: image i of a batch with seed s equals a single image with seed s + i.
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]

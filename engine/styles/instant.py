@@ -89,12 +89,32 @@ class IPAdapter:
     processor: object
     state: dict  # {"image_proj": {...}, "ip_adapter": {...}} as diffusers' load_ip_adapter builds it
 
+    @property
+    def plus(self) -> bool:
+        """IP-Adapter Plus (a Resampler over the encoder's patch features) rather than the basic ImageProjection."""
+        return "latents" in self.state["image_proj"]
+
     @torch.no_grad()
-    def embed(self, images) -> torch.Tensor:
-        """PIL images -> image embeddings [N, D] (float32, CPU), as the pipeline's `encode_image`."""
-        pixels = self.processor(images, return_tensors="pt").pixel_values
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         p = next(self.encoder.parameters())
-        return self.encoder(pixels.to(p.device, p.dtype)).image_embeds.float().cpu()
+        if self.plus:  # the penultimate hidden states, as the pipeline's encode_image(output_hidden_states=True)
+            out = self.encoder(pixels.to(p.device, p.dtype), output_hidden_states=True).hidden_states[-2]
+        else:
+            out = self.encoder(pixels.to(p.device, p.dtype)).image_embeds
+        return out.float().cpu()
+
+    def embed(self, images) -> torch.Tensor:
+        """PIL images -> image embeddings, [N, D] (basic) or [N, patches + 1, width] (Plus), float32 on the CPU, as
+        the pipeline's `encode_image`."""
+        return self._encode(self.processor(images, return_tensors="pt").pixel_values)
+
+    def negative(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The unconditional image condition for classifier-free guidance, as diffusers' `encode_image`: zeros for
+        the basic adapter; for Plus the hidden states of an all-zero pixel tensor."""
+        if not self.plus:
+            return torch.zeros_like(embeds)
+        size = self.encoder.config.image_size
+        return self._encode(torch.zeros(1, 3, size, size)).expand_as(embeds).contiguous()
 
 
 def load_adapter(folder: Path, *, device="cpu", dtype=torch.float32) -> IPAdapter:
@@ -117,8 +137,9 @@ def load_adapter(folder: Path, *, device="cpu", dtype=torch.float32) -> IPAdapte
                 raise LibraryError(f"{weights.name}: unexpected key {key!r}; an IP-Adapter file holds image_proj.* "
                                    "and ip_adapter.* keys")
             state[head][rest] = f.get_tensor(key)
-    if "proj.weight" not in state["image_proj"]:
-        raise LibraryError(f"{weights.name}: only the basic IP-Adapter (image_proj.proj) is supported so far")
+    if "proj.weight" not in state["image_proj"] and "latents" not in state["image_proj"]:
+        raise LibraryError(f"{weights.name}: only the basic IP-Adapter (image_proj.proj) and IP-Adapter Plus "
+                           "(image_proj.latents, a Resampler) are supported")
     encoder = CLIPVisionModelWithProjection.from_pretrained(enc_dir, use_safetensors=True).to(device, dtype).eval()
     size = encoder.config.image_size
     processor = CLIPImageProcessor(size=size, crop_size=size)  # as diffusers' load_ip_adapter builds it
