@@ -225,9 +225,10 @@ def build_train_tab(engine) -> TrainTab:
     fields["preset"].input(lambda *a: to_components(h.preset(*a)), key, list(fields.values()), queue=False,
                            api_visibility="private")
     fields["method"].input(lambda *a: to_components(h.method(*a)),
-                           [fields["method"], fields["preset"], fields["learning_rate"], fields["text_encoder_lr"]],
-                           [fields["learning_rate"], fields["text_encoder_lr"], outs["status"]], queue=False,
-                           api_visibility="private")
+                           [fields["method"], fields["preset"], fields["learning_rate"], fields["text_encoder_lr"],
+                            fields["uncond_preservation_weight"]],
+                           [fields["learning_rate"], fields["text_encoder_lr"], fields["uncond_preservation_weight"],
+                            outs["status"]], queue=False, api_visibility="private")
     gr.on([trigger.blur, trigger.submit, ins["class_noun"].blur, ins["class_noun"].submit],
           lambda *a: to_components(h.prompts(*a)), key, prompt_outs, queue=False, api_visibility="private")
     suggest.click(on_suggest, [trigger, fields["preset"],
