@@ -338,8 +338,8 @@ def demo_settings(kind: str) -> dict[str, Any]:
     # guidance 1 the same LoRAs textured 0.62 (tiled) / 0.50 (polka): the LoRA learned the texture into the
     # empty prompt's prediction too, and classifier-free guidance (e_u + w (e_c - e_u)) cancelled it. Holding the
     # empty prompt's prediction to the base model's (uncond_preservation_weight 5; 1: 0.31 tiled, 20: 0.25) and
-    # training on every timestep again: 1.00 / 0.38 / 0.38, better on all three, still short of 0.70 on two.
-    # It costs ~1.8x per step (a second, batched UNet pass and a base pass).
+    # training on every timestep again: 1.00 / 0.38 / 0.38, better on all three, still short of 0.70 on two
+    # (report set, once: 0.94 / 0.69 / 0.44). It costs ~1.8x per step (a batched UNet pass and a base pass).
     return dict(common, learning_rate=2e-3, max_train_steps=900, min_timestep=0, uncond_preservation_weight=5.0)
 
 
