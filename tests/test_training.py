@@ -291,7 +291,8 @@ def test_uncond_preservation_starts_at_zero_and_changes_training_only_when_on(ti
     accumulation on, as the style preset may use them."""
     terms = []
     orig = T.uncond_preservation_mse
-    monkeypatch.setattr(T, "uncond_preservation_mse", lambda p, b: terms.append(float(orig(p, b).detach())) or orig(p, b))
+    monkeypatch.setattr(T, "uncond_preservation_mse",
+                        lambda p, b: terms.append(float(orig(p, b).detach())) or orig(p, b))
     images, classes = draw_images(tmp_path / "img"), draw_images(tmp_path / "cls", 2, kind="square")
     common = dict(max_train_steps=2, checkpointing_steps=0, with_prior_preservation=True, num_class_images=2,
                   class_prompt="a photo of shape", gradient_accumulation_steps=2, eval_seeds=0)
