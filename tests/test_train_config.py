@@ -50,6 +50,9 @@ def test_presets_are_valid_and_follow_their_templates():
     (dict(max_timestep=1001), "`max_timestep` must be between 1 and 1000"),
     (dict(min_timestep=500, max_timestep=500), r"`min_timestep` \(500\) must be below `max_timestep` \(500\)"),
     (dict(cache_latents=True, center_crop=False), "cache_latents` needs `center_crop`"),
+    (dict(uncond_preservation_weight=-1.0), "`uncond_preservation_weight` must be between 0.0 and 100.0"),
+    (dict(uncond_preservation_weight="5"), "uncond_preservation_weight"),
+    (dict(uncond_preservation_weight=5.0, method="full"), "set it to 0 or use method 'lora'"),
     (dict(output_name="../x"), "plain file name"),
     (dict(max_train_steps=2.5), "whole number"),
     (dict(validation_prompts=("ok", " ")), "empty prompt"),
@@ -90,15 +93,18 @@ def test_config_hash_ignores_fields_that_do_not_change_weights():
 
 
 def test_fields_added_later_keep_old_checkpoints_resumable():
-    """A checkpoint written before min/max_timestep and caption_dropout existed hashed every other field: at their
-    "as before" values the hash is the same, so the run resumes after an upgrade; another value is another run."""
+    """A checkpoint written before min/max_timestep, caption_dropout and uncond_preservation_weight existed hashed
+    every other field: at their "as before" values the hash is the same, so the run resumes after an upgrade;
+    another value is another run."""
     base = make()
     old = {k: v for k, v in dataclasses.asdict(base).items()
            if k not in ("validation_prompts", "validation_steps", "checkpointing_steps", "checkpoints_total_limit",
                         "report_to", "output_name", "eval_seeds", "eval_prompts", "eval_model", "eval_fidelity_floor",
-                        "extract_rank", "extract_energy", "min_timestep", "max_timestep", "caption_dropout")}
+                        "extract_rank", "extract_energy", "min_timestep", "max_timestep", "caption_dropout",
+                        "uncond_preservation_weight")}
     assert config_hash(base) == hashlib.sha256(json.dumps(old, sort_keys=True, default=list).encode()).hexdigest()
     assert config_hash(dataclasses.replace(base, max_timestep=500)) != config_hash(base)
+    assert config_hash(dataclasses.replace(base, uncond_preservation_weight=5.0)) != config_hash(base)
 
 
 class _VocabTokenizer:

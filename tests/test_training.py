@@ -282,3 +282,27 @@ def test_cancel_stops_with_a_checkpoint(tiny_sd, tmp_path):
     assert result.cancelled and result.steps == 1 and result.lora_path is None
     assert ck.latest_step(tmp_path / "run" / "checkpoints") == 1
     assert jobs.read_job(tmp_path / "run")["state"] == "cancelled"
+
+
+def test_uncond_preservation_starts_at_zero_and_changes_training_only_when_on(tiny_sd, tmp_path, monkeypatch):
+    """uncond_preservation_weight: the LoRA's empty-prompt prediction is compared with the base model's. At step 0
+    LoRA B is 0, so the two agree and the term is 0; it grows once the LoRA moves. At 0 the term is never computed
+    and the run is the run without the option; above 0 the LoRA differs. Prior preservation and gradient
+    accumulation on, as the style preset may use them."""
+    terms = []
+    orig = T.uncond_preservation_mse
+    monkeypatch.setattr(T, "uncond_preservation_mse",
+                        lambda p, b: terms.append(float(orig(p, b).detach())) or orig(p, b))
+    images, classes = draw_images(tmp_path / "img"), draw_images(tmp_path / "cls", 2, kind="square")
+    common = dict(max_train_steps=2, checkpointing_steps=0, with_prior_preservation=True, num_class_images=2,
+                  class_prompt="a photo of shape", gradient_accumulation_steps=2, eval_seeds=0)
+    off = T.train(make_config(tiny_sd, images, **common), tmp_path / "off", class_images=classes)
+    assert terms == []  # weight 0: no extra forward, the loss is the old one
+    on = T.train(make_config(tiny_sd, images, uncond_preservation_weight=5.0, **common), tmp_path / "on",
+                 class_images=classes)
+    assert len(terms) == 2 * 2  # every micro-batch of every step
+    assert terms[0] < 1e-10 and terms[1] < 1e-10  # step 0: LoRA = base, on the batched forward too
+    assert max(terms[2:]) > 1e-8  # the LoRA moved its empty-prompt prediction; the term now pulls it back
+    a, b = (__import__("safetensors.torch").torch.load_file(str(r.lora_path)) for r in (off, on))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    assert on.losses[0] == pytest.approx(off.losses[0], rel=1e-5)  # same first step: the term adds ~0

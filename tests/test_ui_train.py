@@ -112,9 +112,12 @@ def test_example_fills_the_upload_and_the_preset(h):
 def test_switching_method_sets_its_learning_rates_and_keeps_the_users_own(h):
     for example, kind in (("heart", "subject"), ("checkered", "style")):
         out = h.example(example)  # the demo's LoRA rates for that preset
-        full = h.method("full", kind, out["learning_rate"], out["text_encoder_lr"])
+        full = h.method("full", kind, out["learning_rate"], out["text_encoder_lr"], out["uncond_preservation_weight"])
         assert (full["learning_rate"], full["text_encoder_lr"]) == (3e-5, 3e-5), example
         assert "full fine-tuning" in full["status"]
+        # The style example keeps the empty prompt's prediction (a LoRA-only loss): full fine-tuning turns it off.
+        assert (full.get("uncond_preservation_weight", out["uncond_preservation_weight"]) == 0.0
+                and ("set to 0" in full["status"]) == (out["uncond_preservation_weight"] > 0)), example
         back = h.method("lora", kind, full["learning_rate"], full["text_encoder_lr"])
         assert (back["learning_rate"], back["text_encoder_lr"]) == (out["learning_rate"], out["text_encoder_lr"])
     sd = presets("subject")  # Stable Diffusion's LoRA rates -> DreamBooth's full fine-tuning rates
@@ -122,7 +125,7 @@ def test_switching_method_sets_its_learning_rates_and_keeps_the_users_own(h):
     own = h.method("full", "subject", 7e-4, 1e-4)  # typed by the user: kept, and the note says to check them
     assert "learning_rate" not in own and "kept" in own["status"]
     cfg = h.config({**{k: v for k, v in out.items() if k in FIELD_NAMES}, "method": "full", **{
-        k: full[k] for k in ("learning_rate", "text_encoder_lr")}}, out["images"])
+        k: full[k] for k in ("learning_rate", "text_encoder_lr", "uncond_preservation_weight")}}, out["images"])
     assert cfg.method == "full" and cfg.learning_rate == 3e-5
     with pytest.raises(gr.Error, match="unknown method"):
         h.method("lora; rm -rf /", "subject", 1e-3, 2e-4)

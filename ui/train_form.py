@@ -131,19 +131,26 @@ class FormHandlers:
             raise gr.Error(str(e)) from None
 
     @staticmethod
-    def method(method: str, kind: str, learning_rate: float, text_encoder_lr: float) -> dict[str, Any]:
+    def method(method: str, kind: str, learning_rate: float, text_encoder_lr: float,
+               uncond_preservation_weight: float = 0.0) -> dict[str, Any]:
         """Switching LoRA <-> full fine-tuning: the other method's default learning rates become this one's (a LoRA
-        rate would wreck a full fine-tune); rates the user typed are kept, with a note."""
+        rate would wreck a full fine-tune); rates the user typed are kept, with a note. Full fine-tuning keeps no
+        base model to compare with, so it turns `uncond_preservation_weight` off, and says so."""
         try:
             rates = rates_for_method(method, kind, float(learning_rate or 0), float(text_encoder_lr or 0))
+            uncond_off = method == "full" and float(uncond_preservation_weight or 0) > 0
         except (ConfigError, TypeError, ValueError) as e:
             raise gr.Error(str(e)) from None
         name = "full fine-tuning" if method == "full" else "LoRA"
+        off = ({"uncond_preservation_weight": 0.0} if uncond_off else {})
+        note = (" \"Keep the empty prompt's prediction\" set to 0: it needs the base model under a LoRA."
+                if uncond_off else "")
         if rates is None:
-            return {"status": f"Method: {name}. Your learning rates are kept; check they suit {name} (full "
-                              "fine-tuning wants about 20x less than LoRA)."}
-        return {**rates, "status": f"Method: {name}. Learning rates set to {rates['learning_rate']:g} (UNet) and "
-                                   f"{rates['text_encoder_lr']:g} (text encoder), what {name} needs on this model."}
+            return {**off, "status": f"Method: {name}. Your learning rates are kept; check they suit {name} (full "
+                                     f"fine-tuning wants about 20x less than LoRA).{note}"}
+        return {**rates, **off, "status": f"Method: {name}. Learning rates set to {rates['learning_rate']:g} (UNet) "
+                                          f"and {rates['text_encoder_lr']:g} (text encoder), what {name} needs on "
+                                          f"this model.{note}"}
 
     def prompts(self, kind: str, token: str, noun: str) -> dict[str, Any]:
         """Rebuild the prompts from the preset's templates after the trigger or class noun changed."""

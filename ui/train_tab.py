@@ -54,7 +54,9 @@ ADVANCED = [
      ("max_nonfinite_steps", "int", "Stop after N NaN steps", {"minimum": 1})],
     [("min_timestep", "int", "Min timestep (of 1000)", {"minimum": 0, "info": "higher: more detail, less layout"}),
      ("max_timestep", "int", "Max timestep (of 1000)",
-      {"minimum": 1, "info": "lower: a style keys less on its images' layouts"})],
+      {"minimum": 1, "info": "lower: a style keys less on its images' layouts"}),
+     ("uncond_preservation_weight", "float", "Keep the empty prompt's prediction (weight, 0 = off)",
+      {"info": "style: guidance then amplifies the style instead of cancelling it; ~1.8x time per step"})],
     [("resolution", "int", "Resolution (0 = the model's)", {"step": 8}),
      ("center_crop", "check", "Center crop", {}), ("random_flip", "check", "Random flip", {})],
     [("num_class_images", "int", "Class images", {"minimum": 1}),
@@ -223,9 +225,10 @@ def build_train_tab(engine) -> TrainTab:
     fields["preset"].input(lambda *a: to_components(h.preset(*a)), key, list(fields.values()), queue=False,
                            api_visibility="private")
     fields["method"].input(lambda *a: to_components(h.method(*a)),
-                           [fields["method"], fields["preset"], fields["learning_rate"], fields["text_encoder_lr"]],
-                           [fields["learning_rate"], fields["text_encoder_lr"], outs["status"]], queue=False,
-                           api_visibility="private")
+                           [fields["method"], fields["preset"], fields["learning_rate"], fields["text_encoder_lr"],
+                            fields["uncond_preservation_weight"]],
+                           [fields["learning_rate"], fields["text_encoder_lr"], fields["uncond_preservation_weight"],
+                            outs["status"]], queue=False, api_visibility="private")
     gr.on([trigger.blur, trigger.submit, ins["class_noun"].blur, ins["class_noun"].submit],
           lambda *a: to_components(h.prompts(*a)), key, prompt_outs, queue=False, api_visibility="private")
     suggest.click(on_suggest, [trigger, fields["preset"],

@@ -16,6 +16,7 @@ import math
 import os
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -34,7 +35,7 @@ from engine.train.evaluate import evaluate_checkpoint
 from engine.train.state import (Counters, Data, Models, Run, Setup, Trainable, enter_train_mode,
                                 trainable_params)
 from engine.train.math import (diffusion_target, dreambooth_loss, is_oom, min_snr_weights, offset_noise,
-                               sample_timesteps)
+                               sample_timesteps, uncond_preservation_mse)
 from engine.train.output import log_preview, step6_save
 
 
@@ -144,7 +145,31 @@ def step4_data(setup: Setup, models: Models, class_paths: list[Path], class_capt
                         dist = c.vae.encode(px).latent_dist
                         cache[(kind, i, flip)] = (dist.mean.float(), dist.std.float())
         data.latent_cache = cache
-    return Data(data, EpochSampler(data.n, cfg.seed), gen, images, ck.dataset_hash(images))
+    empty_ids = base_empty = None
+    if cfg.uncond_preservation_weight > 0:  # the base model's unconditional input, computed once for the run
+        from engine.generate.sampler import tokenize
+
+        empty_ids = tokenize(c.tokenizer, [""])
+        with torch.no_grad(), adapters_off(c.text_encoder):
+            base_empty = c.text_encoder(empty_ids.to(acc.device), return_dict=False)[0]
+    return Data(data, EpochSampler(data.n, cfg.seed), gen, images, ck.dataset_hash(images), empty_ids=empty_ids,
+                base_empty=base_empty)
+
+
+@contextmanager
+def adapters_off(module: torch.nn.Module):
+    """Run `module` as the base model: every peft LoRA layer in it bypassed, then switched back on (peft's
+    BaseTunerLayer.enable_adapters; a module without LoRA layers is unchanged)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield module
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
 
 
 def make_optimizer(setup: Setup, models: Models) -> Trainable:
@@ -222,14 +247,26 @@ def forward_loss(run: Run, batch: dict, te_on: bool) -> torch.Tensor:
     t = sample_timesteps(latents.shape[0], cfg.min_timestep, cfg.max_timestep, ns.config.num_train_timesteps,
                          gen).to(dev)
     noisy = ns.add_noise(latents, noise, t)
+    keep_uncond = cfg.uncond_preservation_weight > 0
     with acc.autocast():
         enc = encode_text(run, batch["ids"], te_on)
-        pred = tr.unet(noisy, t, enc, return_dict=False)[0]
+        if keep_uncond:  # one forward for the prompts and the empty prompt (see uncond_preservation_mse)
+            n = noisy.shape[0]
+            empty = encode_text(run, run.data.empty_ids, te_on).expand(n, -1, -1)
+            both = tr.unet(torch.cat([noisy, noisy]), torch.cat([t, t]), torch.cat([enc, empty]), return_dict=False)[0]
+            pred, pred_empty = both[:n], both[n:]
+        else:
+            pred = tr.unet(noisy, t, enc, return_dict=False)[0]
     target = diffusion_target(ns, latents, noise, t)
     weights = torch.ones(latents.shape[0], device=dev)
     if cfg.snr_gamma > 0:
         weights = min_snr_weights(compute_snr(ns, t), cfg.snr_gamma, ns.config.prediction_type)
-    return dreambooth_loss(pred, target, weights, cfg.with_prior_preservation, cfg.prior_loss_weight)
+    loss = dreambooth_loss(pred, target, weights, cfg.with_prior_preservation, cfg.prior_loss_weight)
+    if keep_uncond:
+        with torch.no_grad(), acc.autocast(), adapters_off(acc.unwrap_model(tr.unet)) as base_unet:
+            base = base_unet(noisy, t, run.data.base_empty.expand(n, -1, -1), return_dict=False)[0]
+        loss = loss + cfg.uncond_preservation_weight * uncond_preservation_mse(pred_empty, base)
+    return loss
 
 
 def accumulate(run: Run, indices: list[int], te_on: bool) -> torch.Tensor:

@@ -60,5 +60,17 @@ def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Ten
     return instance.mean() + prior_loss_weight * prior.mean()
 
 
+def uncond_preservation_mse(pred_empty: torch.Tensor, base_empty: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between the trained model's prediction for the empty prompt and the frozen base
+    model's at the same noisy latents and timesteps (TrainConfig.uncond_preservation_weight).
+
+    Why: sampling uses classifier-free guidance (Ho & Salimans 2022, eq. 6): e~ = e_u + w (e_c - e_u), with e_u the
+    empty prompt's prediction. A LoRA that learns its style into e_u as much as into e_c (its convolutions see
+    every prompt) puts little of it into e_c - e_u, so guidance w = 5 amplifies the base model's prompted look
+    over it. Holding e_u to the base model's moves the style into e_c - e_u, which guidance amplifies. The base
+    prediction is a constant target (no gradient): only the LoRA branch learns from this term."""
+    return F.mse_loss(pred_empty.float(), base_empty.detach().float())
+
+
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
