@@ -81,9 +81,11 @@ def config_for(concept: str, *, prior: bool = False, overrides: dict | None = No
 
 def full_overrides(overrides: dict | None = None) -> dict:
     """Full fine-tuning with the demo model's full-FT learning rates (what the Train tab switches to), the same
-    steps and every other preset setting, so the column compares methods, not tunings."""
+    steps and every other preset setting, so the column compares methods, not tunings (uncond preservation needs a
+    LoRA to switch off, so it is off, as the Train tab's method switch does)."""
     lr, te_lr = FULL_FT_RATES["demo"]
-    return {"method": "full", "learning_rate": lr, "text_encoder_lr": te_lr, **(overrides or {})}
+    return {"method": "full", "learning_rate": lr, "text_encoder_lr": te_lr, "uncond_preservation_weight": 0.0,
+            **(overrides or {})}
 
 
 def run_name(concept: str, prior: bool, overrides: dict | None) -> str:
