@@ -18,6 +18,7 @@ the adapter's fingerprint and the default strength and style-only switch.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from dataclasses import dataclass
@@ -113,8 +114,13 @@ class IPAdapter:
         the basic adapter; for Plus the hidden states of an all-zero pixel tensor."""
         if not self.plus:
             return torch.zeros_like(embeds)
+        return self._zero_image_states.expand_as(embeds).contiguous()
+
+    @functools.cached_property
+    def _zero_image_states(self) -> torch.Tensor:
+        """The all-zero image's hidden states: one encoder pass per loaded adapter, not per generation."""
         size = self.encoder.config.image_size
-        return self._encode(torch.zeros(1, 3, size, size)).expand_as(embeds).contiguous()
+        return self._encode(torch.zeros(1, 3, size, size))
 
 
 def load_adapter(folder: Path, *, device="cpu", dtype=torch.float32) -> IPAdapter:

@@ -86,13 +86,17 @@ def extract(run: Run) -> Extraction:
     if base.fingerprint != run.models.base.fingerprint:
         raise TrainingError(f"the base model's files changed during training ({cfg.base_model or 'demo'}); the "
                                "fine-tuned model folder is saved but no LoRA can be extracted against other weights")
-    device = acc.device  # SVD on the GPU when there is one
-    parts = [extract_module("unet", base.components.unet, acc.unwrap_model(run.trainable.unet), rank=cfg.extract_rank,
-                            energy=cfg.extract_energy, device=device)]
+    tuned = {"unet": acc.unwrap_model(run.trainable.unet)}
     if cfg.train_text_encoder:
-        parts.append(extract_module("text_encoder", base.components.text_encoder, acc.unwrap_model(run.trainable.te),
-                                    rank=cfg.extract_rank, energy=cfg.extract_energy, device=device))
-    return merge(*parts)
+        tuned["text_encoder"] = acc.unwrap_model(run.trainable.te)
+    return extract_all(base.components, tuned, cfg.extract_rank, cfg.extract_energy, acc.device)  # GPU SVD if any
+
+
+def extract_all(base_components, tuned: dict[str, torch.nn.Module], rank: int, energy: float,
+                device="cpu") -> Extraction:
+    """Every tuned component ("unet", "text_encoder") against the base model's same component."""
+    return merge(*(extract_module(name, getattr(base_components, name), module, rank=rank, energy=energy,
+                                  device=device) for name, module in tuned.items()))
 
 
 def lora_file(extraction: Extraction) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -157,17 +161,13 @@ def complete_export(run_dir: Path, step: int, folder: Path) -> None:
         raise ConfigError(f"checkpoint {step} was trained on other base-model weights than the ones on disk now; "
                           "it cannot be extracted against them")
     saved = ck.read_tensors(ckpt / "weights.safetensors")
-    parts = []
+    tuned = {}
     for component in ("unet", "text_encoder"):
         weights = {k.split(".", 1)[1]: v for k, v in saved.items() if k.startswith(component + ".")}
-        if not weights:
-            continue  # the text encoder did not train
-        frozen = getattr(base.components, component)
-        tuned = copy.deepcopy(frozen)
-        tuned.load_state_dict(weights, strict=True)
-        parts.append(extract_module(component, frozen, tuned, rank=cfg["extract_rank"],
-                                    energy=cfg["extract_energy"]))
-    extraction = merge(*parts)
+        if weights:  # none for the text encoder when it did not train
+            tuned[component] = copy.deepcopy(getattr(base.components, component))
+            tuned[component].load_state_dict(weights, strict=True)
+    extraction = extract_all(base.components, tuned, cfg["extract_rank"], cfg["extract_energy"])
     write_lora_file(extraction, folder / style["lora_file"])
     style["extraction"] = {"max_rank": cfg["extract_rank"], "energy": cfg["extract_energy"], **extraction.report()}
     atomic_write_bytes(style_path, json.dumps(style, indent=1).encode())

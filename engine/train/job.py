@@ -131,28 +131,22 @@ def publish_checkpoint(data_dir: Path, run_dir: Path, step: int, *, style_id: st
     try:
         if step not in steps:
             raise KeyError(step)
-        lora_file = json.loads(style_json.read_text("utf-8"))["lora_file"]
+        style = json.loads(style_json.read_text("utf-8"))
+        lora_file = style["lora_file"]
     except (OSError, ValueError, KeyError, TypeError):
         raise ConfigError(f"checkpoint {step} of this run was not evaluated and exported; pick one of the evaluated "
                           f"checkpoints ({', '.join(map(str, steps)) or 'none yet'})") from None
     if not isinstance(lora_file, str) or Path(lora_file).name != lora_file:
         raise ConfigError(f"checkpoint {step}'s export is incomplete (no LoRA file); pick another checkpoint")
-    if not (folder / lora_file).is_file() and _pending_extraction(style_json):
-        from engine.train.full import complete_export
+    if not (folder / lora_file).is_file() and style.get("method") == "full":
+        from engine.train.full import PENDING, complete_export
 
-        complete_export(run_dir, step, folder)
+        if style.get("extraction") == PENDING:  # a full fine-tuning checkpoint: its LoRA is extracted on publish
+            complete_export(run_dir, step, folder)
     if not (folder / lora_file).is_file():
         raise ConfigError(f"checkpoint {step}'s export is incomplete (no LoRA file); pick another checkpoint")
     return publish(data_dir, read_run_name(run_dir), folder / lora_file, style_json, folder / "preview.png",
                    style_id=style_id)
-
-
-def _pending_extraction(style_json: Path) -> bool:
-    """A full fine-tuning checkpoint whose LoRA is extracted on publish (engine.train.full.write_deferred_export)."""
-    from engine.train.full import PENDING
-
-    style = json.loads(style_json.read_text("utf-8"))
-    return style.get("method") == "full" and style.get("extraction") == PENDING
 
 
 def read_run_name(run_dir: Path) -> str:

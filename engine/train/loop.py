@@ -16,7 +16,6 @@ import math
 import os
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -32,7 +31,7 @@ from engine.train import checkpoints as ck
 from engine.train import full
 from engine.train.data import DreamBoothData, EpochSampler
 from engine.train.evaluate import evaluate_checkpoint
-from engine.train.state import (Counters, Data, Models, Run, Setup, Trainable, enter_train_mode,
+from engine.train.state import (Counters, Data, Models, Run, Setup, Trainable, adapters_off, enter_train_mode,
                                 trainable_params)
 from engine.train.math import (diffusion_target, dreambooth_loss, is_oom, min_snr_weights, offset_noise,
                                sample_timesteps, uncond_preservation_mse)
@@ -154,22 +153,6 @@ def step4_data(setup: Setup, models: Models, class_paths: list[Path], class_capt
             base_empty = c.text_encoder(empty_ids.to(acc.device), return_dict=False)[0]
     return Data(data, EpochSampler(data.n, cfg.seed), gen, images, ck.dataset_hash(images), empty_ids=empty_ids,
                 base_empty=base_empty)
-
-
-@contextmanager
-def adapters_off(module: torch.nn.Module):
-    """Run `module` as the base model: every peft LoRA layer in it bypassed, then switched back on (peft's
-    BaseTunerLayer.enable_adapters; a module without LoRA layers is unchanged)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-    for m in layers:
-        m.enable_adapters(False)
-    try:
-        yield module
-    finally:
-        for m in layers:
-            m.enable_adapters(True)
 
 
 def make_optimizer(setup: Setup, models: Models) -> Trainable:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -156,3 +157,19 @@ def enter_train_mode(cfg: TrainConfig, components) -> None:
             c.text_encoder.gradient_checkpointing_enable()
     c.unet.train()
     c.text_encoder.train(cfg.train_text_encoder)
+
+
+@contextmanager
+def adapters_off(module: torch.nn.Module):
+    """Run `module` as the base model: every peft LoRA layer in it bypassed, then switched back on (peft's
+    BaseTunerLayer.enable_adapters; a module without LoRA layers is unchanged)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield module
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
