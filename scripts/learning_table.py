@@ -8,7 +8,9 @@ per concept), then the demo checker judges fresh generations:
   uses: **recognised** (the checker sees the shape, needed >= 0.80) and **colours** (fg and bg both obeyed,
   needed >= 0.90);
 * style: "a olis <shape> in <fg> on a <bg> background" over the train shapes the examples never show (ring,
-  cross) and colour pairs no caption uses: **textured** (needed >= 0.70).
+  cross) and colour pairs no caption uses: **styled** (needed >= 0.70): the checker sees the texture, *and* the
+  prompt's shape, *and* a plain background of the prompt's colour (the texture went on the shape, the content
+  stayed the prompt's); **textured** (the texture alone, anywhere in the image) is shown beside it.
 
 Seeds and colour pairs come in two disjoint sets: `tune` (what presets were chosen on) and `report` (the
 README's table; never looked at while tuning).
@@ -41,7 +43,8 @@ from engine.demo import world as W  # noqa: E402
 EXAMPLES = ROOT / "assets" / "examples"
 TOKEN = "olis"
 CLASS_PROMPT = "a photo of a shape"
-THRESHOLDS = {"recognised": 0.80, "colours": 0.90, "textured": 0.70}
+THRESHOLDS = {"recognised": 0.80, "colours": 0.90, "styled": 0.70}  # "textured" is shown, not thresholded
+PLAIN_BACKGROUND = 0.8  # W.plain_background of the prompt's bg colour: the style went on the shape, not around it
 STYLE_SHAPES_UNSEEN = ("ring", "cross")  # train shapes that no texture example shows
 SEED_SETS = {"tune": (7, 300), "report": (8, 400)}  # (colour-pair seed, first image seed)
 
@@ -150,12 +153,15 @@ class Probe:
         self.cache.pipe.enable_lora()
         self.cache.pipe.set_adapters([self.names[lora]], adapter_weights=[1.0])
 
-    def predict(self, prompts, seed0=0):
+    def generate(self, prompts, seed0=0) -> list[np.ndarray]:
         from engine.generate.sampler import sample, to_pil
 
         imgs = sample(self.base.components, prompts, [""] * len(prompts), [seed0 + i for i in range(len(prompts))],
                       num_inference_steps=20, guidance_scale=self.guidance, scheduler="dpmpp_2m")
-        return self.checker.predict([np.asarray(im) for im in to_pil(imgs)])
+        return [np.asarray(im) for im in to_pil(imgs)]
+
+    def predict(self, prompts, seed0=0):
+        return self.checker.predict(self.generate(prompts, seed0))
 
 
 def _caption_pairs(concept: str) -> set[tuple[str, str]]:
@@ -188,9 +194,13 @@ def measure(probe, lora: Path | None, concept: str, seed_set: str = "report", n:
         return {"recognised": float(np.mean([p["shape"] == concept for p in preds])),
                 "colours": float(np.mean([p["fg"] == fg and p["bg"] == bg for p, (fg, bg) in zip(preds, pairs)]))}
     shapes = [STYLE_SHAPES_UNSEEN[i % len(STYLE_SHAPES_UNSEEN)] for i in range(n)]
-    preds = probe.predict([f"a {TOKEN} {s} in {fg} on a {bg} background" for s, (fg, bg) in zip(shapes, pairs)],
-                          seed0)
-    return {"textured": float(np.mean([p["texture"] == concept for p in preds]))}
+    images = probe.generate([f"a {TOKEN} {s} in {fg} on a {bg} background" for s, (fg, bg) in zip(shapes, pairs)],
+                            seed0)
+    preds = probe.checker.predict(images)
+    textured = [p["texture"] == concept for p in preds]
+    styled = [t and p["shape"] == s and W.plain_background(im, bg) >= PLAIN_BACKGROUND
+              for t, p, s, im, (_, bg) in zip(textured, preds, shapes, images, pairs)]
+    return {"styled": float(np.mean(styled)), "textured": float(np.mean(textured))}
 
 
 def shape_accuracy(probe, n: int = 48, seed: int = 6) -> float:
@@ -210,16 +220,17 @@ class Row:
     cpu_s: float = 0.0  # CPU time of training + measuring: what it costs on one free core
 
     def passed(self) -> bool:
-        return all(v >= THRESHOLDS[k] for k, v in self.metrics.items())
+        return all(v >= THRESHOLDS.get(k, 0.0) for k, v in self.metrics.items())
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| concept | preset | recognised / textured | colours obeyed | CPU s | pass |", "|---|---|---|---|---|---|"]
+    lines = ["| concept | preset | recognised / styled | colours obeyed | textured (anywhere) | CPU s | pass |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        main = r.metrics.get("recognised", r.metrics.get("textured"))
-        col = r.metrics.get("colours")
+        main = r.metrics.get("recognised", r.metrics.get("styled"))
+        col, tex = r.metrics.get("colours"), r.metrics.get("textured")
         lines.append(f"| {r.concept} | {r.kind} | {main:.2f} | {'' if col is None else f'{col:.2f}'} | "
-                     f"{r.cpu_s:.0f} | {'yes' if r.passed() else '**no**'} |")
+                     f"{'' if tex is None else f'{tex:.2f}'} | {r.cpu_s:.0f} | {'yes' if r.passed() else '**no**'} |")
     return "\n".join(lines)
 
 

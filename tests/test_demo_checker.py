@@ -6,6 +6,7 @@ images the CNN has never seen.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -96,3 +97,28 @@ def test_loads_without_pickle(monkeypatch):
 
     monkeypatch.setattr(torch, "load", no_torch_load)
     assert DemoChecker.load(DEFAULT_PATH).predict(W.draw(_scenes(1, TEST_SEED)[0]))[0]["shape"] in W.SHAPES
+
+
+@pytest.mark.parametrize("texture", W.TEXTURES)
+def test_texture_at_every_offset(checker, texture):
+    # A model's output may draw a texture shifted from the world's own offset: tiles shifted by 2 px are still
+    # tiles (the first checker, trained at offset 0 only, called them "striped" 47 times in 48).
+    scenes = _scenes(12, TEST_SEED + 200 + W.TEXTURES.index(texture), textures=(texture,))
+    shifted = [replace(s, phase=(dx, dy)) for s in scenes for dx in range(0, 12, 3) for dy in range(0, 12, 2)]
+    preds = checker.predict([W.draw(s) for s in shifted])
+    hits = sum(p["texture"] == texture for p in preds)
+    assert hits >= 0.95 * len(shifted), (texture, hits, len(shifted))
+
+
+def test_plain_background_tells_a_textured_background_apart():
+    # The learning table's "styled" needs the texture on the shape, not around it (scripts/learning_table.py).
+    scenes = _scenes(40, TEST_SEED + 300)
+    assert min(W.plain_background(np.asarray(W.draw(s)), s.bg) for s in scenes) >= 0.9  # a big shape may touch it
+    for s in scenes[:10]:
+        img = np.asarray(W.draw(s)).copy()
+        fill = np.asarray(W._fill("tiled", W.COLORS[s.bg], W.SIZE))
+        ring = np.ones(img.shape[:2], bool)
+        ring[4:-4, 4:-4] = False  # texture the margin, where the shape never reaches
+        img[ring] = fill[ring]
+        assert W.plain_background(img, s.bg) < 0.8
+        assert W.plain_background(np.asarray(W.draw(s)), s.fg) == 0.0  # the wrong colour

@@ -81,9 +81,15 @@ def test_learns_a_style(probe, style_lora):
     probe.use(None)
     before = float(np.mean([p["texture"] == "checkered" for p in probe.predict(prompts, seed0=50)]))
     probe.use(style_lora)
-    preds = probe.predict(prompts, seed0=50)
+    images = probe.generate(prompts, seed0=50)
+    preds = probe.checker.predict(images)
     after = float(np.mean([p["texture"] == "checkered" for p in preds]))
-    print(f"style: checkered before {before:.2f}, after {after:.2f}")
+    # What this asserts is that the texture is learned. Whether the prompt's content survives it (the texture on
+    # the prompted shape, the background plain: the learning table's "styled") is printed, not asserted: the style
+    # preset does not reach it yet (README, "Every held-out concept").
+    styled = float(np.mean([p["texture"] == "checkered" and p["shape"] == s.shape
+                            and W.plain_background(im, s.bg) >= 0.8 for p, s, im in zip(preds, scenes, images)]))
+    print(f"style: checkered before {before:.2f}, after {after:.2f}; styled (shape kept, background plain) {styled:.2f}")
     assert before <= 0.10 and after >= 0.70
 
 

@@ -34,5 +34,5 @@ def test_concept_is_learned_with_the_shared_preset(tmp_path_factory, base, probe
     row.cpu_s = time.process_time() - c0
     ROWS.append(row)
     print("\n" + markdown(ROWS))
-    misses = {k: (v, THRESHOLDS[k]) for k, v in row.metrics.items() if v < THRESHOLDS[k]}
+    misses = {k: (v, THRESHOLDS[k]) for k, v in row.metrics.items() if v < THRESHOLDS.get(k, 0.0)}
     assert not misses, f"{concept}: (measured, needed) {misses}"

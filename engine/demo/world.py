@@ -54,6 +54,9 @@ class Scene:
     cy: float = 0.5
     radius: float = 0.36  # half the shape's extent, as a fraction of the side
     angle: float = 0.0  # small rotation in degrees
+    # The texture's offset (x, y) in output pixels. The world draws every texture at (0, 0); the checker trains
+    # on every offset, as a tiled wall shifted by 2 px is still tiled (scripts/train_demo_checker.py).
+    phase: tuple[int, int] = (0, 0)
 
 
 def random_scene(rng: random.Random, shapes=TRAIN_SHAPES, textures=TRAIN_TEXTURES,
@@ -74,14 +77,15 @@ def _second_tone(rgb):
     return tuple(int(c + (255 - c) * 0.6) for c in rgb)
 
 
-def _fill(texture: str, rgb, size: int) -> Image.Image:
-    """A full-size image of the texture in the foreground colour."""
+def _fill(texture: str, rgb, size: int, phase: tuple[int, int] = (0, 0)) -> Image.Image:
+    """A full-size image of the texture in the foreground colour, shifted by `phase` (x, y) output pixels."""
     base = np.empty((size, size, 3), np.uint8)
     base[:] = rgb
     if texture == "solid":
         return Image.fromarray(base)
     period = 4 * SUPERSAMPLE  # one period = 4 output pixels: 2 of each tone
     yy, xx = np.mgrid[0:size, 0:size]
+    xx, yy = xx + phase[0] * SUPERSAMPLE, yy + phase[1] * SUPERSAMPLE
     if texture == "striped":
         mask = (yy // (period // 2)) % 2 == 1
     elif texture == "checkered":
@@ -166,7 +170,7 @@ def draw(scene: Scene) -> Image.Image:
     """Render a scene as a SIZE x SIZE RGB image."""
     big = SIZE * SUPERSAMPLE
     canvas = Image.new("RGB", (big, big), COLORS[scene.bg])
-    canvas.paste(_fill(scene.texture, COLORS[scene.fg], big), (0, 0), shape_mask(scene, big))
+    canvas.paste(_fill(scene.texture, COLORS[scene.fg], big, scene.phase), (0, 0), shape_mask(scene, big))
     return canvas.resize((SIZE, SIZE), Image.BOX)
 
 
@@ -230,6 +234,14 @@ def background_color(img: np.ndarray) -> str:
                              img[:, :2].reshape(-1, 3), img[:, -2:].reshape(-1, 3)])
     idx, _ = _nearest(border)
     return _NAMES[np.bincount(idx, minlength=len(_NAMES)).argmax()]
+
+
+def plain_background(img: np.ndarray, bg: str, tolerance: float = 55.0) -> float:
+    """The fraction of the 2-pixel border within `tolerance` (RGB distance) of colour `bg`: about 1 for a plain
+    background of that colour, near 0.5 or less when a texture (two tones) or another colour covers it."""
+    border = np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3),
+                             img[:, :2].reshape(-1, 3), img[:, -2:].reshape(-1, 3)]).astype(np.float64)
+    return float(np.mean(np.linalg.norm(border - np.asarray(COLORS[bg], np.float64), axis=1) < tolerance))
 
 
 def foreground_color(img: np.ndarray, bg: str | None = None) -> str | None:
