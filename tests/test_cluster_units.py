@@ -104,3 +104,28 @@ def test_ray_address_without_ray_says_what_to_install(tmp_path, monkeypatch, cap
     monkeypatch.setattr(launcher, "config_dir", lambda: tmp_path / "cfg")
     rc = launcher.main(["--ray-address", "auto", "--data-dir", str(tmp_path / "data"), "--no-browser"])
     assert rc == 2 and 'pip install "stylebooth[cluster]"' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_the_app_node_keeps_a_full_runs_best_checkpoint(tmp_path, method):
+    # A full fine-tuning checkpoint is published from its weights (engine.train.full.complete_export), so the
+    # checkpoints a Ray worker sends to the app's node must keep the best one past checkpoints_total_limit, as on
+    # one machine; a LoRA run's checkpoints are exported at evaluation and prune as before.
+    import torch
+
+    from engine.cluster.head import HeadStore
+    from engine.train import checkpoints as ck
+    from engine.train.evaluate import EVAL_DIR
+
+    run_dir, made = tmp_path / "runs" / "job1", tmp_path / "made"
+    store = HeadStore()
+    store.open_job("job1", str(run_dir), keep=1)
+    name = ck.FULL_WEIGHTS if method == "full" else "lora.safetensors"
+    (run_dir / EVAL_DIR).mkdir(parents=True)
+    (run_dir / EVAL_DIR / "scores.json").write_text(json.dumps({"best_step": 1}))
+    for step in (1, 2, 3):
+        path = ck.save_checkpoint(made, step, tensors={name: {"w": torch.full((2,), float(step))}}, blobs={},
+                                  json_files={}, manifest_info={}, limit=10, warn=lambda m: None)
+        store.put_checkpoint("job1", step, {p.name: p.read_bytes() for p in path.iterdir()})
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert kept == (["checkpoint-1", "checkpoint-3"] if method == "full" else ["checkpoint-3"])

@@ -92,7 +92,8 @@ class HeadStore:
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def put_checkpoint(self, job_id: str, step: int, files: dict[str, bytes]) -> str:
         """Write checkpoint-<step>/ into the job's run folder on this node; returns its path. Keeps the newest
-        `keep` (the run's checkpoints_total_limit), deleting older ones only after the new one verifies."""
+        `keep` (the run's checkpoints_total_limit) and a full fine-tuning run's best one, deleting older ones only
+        after the new one verifies."""
         from engine.train import checkpoints as ck
 
         ckpt_dir = self._ckpt_dir(job_id)
@@ -122,7 +123,12 @@ class HeadStore:
         except CheckpointError as e:
             ck.quarantine(final, str(e), lambda m: None)
             raise
-        ck.prune(ckpt_dir, self._job(job_id)["keep"], keep=final, warn=lambda m: None)
+        protect = frozenset()
+        if ck.FULL_WEIGHTS in files:  # full fine-tuning publishes from a checkpoint's weights: keep the best one,
+            from engine.train.evaluate import best_step  # as engine.train.checkpoints.save_run does on one machine
+
+            protect = frozenset(s for s in (best_step(ckpt_dir.parent),) if s is not None)
+        ck.prune(ckpt_dir, self._job(job_id)["keep"], keep=final, warn=lambda m: None, protect=protect)
         self.emit(job_id, TrainCheckpoint(step, final))  # the app's event says where it is held, once it is
         return str(final)
 

@@ -275,9 +275,12 @@ def gather_blobs(acc, blob: bytes) -> list[bytes]:
     return [bytes(rows[i, : sizes[i]].numpy()) for i in range(acc.num_processes)]
 
 
+FULL_WEIGHTS = "weights.safetensors"
+
+
 def weights_file(cfg) -> str:
     """The trained weights in a checkpoint: the LoRA, or every trained weight with method="full"."""
-    return "weights.safetensors" if cfg.method == "full" else "lora.safetensors"
+    return FULL_WEIGHTS if cfg.method == "full" else "lora.safetensors"
 
 
 def save_run(run, warn: Warn) -> Path | None:
