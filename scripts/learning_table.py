@@ -4,7 +4,7 @@ Each held-out shape is trained as a *subject* from its 4 captioned examples (ass
 held-out texture as a *style*, all with the same preset (`presets(kind)` + `demo_settings(kind)`, nothing tuned
 per concept), then the demo checker judges fresh generations:
 
-* subject: "a photo of olis shape in <fg> on a <bg> background" over 16 colour pairs that no example caption
+* subject: "a photo of olis shape in <fg> on a <bg> background" over 32 colour pairs that no example caption
   uses: **recognised** (the checker sees the shape, needed >= 0.80) and **colours** (fg and bg both obeyed,
   needed >= 0.90);
 * style: "a olis <shape> in <fg> on a <bg> background" over the train shapes the examples never show (ring,
@@ -184,7 +184,7 @@ def new_colour_pairs(concept: str, n: int, seed: int) -> list[tuple[str, str]]:
     return out
 
 
-def measure(probe, lora: Path | None, concept: str, seed_set: str = "report", n: int = 16) -> dict[str, float]:
+def measure(probe, lora: Path | None, concept: str, seed_set: str = "report", n: int = 32) -> dict[str, float]:
     """The concept's metrics (see module doc) for `lora` (None: the base model, the "before" column)."""
     pair_seed, seed0 = SEED_SETS[seed_set]
     pairs = new_colour_pairs(concept, n, pair_seed + 1000 * (W.HELD_OUT_SHAPES + W.HELD_OUT_TEXTURES).index(concept))
