@@ -124,17 +124,19 @@ Input: RGB uint8 / 127.5 - 1.
 ## Training recipe
 `scripts/train_demo_checker.py --seed {args.seed}`: {args.n_train:,} fresh generator images
 (`demo_world.random_scene(rng, SHAPES, TEXTURES)`: all shapes and textures, random colours, position, size,
-rotation; each texture at a random offset of 0-11 px in x and y, i.e. every phase), {args.steps} AdamW steps of batch {args.batch} (lr {args.lr}, one-cycle, weight decay 1e-4, label
-smoothing 0.05), summed cross-entropy of both heads. Every batch is freshly augmented to look like small-model
-output: horizontal flip, per-channel gain +-8% and offset (sd 10), Gaussian blur sigma U(0, 1.2) on 70% of
-images, a real JPEG round trip (quality 40-90) on 25%, Gaussian pixel noise with a per-image sd ~ |N(0, 6)|.
+rotation; each texture at a random offset of 0-11 px in x and y, i.e. every phase), {args.steps} AdamW steps
+of batch {args.batch} (lr {args.lr}, one-cycle, weight decay 1e-4, label smoothing 0.05), summed
+cross-entropy of both heads. Every batch is freshly augmented to look like small-model output: horizontal flip,
+per-channel gain +-8% and offset (sd 10), Gaussian blur sigma U(0, 1.2) on 70% of images, a real JPEG
+round trip (quality 40-90) on 25%, Gaussian pixel noise with a per-image sd ~ |N(0, 6)|.
 Deterministic on CPU (1 thread). Drawing the images and training took {cpu_s:.0f} s of CPU time on one
 thread ({train_s:.0f} s wall clock on a shared machine).
 
 ## Accuracy
 {args.n_eval:,} fresh generator images (all shapes and textures, seed {EVAL_SEED}, never used in training;
-textures at random offsets except in the first row, which has the world's own offset 0), clean, with a fixed Gaussian blur, and with the training augmentations (the fg drop there is from colour
-shifts and noise moving pixels away from the named palette):
+textures at random offsets except in the first row, which has the world's own offset 0), clean, with a fixed
+Gaussian blur, and with the training augmentations (the fg drop there is from colour shifts and noise moving
+pixels away from the named palette):
 
 {chr(10).join(table)}
 

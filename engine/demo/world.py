@@ -228,19 +228,22 @@ def _nearest(pixels: np.ndarray):
     return _PALETTE_NAME[d.argmin(1)], d.min(1)
 
 
+def _border(img: np.ndarray) -> np.ndarray:
+    """The pixels of the 2-pixel border (the shape rarely reaches it), as (n, 3)."""
+    return np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3),
+                           img[:, :2].reshape(-1, 3), img[:, -2:].reshape(-1, 3)])
+
+
 def background_color(img: np.ndarray) -> str:
     """Majority named colour of the 2-pixel border (the shape never reaches it)."""
-    border = np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3),
-                             img[:, :2].reshape(-1, 3), img[:, -2:].reshape(-1, 3)])
-    idx, _ = _nearest(border)
+    idx, _ = _nearest(_border(img))
     return _NAMES[np.bincount(idx, minlength=len(_NAMES)).argmax()]
 
 
 def plain_background(img: np.ndarray, bg: str, tolerance: float = 55.0) -> float:
     """The fraction of the 2-pixel border within `tolerance` (RGB distance) of colour `bg`: about 1 for a plain
     background of that colour, near 0.5 or less when a texture (two tones) or another colour covers it."""
-    border = np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3),
-                             img[:, :2].reshape(-1, 3), img[:, -2:].reshape(-1, 3)]).astype(np.float64)
+    border = _border(img).astype(np.float64)
     return float(np.mean(np.linalg.norm(border - np.asarray(COLORS[bg], np.float64), axis=1) < tolerance))
 
 
