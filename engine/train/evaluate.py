@@ -150,7 +150,8 @@ class DemoScorer:
         self.training_probs = checker.probabilities(training_images, self.attribute)
         names = W.SHAPES if self.attribute == "shape" else W.TEXTURES
         self.concept = names[concept_likeness(self.training_probs, self.training_probs)[1]]
-        self.name = f"demo checker: likeness = P({self.attribute} is {self.concept}), fidelity = colours obeyed"
+        obeyed = "colours" if self.attribute == "shape" else "colours and shape"
+        self.name = f"demo checker: likeness = P({self.attribute} is {self.concept}), fidelity = {obeyed} obeyed"
 
     def score(self, images: list, prompts: list[str], token: str) -> tuple[float | None, float | None]:
         arrays = [np.asarray(im.convert("RGB")) for im in images]
