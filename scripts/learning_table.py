@@ -197,10 +197,14 @@ def measure(probe, lora: Path | None, concept: str, seed_set: str = "report", n:
     images = probe.generate([f"a {TOKEN} {s} in {fg} on a {bg} background" for s, (fg, bg) in zip(shapes, pairs)],
                             seed0)
     preds = probe.checker.predict(images)
-    textured = [p["texture"] == concept for p in preds]
-    styled = [t and p["shape"] == s and W.plain_background(im, bg) >= PLAIN_BACKGROUND
-              for t, p, s, im, (_, bg) in zip(textured, preds, shapes, images, pairs)]
-    return {"styled": float(np.mean(styled)), "textured": float(np.mean(textured))}
+    return {"styled": float(np.mean(styled(concept, preds, images, shapes, [bg for _, bg in pairs]))),
+            "textured": float(np.mean([p["texture"] == concept for p in preds]))}
+
+
+def styled(texture: str, preds, images, shapes, backgrounds) -> list[bool]:
+    """Per image: the checker sees `texture` and the prompt's shape, and the background is plain in its colour."""
+    return [p["texture"] == texture and p["shape"] == s and W.plain_background(im, bg) >= PLAIN_BACKGROUND
+            for p, im, s, bg in zip(preds, images, shapes, backgrounds)]
 
 
 def shape_accuracy(probe, n: int = 48, seed: int = 6) -> float:

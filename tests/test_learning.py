@@ -13,7 +13,7 @@ import pytest
 from engine.demo import world as W
 from engine.models.loading import DEMO_MODEL
 from engine.styles.store import publish
-from scripts.learning_table import CLASS_PROMPT, TOKEN, shape_accuracy
+from scripts.learning_table import CLASS_PROMPT, TOKEN, shape_accuracy, styled
 
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(), reason="demo model not built")
 # The threshold tests carry the `learning` marker: `python -m pytest -m learning` runs just them (~6 min on 2 cores).
@@ -87,9 +87,8 @@ def test_learns_a_style(probe, style_lora):
     # What this asserts is that the texture is learned. Whether the prompt's content survives it (the texture on
     # the prompted shape, the background plain: the learning table's "styled") is printed, not asserted: the style
     # preset does not reach it yet (README, "Every held-out concept").
-    styled = float(np.mean([p["texture"] == "checkered" and p["shape"] == s.shape
-                            and W.plain_background(im, s.bg) >= 0.8 for p, s, im in zip(preds, scenes, images)]))
-    print(f"style: checkered before {before:.2f}, after {after:.2f}; styled (shape kept, background plain) {styled:.2f}")
+    rate = float(np.mean(styled("checkered", preds, images, [s.shape for s in scenes], [s.bg for s in scenes])))
+    print(f"style: checkered before {before:.2f}, after {after:.2f}; styled (shape kept, background plain) {rate:.2f}")
     assert before <= 0.10 and after >= 0.70
 
 
