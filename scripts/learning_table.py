@@ -12,8 +12,9 @@ per concept), then the demo checker judges fresh generations:
   prompt's shape, *and* a plain background of the prompt's colour (the texture went on the shape, the content
   stayed the prompt's); **textured** (the texture alone, anywhere in the image) is shown beside it.
 
-Seeds and colour pairs come in two disjoint sets: `tune` (what presets were chosen on) and `report` (the
-README's table; never looked at while tuning).
+Seeds and colour pairs come in three disjoint sets: `tune` (what presets were chosen on), `report` (the README's
+table; looked at once for subjects, after which the subject preset was changed on `tune` again) and `fresh`
+(added then; nothing was chosen on it). tests/test_learning_table.py asserts report and fresh.
 
 Usage:
     python scripts/learning_table.py                       # all held-out concepts, report set, markdown table
@@ -46,7 +47,7 @@ CLASS_PROMPT = "a photo of a shape"
 THRESHOLDS = {"recognised": 0.80, "colours": 0.90, "styled": 0.70}  # "textured" is shown, not thresholded
 PLAIN_BACKGROUND = 0.8  # W.plain_background of the prompt's bg colour: the style went on the shape, not around it
 STYLE_SHAPES_UNSEEN = ("ring", "cross")  # train shapes that no texture example shows
-SEED_SETS = {"tune": (7, 300), "report": (8, 400)}  # (colour-pair seed, first image seed)
+SEED_SETS = {"tune": (7, 300), "report": (8, 400), "fresh": (9, 500)}  # (colour-pair seed, first image seed)
 
 
 def kind_of(concept: str) -> str:

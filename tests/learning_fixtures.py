@@ -54,10 +54,12 @@ def subject_no_prior(tmp_path_factory, base):
 def feedback_subject(tmp_path_factory, base):
     """The heart subject with the demo subject settings the simulated rater of tests/test_feedback.py was built on
     (text encoder trained, every timestep): its "a photo of olis shape" hearts come in black, orange and red, which
-    the rater needs to like some and dislike others. Pinned here, so a preset change (issue 14 froze the text encoder
-    and skips t < 300: 23 of 24 hearts black) does not silently take the feedback tests' premise away."""
+    the rater needs to like some and dislike others. Pinned here, so a preset change (issue 14 froze the text encoder,
+    skips t < 300: 23 of 24 hearts black; then 500 steps at rank 16) does not silently take the feedback tests'
+    premise away."""
     return train_concept(base, "heart", tmp_path_factory.mktemp("feedback-subject"),
-                         overrides={"train_text_encoder": True, "min_timestep": 0})
+                         overrides={"train_text_encoder": True, "min_timestep": 0, "max_train_steps": 300,
+                                    "lora_rank": 8, "lora_alpha": 8})
 
 
 @pytest.fixture(scope="session")
