@@ -335,11 +335,9 @@ def demo_settings(kind: str) -> dict[str, Any]:
         # What moved star more than any setting was the examples' colours (scripts/make_examples.py SUBJECT_SCENES:
         # each colour once as the shape and once as the background), star 0.62 -> 0.88 with these settings; bolt
         # stays at 0.75 (also with learning_rate 2e-3 on the new examples).
-        # 2026-11-28: star and arrow, which passed on the tune set, failed on the report set (0.66 / 0.72 of 32)
-        # and on a third, "fresh" set (0.69 / 0.78). 500 steps at rank 16 instead of 300 at rank 8 (both tried
-        # alone on the tune set: star 0.84 / 0.94, arrow 0.91 / 0.91), tune / report / fresh: star 1.00 / 0.94 /
-        # 0.78, arrow 0.91 / 0.97 / 0.88; heart, crescent and frame the same within an image or two; bolt still
-        # 0.78 / 0.75 / 0.78 (it draws "orange" in its examples' yellow). Costs ~1.5x the CPU (75 s vs 50 s).
+        # Star / arrow failed on the report and fresh sets at 300 steps, rank 8 (0.66 / 0.72, 0.69 / 0.78); 500
+        # steps at rank 16, tune / report / fresh: star 1.00 / 0.94 / 0.78, arrow 0.91 / 0.97 / 0.88, the others
+        # within an image or two, bolt still ~0.77 (README "Every held-out concept"). ~1.5x the CPU.
         return dict(common, learning_rate=1e-3, max_train_steps=500, lora_rank=16, lora_alpha=16,
                     train_text_encoder=False, min_timestep=300)
     # Style (scripts/learning_table.py, tune set, 900 steps, textured checkered / tiled / polka; README "Every
@@ -351,7 +349,8 @@ def demo_settings(kind: str) -> dict[str, Any]:
     # (report set, once: 0.94 / 0.69 / 0.44). It costs ~1.8x per step (a batched UNet pass and a base pass).
     # Those numbers are the texture *anywhere*, read by the first (phase-blind) checker; against "styled" (the
     # texture on the prompted shape, background plain; 2026-11-28, 32 images) these settings give 0.16 / 0.38 /
-    # 0.25 and nothing tried beat them by more than the noise (README "Every held-out concept").
+    # 0.25, and no setting beat them by more than the noise; a base model that knows a family of textures did
+    # (scripts/texture_family_base.py: checkered 0.31, tiled 0.47 with these settings; README).
     return dict(common, learning_rate=2e-3, max_train_steps=900, min_timestep=0, uncond_preservation_weight=5.0)
 
 
