@@ -1,5 +1,6 @@
-"""The subject examples in assets/examples are what scripts/make_examples.py draws (issue 14): the colour design
-of SUBJECT_SCENES, every colour once as the shape and once as the background, is what the learning table measured."""
+"""The examples in assets/examples are what scripts/make_examples.py draws (issue 14): the colour design of
+SUBJECT_SCENES and STYLE_SCENES, every colour once as the shape and once as the background, is what the learning
+table measured (checkered keeps its first colours, the tests built on it need them)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from PIL import Image
 
 from engine.demo import world as W
-from scripts.make_examples import OUT, SUBJECT_SCENES, example_set
+from scripts.make_examples import OUT, STYLE_SCENES, SUBJECT_SCENES, example_set
 
 # The heart predates the script and keeps its own colours (scripts/make_examples.py says why).
 SCRIPTED_SUBJECTS = tuple(s for s in W.HELD_OUT_SHAPES if s != "heart")
@@ -25,8 +26,13 @@ def test_subject_colours_are_a_polarity_balanced_cycle():
     assert dark_on_light == 2  # two dark shapes on light grounds, two light shapes on dark grounds
 
 
-@pytest.mark.parametrize("concept", SCRIPTED_SUBJECTS)
-def test_subject_examples_on_disk_are_the_scripts(concept):
+def test_style_colours_are_a_cycle():
+    fgs, bgs = [s[1] for s in STYLE_SCENES], [s[2] for s in STYLE_SCENES]
+    assert len(STYLE_SCENES) == 4 and sorted(fgs) == sorted(bgs) and len(set(fgs)) == 4  # each colour both roles
+
+
+@pytest.mark.parametrize("concept", SCRIPTED_SUBJECTS + W.HELD_OUT_TEXTURES)
+def test_examples_on_disk_are_the_scripts(concept):
     for i, (scene, caption) in enumerate(example_set(concept), 1):
         on_disk = np.asarray(Image.open(OUT / concept / f"{concept}-{i}.png").convert("RGB"))
         assert np.array_equal(on_disk, np.asarray(W.draw(scene))), f"{concept}-{i}.png: rerun make_examples.py"
