@@ -323,21 +323,17 @@ def demo_settings(kind: str) -> dict[str, Any]:
     rate that would overcook Stable Diffusion (measured with tests/test_learning.py). Min-SNR is off because it
     down-weights the high-noise steps where a v-prediction model decides the shape."""
     _check(kind in PRESETS, f"unknown preset {kind!r}; choose one of: {', '.join(PRESETS)}")
-    common = dict(text_encoder_lr=2e-4, text_encoder_stop_fraction=1.0, lora_rank=8, lora_alpha=8, snr_gamma=0.0,
-                  cache_latents=True)
+    common = dict(text_encoder_lr=2e-4, text_encoder_stop_fraction=1.0, snr_gamma=0.0, cache_latents=True)
     if kind == "subject":
         # Issue 14, measured with scripts/learning_table.py on the tune set (recognised star / arrow / bolt):
         # as before 0.56 / 0.75 / 0.62; text encoder frozen 0.62 / 0.81 / 0.69; steps from t >= 300 only (the
         # high-noise end decides the shape; the low-noise end is left to the base model) with the encoder frozen
         # 0.62 / 0.94 / 0.75. A frozen text encoder also stops the LoRA from re-encoding prompts that do not
         # use the trigger: with prior preservation, non-token shape accuracy 38 -> 40 of 48
-        # (tests/test_learning.py::test_prior_preservation_protects_the_class). Same 300 steps, same cost.
-        # What moved star more than any setting was the examples' colours (scripts/make_examples.py SUBJECT_SCENES:
-        # each colour once as the shape and once as the background), star 0.62 -> 0.88 with these settings; bolt
-        # stays at 0.75 (also with learning_rate 2e-3 on the new examples).
-        # Star / arrow failed on the report and fresh sets at 300 steps, rank 8 (0.66 / 0.72, 0.69 / 0.78); 500
-        # steps at rank 16, tune / report / fresh: star 1.00 / 0.94 / 0.78, arrow 0.91 / 0.97 / 0.88, the others
-        # within an image or two, bolt still ~0.77 (README "Every held-out concept"). ~1.5x the CPU.
+        # (tests/test_learning.py::test_prior_preservation_protects_the_class). The examples' colours moved star
+        # most (scripts/make_examples.py SUBJECT_SCENES). Star / arrow still failed on the report and fresh sets at
+        # 300 steps, rank 8 (0.66 / 0.72, 0.69 / 0.78); 500 steps at rank 16, tune / report / fresh: star 1.00 /
+        # 0.94 / 0.78, arrow 0.91 / 0.97 / 0.88, bolt still ~0.77 (README "Every held-out concept"). ~1.5x the CPU.
         return dict(common, learning_rate=1e-3, max_train_steps=500, lora_rank=16, lora_alpha=16,
                     train_text_encoder=False, min_timestep=300)
     # Style (scripts/learning_table.py, tune set, 900 steps, textured checkered / tiled / polka; README "Every
@@ -351,7 +347,8 @@ def demo_settings(kind: str) -> dict[str, Any]:
     # texture on the prompted shape, background plain; 2026-11-28, 32 images) these settings give 0.16 / 0.38 /
     # 0.25, and no setting beat them by more than the noise; a base model that knows a family of textures did
     # (scripts/texture_family_base.py: checkered 0.31, tiled 0.47 with these settings; README).
-    return dict(common, learning_rate=2e-3, max_train_steps=900, min_timestep=0, uncond_preservation_weight=5.0)
+    return dict(common, learning_rate=2e-3, max_train_steps=900, lora_rank=8, lora_alpha=8, min_timestep=0,
+                uncond_preservation_weight=5.0)
 
 
 def is_common_word(token: str, tokenizer=None) -> bool:
