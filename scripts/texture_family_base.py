@@ -7,10 +7,11 @@ periodic patterns, checkered / tiled / polka kept out by geometry and by the che
 made-up word ("a kalomi red circle on a blue background"), and writes a diffusers folder. Measured and not
 shipped (README "Every held-out concept"): it lifts checkered and tiled as styles but not to the threshold.
 
-    python scripts/texture_family_base.py --out /tmp/base-family [--steps 800] [--lr 1e-4]
+    python scripts/texture_family_base.py --out /tmp/base-family [--steps 800] [--lr 1e-4] [--device cuda]
 
 Then copy its unet/ and text_encoder/ over assets/demo-model/ in a scratch checkout and run
-scripts/learning_table.py there. 800 steps take about 14 CPU minutes on 2 threads.
+scripts/learning_table.py there (or pass the folder as a job's base to scripts/lever_sweep.py). 800 steps take
+about 14 CPU minutes on 2 threads (bit-identical on a re-run), 160-290 s on one H200 beside a sweep's workers.
 """
 from __future__ import annotations
 
@@ -74,21 +75,23 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--images", type=int, default=16_000)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--device", default="cpu", help="cuda: the same recipe on a GPU (not bit-identical to CPU)")
     a = ap.parse_args()
     torch.set_num_threads(2)
     model = ROOT / "assets" / "demo-model"
     tok = CLIPTokenizer.from_pretrained(model / "tokenizer")
-    vae = AutoencoderKL.from_pretrained(model / "vae").eval()
-    unet = UNet2DConditionModel.from_pretrained(model / "unet")
+    dev = torch.device(a.device)
+    vae = AutoencoderKL.from_pretrained(model / "vae").eval().to(dev)
+    unet = UNet2DConditionModel.from_pretrained(model / "unet").to(dev)
     unet.set_attn_processor(AttnProcessor())  # as scripts/train_demo_model.py: faster backward for 2-wide heads
-    te = CLIPTextModel.from_pretrained(model / "text_encoder")
+    te = CLIPTextModel.from_pretrained(model / "text_encoder").to(dev)
     t0 = time.time()
     family = TextureFamily(300, 0, DemoChecker.load())
     words = texture_words([*family.kept_hand_written[1:], *family.family])  # [0] is striped, which has its word
     scenes, images = dataset(family, words, a.images, seed=11)
     with torch.no_grad():
-        dists = [vae.encode(to_tensor(images[i:i + 256])).latent_dist for i in range(0, len(images), 256)]
-    mean, std = torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
+        dists = [vae.encode(to_tensor(images[i:i + 256]).to(dev)).latent_dist for i in range(0, len(images), 256)]
+    mean, std = torch.cat([d.mean for d in dists]).cpu(), torch.cat([d.std for d in dists]).cpu()
     print(f"{len(words)} family textures, {len(images)} images encoded in {time.time() - t0:.0f}s", flush=True)
 
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
@@ -104,10 +107,11 @@ def main() -> None:
         ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         lat = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * vae.config.scaling_factor
         noise, t = torch.randn(lat.shape, generator=g), torch.randint(0, 1000, (a.batch,), generator=g)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        lat, noise, t, ids = lat.to(dev), noise.to(dev), t.to(dev), ids.to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
             pred = unet(noise_sched.add_noise(lat, noise, t), t, te(ids).last_hidden_state).sample
         per = F.mse_loss(pred.float(), noise_sched.get_velocity(lat, noise, t), reduction="none").mean(dim=(1, 2, 3))
-        loss = (per * min_snr_v_weight(noise_sched.alphas_cumprod, t)).mean()
+        loss = (per * min_snr_v_weight(noise_sched.alphas_cumprod, t.cpu()).to(dev)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
