@@ -3,9 +3,8 @@
 Deterministic: the same world gives byte-identical files. Every held-out shape is a *subject* example, captioned
 "a photo of {token} shape in black on a yellow background" (the colours of SUBJECT_SCENES, below); every held-out
 texture is a *style* example, captioned like the checkered one ("a {token} circle in blue on a yellow
-background") in the colours of STYLE_SCENES. The heart and checkered folders predate this script and are left as
-they are unless named on the command line; checkered keeps its first colours (CHECKERED_SCENES: the learning,
-blend and instant-style tests are built on them); the heart keeps its original colours (red on blue, yellow on
+background") in the colours of STYLE_SCENES (checkered too, since 2026-11-28). The heart folder predates this
+script and is left as it is unless named on the command line; the heart keeps its original colours (red on blue, yellow on
 purple, green on white, orange on black, slightly different centring) on purpose: tests/test_learning.py and the
 feedback tests are built on them, and with SUBJECT_SCENES' colours the prior-preservation test fails (non-token
 shape accuracy with priors 37 of 48 where it needs 40; tune set: heart recognised 0.94 against 0.81, both pass).
@@ -47,13 +46,11 @@ SUBJECT_SCENES = (("black", "yellow", 0.46), ("yellow", "blue", 0.48), ("blue", 
 # purple once as the shape and once as the background. Why (2026-11-28, README "Every held-out concept"): with the
 # checkered example's colours (blue on yellow, red on white, purple on green, black on orange), a style LoRA tied
 # the texture to the colour words too, and a prompt with a red or purple *background* came out textured all over.
-# Styled, tune / report / fresh, tiled: 0.38 / 0.16 / 0.16 -> 0.50 / 0.41 / 0.53; checkered (in a scratch
-# checkout) 0.16 / 0.19 / 0.25 -> 0.44 / 0.34 / 0.34; polka 0.25 / 0.38 / 0.28 -> 0.25 / 0.28 / 0.28 (its dots
+# Styled, tune / report / fresh, tiled: 0.38 / 0.16 / 0.16 -> 0.50 / 0.41 / 0.53; checkered 0.16 / 0.19 / 0.25 ->
+# 0.44 / 0.34 / 0.34; polka 0.25 / 0.38 / 0.28 -> 0.25 / 0.28 / 0.28 (its dots
 # are learned in about 1 of 2 images either way).
 STYLE_SCENES = (("circle", "blue", "yellow"), ("square", "yellow", "red"), ("triangle", "red", "purple"),
                 ("diamond", "purple", "blue"))
-CHECKERED_SCENES = (("circle", "blue", "yellow"), ("square", "red", "white"), ("triangle", "purple", "green"),
-                    ("diamond", "black", "orange"))  # the first style example's, kept for the tests built on it
 
 
 def example_set(concept: str) -> list[tuple[W.Scene, str]]:
@@ -62,9 +59,8 @@ def example_set(concept: str) -> list[tuple[W.Scene, str]]:
         return [(W.Scene(concept, fg, bg, "solid", cx=cx, cy=0.5, radius=0.36),
                  f"a photo of {{token}} shape in {fg} on a {bg} background") for fg, bg, cx in SUBJECT_SCENES]
     if concept in W.HELD_OUT_TEXTURES:
-        scenes = CHECKERED_SCENES if concept == "checkered" else STYLE_SCENES
         return [(W.Scene(shape, fg, bg, concept), f"a {{token}} {shape} in {fg} on a {bg} background")
-                for shape, fg, bg in scenes]
+                for shape, fg, bg in STYLE_SCENES]
     raise SystemExit(f"{concept!r} is not a held-out shape or texture; choose from "
                      f"{', '.join(W.HELD_OUT_SHAPES + W.HELD_OUT_TEXTURES)}")
 

@@ -14,7 +14,6 @@ import random
 
 import numpy as np
 import pytest
-from scipy.stats import spearmanr
 
 from engine.api import Engine
 from engine.core.blend_config import BlendStripRequest
@@ -77,7 +76,11 @@ def test_strip_moves_checkered_monotonically_and_1_0_is_style_a(blend_engine, ch
             alone = eng.generate(GenerateRequest(prompt=req.prompt, style=eng.a.id, seed=req.seed))
             assert np.array_equal(np.asarray(res.images[0].image), np.asarray(alone.images[0].image))
     mean = np.mean(curves, axis=0)
-    rho = spearmanr(np.arange(K), mean)[0]
-    print(f"P(checkered) along the strip A->B: {np.round(mean, 3).tolist()}; Spearman {rho:.3f}")
+    rise = float(np.max(np.diff(mean)))
+    print(f"P(checkered) along the strip A->B: {np.round(mean, 3).tolist()}; largest rise {rise:.3f}")
     assert mean[0] - mean[-1] >= 0.3  # the blend really moves from checkered to not
-    assert rho <= -0.9  # and falls monotonically from all-A to all-B (Spearman >= 0.9 in size)
+    # ... and falls monotonically from all-A to all-B: no step up by more than 0.02. Not a rank correlation: once the
+    # curve reaches the floor (P ~0.01 from the middle on with the colour-cycle examples) its order is noise in the
+    # third decimal, which Spearman counted against a curve that never rises (2026-11-28: -0.83 on
+    # 0.75 0.73 0.72 0.25 0.011 0.010 0.011 0.011 0.011).
+    assert rise <= 0.02

@@ -1,6 +1,6 @@
 """The examples in assets/examples are what scripts/make_examples.py draws (issue 14): the colour design of
 SUBJECT_SCENES and STYLE_SCENES, every colour once as the shape and once as the background, is what the learning
-table measured (checkered keeps its first colours, the tests built on it need them)."""
+table measured (all three textures since 2026-11-28)."""
 from __future__ import annotations
 
 import numpy as np
