@@ -8,7 +8,6 @@ seed set (tune, report, fresh; 32 images each). Choose on `tune` only; the other
 
 A job: {"tag": "F1", "concept": "tiled", "base": "" | "/path/to/base", "overrides": {...}, "prior": false};
 build a family base first (`python scripts/texture_family_base.py --out /tmp/fam --device cuda`, ~3 GPU min).
-`--examples DIR` takes the example images from DIR/<concept>/ instead of assets/examples/.
 On one H200 with 14 workers a style job (900 steps) took ~220 s and a family base 160-290 s alongside: about 14
 one-thread CPU runs at once (README "Every held-out concept").
 """
@@ -25,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_job(args: tuple[dict, str, str | None, str]) -> dict:
-    job, device, examples, workdir = args
+def run_job(args: tuple[dict, str, str]) -> dict:
+    job, device, workdir = args
     import torch
 
     torch.set_num_threads(1)  # one core per worker: the pool is the parallelism
@@ -35,8 +34,6 @@ def run_job(args: tuple[dict, str, str | None, str]) -> dict:
     from engine.demo.checker import DemoChecker
     from engine.models.loading import load_base_model
 
-    if examples:
-        LT.EXAMPLES = Path(examples)
     base_dir = job.get("base", "")
     t0 = time.time()
     try:
@@ -57,13 +54,12 @@ def main() -> None:
     ap.add_argument("jobs", type=Path, help="a JSON list of jobs (see above)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--examples", help="a folder of <concept>/ example folders (default: assets/examples)")
     ap.add_argument("--workdir", default="/tmp/lever-sweep")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, one per finished job, appended")
     a = ap.parse_args()
     jobs = json.loads(a.jobs.read_text("utf-8"))
     with mp.get_context("spawn").Pool(a.workers) as pool, a.out.open("a", encoding="utf-8") as f:
-        for res in pool.imap_unordered(run_job, [(j, a.device, a.examples, a.workdir) for j in jobs]):
+        for res in pool.imap_unordered(run_job, [(j, a.device, a.workdir) for j in jobs]):
             f.write(json.dumps(res) + "\n")
             f.flush()
             print(res["tag"], res["concept"], res.get("metrics", "ERROR"), flush=True)

@@ -4,8 +4,8 @@ Deterministic: the same world gives byte-identical files. Every held-out shape i
 "a photo of {token} shape in black on a yellow background" (the colours of SUBJECT_SCENES, below); every held-out
 texture is a *style* example, captioned like the checkered one ("a {token} circle in blue on a yellow
 background") in the colours of STYLE_SCENES (checkered too, since 2026-11-28). The heart folder predates this
-script and is left as it is unless named on the command line; the heart keeps its original colours (red on blue, yellow on
-purple, green on white, orange on black, slightly different centring) on purpose: tests/test_learning.py and the
+script and is left as it is unless named on the command line: it keeps its original colours (red on blue, yellow
+on purple, green on white, orange on black, slightly different centring) on purpose: tests/test_learning.py and the
 feedback tests are built on them, and with SUBJECT_SCENES' colours the prior-preservation test fails (non-token
 shape accuracy with priors 37 of 48 where it needs 40; tune set: heart recognised 0.94 against 0.81, both pass).
 

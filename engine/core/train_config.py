@@ -345,8 +345,9 @@ def demo_settings(kind: str) -> dict[str, Any]:
     # (report set, once: 0.94 / 0.69 / 0.44). It costs ~1.8x per step (a batched UNet pass and a base pass).
     # Those numbers are the texture *anywhere*, read by the first (phase-blind) checker; against "styled" (the
     # texture on the prompted shape, background plain; 2026-11-28, 32 images) these settings give 0.16 / 0.38 /
-    # 0.25, and no setting beat them by more than the noise; a base model that knows a family of textures did
-    # (scripts/texture_family_base.py: checkered 0.31, tiled 0.47 with these settings; README).
+    # 0.25 with the old example colours, 0.44 / 0.50 / 0.25 with the colour-cycle examples; no setting beat them
+    # by more than the noise (prior preservation costs styles); a base model that knows a family of textures did
+    # (scripts/texture_family_base.py: checkered 0.62, tiled 0.53 with these settings; README).
     return dict(common, learning_rate=2e-3, max_train_steps=900, lora_rank=8, lora_alpha=8, min_timestep=0,
                 uncond_preservation_weight=5.0)
 
