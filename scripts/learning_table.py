@@ -76,7 +76,7 @@ def config_for(concept: str, *, prior: bool = False, overrides: dict | None = No
     kind = kind_of(concept)
     images, captions = example_files(concept)
     p = {**presets(kind, token=TOKEN, class_noun="shape", captions=captions, class_members=class_members(kind)),
-         **demo_settings(kind)}
+         **demo_settings(kind, prior=prior)}
     p.update(with_prior_preservation=prior, validation_steps=0, report_to="none", checkpointing_steps=10_000,
              seed=0)
     p.update(overrides or {})
@@ -89,6 +89,7 @@ def full_overrides(overrides: dict | None = None) -> dict:
     LoRA to switch off, so it is off, as the Train tab's method switch does)."""
     lr, te_lr = FULL_FT_RATES["demo"]
     return {"method": "full", "learning_rate": lr, "text_encoder_lr": te_lr, "uncond_preservation_weight": 0.0,
+            "prior_target": "images",
             **(overrides or {})}
 
 

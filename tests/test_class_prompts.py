@@ -39,7 +39,10 @@ def test_style_trigger_is_replaced_in_place_and_articles_follow():
 def test_presets_use_them_and_the_config_accepts_them():
     p = presets("subject", token="olis", class_noun="shape", captions=HEART, class_members=W.TRAIN_SHAPES)
     prompts = p["class_prompt"].splitlines()
-    assert prompts[0] == "a photo of a shape" and len(prompts) == 13 and p["num_class_images"] == 8 * 13
+    # every caption x member pair (4 x 6), 4 class images each; the base model's prediction as their target
+    assert prompts[0] == "a photo of a shape" and len(prompts) == 25 and p["num_class_images"] == 4 * 25
+    assert prompts[1:] == class_prompts_from_captions(HEART, "olis", W.TRAIN_SHAPES, class_noun="shape", n=24)
+    assert p["prior_target"] == "base"
     cfg = TrainConfig(instance_images=("x.png",) * 4, instance_captions=tuple(HEART),
                       **dict(p, with_prior_preservation=True))
     assert cfg.class_prompts == prompts

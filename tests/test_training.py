@@ -284,6 +284,42 @@ def test_cancel_stops_with_a_checkpoint(tiny_sd, tmp_path):
     assert jobs.read_job(tmp_path / "run")["state"] == "cancelled"
 
 
+@pytest.mark.parametrize("train_te", [False, True])
+def test_prior_target_base_is_the_base_models_prediction(tiny_sd, tmp_path, monkeypatch, train_te):
+    """prior_target "base": the class half of each batch is pulled to the frozen base model's prediction (LoRA
+    bypassed, in the text encoder too), the instance half still to the noise. At step 0 LoRA B is 0, so the class
+    half's target equals the prediction exactly; with "images" it is the noise and does not. After the text
+    encoder stops (stop fraction 0.5) its trained LoRA must still be bypassed for the base target, every step."""
+    seen, bypassed = [], []
+    orig, orig_off = T.dreambooth_loss, T.adapters_off
+    monkeypatch.setattr(T, "dreambooth_loss",
+                        lambda p, tg, *a: seen.append((p.detach().clone(), tg.detach().clone())) or orig(p, tg, *a))
+    monkeypatch.setattr(T, "adapters_off", lambda m: bypassed.append(type(m).__name__) or orig_off(m))
+    images, classes = draw_images(tmp_path / "img"), draw_images(tmp_path / "cls", 2, kind="square")
+    common = dict(max_train_steps=3, checkpointing_steps=0, with_prior_preservation=True, num_class_images=2,
+                  class_prompt="a photo of shape", eval_seeds=0, train_text_encoder=train_te,
+                  text_encoder_stop_fraction=0.5)
+    T.train(make_config(tiny_sd, images, prior_target="base", **common), tmp_path / "base", class_images=classes)
+    (pred, target), later = seen[0], seen[1:]
+    assert torch.allclose(pred[1:], target[1:], atol=1e-6)  # class half: LoRA = base at step 0
+    assert not torch.allclose(pred[:1], target[:1], atol=1e-3)  # instance half: the noise, as before
+    assert all(not torch.allclose(p[1:], tg[1:], atol=1e-7) for p, tg in later)  # the LoRA moved; the base did not
+    assert bypassed.count("CLIPTextModel") == (3 if train_te else 0)  # steps 2-3 too, after the encoder stopped
+    assert bypassed.count("UNet2DConditionModel") == 3
+    seen.clear()
+    T.train(make_config(tiny_sd, images, prior_target="images", **common), tmp_path / "images", class_images=classes)
+    assert not torch.allclose(seen[0][0][1:], seen[0][1][1:], atol=1e-3)  # "images": the class image's noise
+
+
+def test_prior_target_base_needs_a_lora():
+    with pytest.raises(ConfigError, match="prior_target"):
+        TrainConfig(**{**presets("subject"), "instance_images": ("a.png",), "method": "full", "prior_target": "base",
+                       "with_prior_preservation": True})
+    TrainConfig(**{**presets("subject"), "instance_images": ("a.png",), "method": "full"})  # priors off: unused
+    with pytest.raises(ConfigError, match="prior_target"):
+        TrainConfig(**{**presets("subject"), "instance_images": ("a.png",), "prior_target": "model"})
+
+
 def test_uncond_preservation_starts_at_zero_and_changes_training_only_when_on(tiny_sd, tmp_path, monkeypatch):
     """uncond_preservation_weight: the LoRA's empty-prompt prediction is compared with the base model's. At step 0
     LoRA B is 0, so the two agree and the term is 0; it grows once the LoRA moves. At 0 the term is never computed

@@ -127,6 +127,11 @@ def test_switching_method_sets_its_learning_rates_and_keeps_the_users_own(h):
     cfg = h.config({**{k: v for k, v in out.items() if k in FIELD_NAMES}, "method": "full", **{
         k: full[k] for k in ("learning_rate", "text_encoder_lr", "uncond_preservation_weight")}}, out["images"])
     assert cfg.method == "full" and cfg.learning_rate == 3e-5
+    # The base model's prediction as the prior target needs a LoRA too: full fine-tuning sets it back, and says so.
+    base_target = h.method("full", "subject", 1e-3, 2e-4, 0.0, "base")
+    assert base_target["prior_target"] == "images" and "Prior target set" in base_target["status"]
+    assert "prior_target" not in h.method("full", "subject", 1e-3, 2e-4, 0.0, "images")
+    assert "prior_target" not in h.method("lora", "subject", 3e-5, 3e-5, 0.0, "base")
     with pytest.raises(gr.Error, match="unknown method"):
         h.method("lora; rm -rf /", "subject", 1e-3, 2e-4)
     with pytest.raises(gr.Error, match="unknown preset"):

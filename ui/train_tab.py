@@ -10,7 +10,7 @@ from typing import Any
 
 import gradio as gr
 
-from engine.core.train_config import LR_SCHEDULERS, MIXED_PRECISION, REPORT_TO, TrainConfig
+from engine.core.train_config import LR_SCHEDULERS, MIXED_PRECISION, PRIOR_TARGETS, REPORT_TO, TrainConfig
 
 from .forms import int_fields
 from .session import user_of
@@ -60,7 +60,9 @@ ADVANCED = [
     [("resolution", "int", "Resolution (0 = the model's)", {"step": 8}),
      ("center_crop", "check", "Center crop", {}), ("random_flip", "check", "Random flip", {})],
     [("num_class_images", "int", "Class images", {"minimum": 1}),
-     ("prior_loss_weight", "float", "Prior loss weight", {})],
+     ("prior_loss_weight", "float", "Prior loss weight", {}),
+     ("prior_target", PRIOR_TARGETS, "Prior target",
+      {"info": "images: the class images' noise (DreamBooth); base: the base model's prediction (LoRA only)"})],
     [("extract_rank", "int", "Extracted LoRA rank (full fine-tuning)", {"minimum": 1}),
      ("extract_energy", "fraction", "…or keep this share of each layer's change (0 = fixed rank)", {})],
     [("checkpointing_steps", "int", "Checkpoint every N steps", {}),
@@ -226,9 +228,9 @@ def build_train_tab(engine) -> TrainTab:
                            api_visibility="private")
     fields["method"].input(lambda *a: to_components(h.method(*a)),
                            [fields["method"], fields["preset"], fields["learning_rate"], fields["text_encoder_lr"],
-                            fields["uncond_preservation_weight"]],
+                            fields["uncond_preservation_weight"], fields["prior_target"]],
                            [fields["learning_rate"], fields["text_encoder_lr"], fields["uncond_preservation_weight"],
-                            outs["status"]], queue=False, api_visibility="private")
+                            fields["prior_target"], outs["status"]], queue=False, api_visibility="private")
     gr.on([trigger.blur, trigger.submit, ins["class_noun"].blur, ins["class_noun"].submit],
           lambda *a: to_components(h.prompts(*a)), key, prompt_outs, queue=False, api_visibility="private")
     suggest.click(on_suggest, [trigger, fields["preset"],

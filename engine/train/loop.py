@@ -241,6 +241,8 @@ def forward_loss(run: Run, batch: dict, te_on: bool) -> torch.Tensor:
         else:
             pred = tr.unet(noisy, t, enc, return_dict=False)[0]
     target = diffusion_target(ns, latents, noise, t)
+    if cfg.with_prior_preservation and cfg.prior_target == "base":
+        target = base_prior_target(run, target, noisy, t, batch["ids"])
     weights = torch.ones(latents.shape[0], device=dev)
     if cfg.snr_gamma > 0:
         weights = min_snr_weights(compute_snr(ns, t), cfg.snr_gamma, ns.config.prediction_type)
@@ -250,6 +252,21 @@ def forward_loss(run: Run, batch: dict, te_on: bool) -> torch.Tensor:
             base = base_unet(noisy, t, run.data.base_empty.expand(n, -1, -1), return_dict=False)[0]
         loss = loss + cfg.uncond_preservation_weight * uncond_preservation_mse(pred_empty, base)
     return loss
+
+
+def base_prior_target(run: Run, target: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor,
+                      ids: torch.Tensor) -> torch.Tensor:
+    """The class half of the batch (the second, see dreambooth_loss) gets the frozen base model's prediction as its
+    target (TrainConfig.prior_target "base"), computed with every LoRA layer bypassed."""
+    acc, tr, half = run.setup.acc, run.trainable, noisy.shape[0] // 2
+    with torch.no_grad(), acc.autocast(), adapters_off(acc.unwrap_model(tr.unet)) as base_unet:
+        if run.setup.cfg.train_text_encoder:  # its LoRA bypassed too, also after text_encoder_stop_fraction
+            with adapters_off(acc.unwrap_model(tr.te)) as base_te:
+                enc = base_te(ids[half:].to(acc.device), return_dict=False)[0]
+        else:  # a frozen encoder's (cached) outputs are the base model's
+            enc = encode_text(run, ids[half:], False)
+        base = base_unet(noisy[half:], t[half:], enc, return_dict=False)[0]
+    return torch.cat([target[:half], base.to(target.dtype)])
 
 
 def accumulate(run: Run, indices: list[int], te_on: bool) -> torch.Tensor:
