@@ -156,6 +156,30 @@ class FormHandlers:
                                           f"and {rates['text_encoder_lr']:g} (text encoder), what {name} needs on "
                                           f"this model.{note}"}
 
+    @staticmethod
+    def prior(on: bool, kind: str, learning_rate: float, text_encoder_lr: float,
+              uncond_preservation_weight: float) -> dict[str, Any]:
+        """Ticking Prior preservation with the demo model's settings (the example buttons) also sets what makes it
+        work there: the demo subject holds the empty prompt to the base model's with priors on
+        (demo_settings(kind, prior=True), measured in README "What training learns"). Other settings are the
+        user's own and stay as they are."""
+        if kind not in ("subject", "style"):
+            raise gr.Error(f"unknown preset {kind!r}; choose subject or style")
+        if kind == "style":  # the demo style keeps the empty prompt with or without priors
+            return {}
+        demo = {**presets(kind), **demo_settings(kind)}
+        try:
+            is_demo = (float(learning_rate), float(text_encoder_lr)) == (demo["learning_rate"], demo["text_encoder_lr"])
+            want = demo_settings(kind, prior=bool(on))["uncond_preservation_weight"]
+            if not is_demo or float(uncond_preservation_weight or 0) == want:
+                return {}
+        except (TypeError, ValueError) as e:
+            raise gr.Error(f"invalid value in the form: {e}") from None
+        return {"uncond_preservation_weight": want,
+                "status": f"\"Keep the empty prompt's prediction\" set to {want:g}: on the demo model prior "
+                          f"preservation keeps other prompts' shapes better with it (README)." if want else
+                          "\"Keep the empty prompt's prediction\" set back to 0 (the demo subject trains without it)."}
+
     def prompts(self, kind: str, token: str, noun: str) -> dict[str, Any]:
         """Rebuild the prompts from the preset's templates after the trigger or class noun changed."""
         return {k: v for k, v in self.preset(kind, token, noun).items() if k in PROMPT_FIELDS}

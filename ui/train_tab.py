@@ -231,6 +231,11 @@ def build_train_tab(engine) -> TrainTab:
                             fields["uncond_preservation_weight"], fields["prior_target"]],
                            [fields["learning_rate"], fields["text_encoder_lr"], fields["uncond_preservation_weight"],
                             fields["prior_target"], outs["status"]], queue=False, api_visibility="private")
+    fields["with_prior_preservation"].input(
+        lambda *a: to_components(h.prior(*a)),
+        [fields["with_prior_preservation"], fields["preset"], fields["learning_rate"], fields["text_encoder_lr"],
+         fields["uncond_preservation_weight"]], [fields["uncond_preservation_weight"], outs["status"]], queue=False,
+        api_visibility="private")
     gr.on([trigger.blur, trigger.submit, ins["class_noun"].blur, ins["class_noun"].submit],
           lambda *a: to_components(h.prompts(*a)), key, prompt_outs, queue=False, api_visibility="private")
     suggest.click(on_suggest, [trigger, fields["preset"],

@@ -62,7 +62,7 @@ class TrainConfig:
     # What a class image's prediction is pulled to: "images" = the noise that noised it (DreamBooth, Ruiz et al.
     # 2023 eq. 2); "base" = the frozen base model's own prediction for the same noisy latent and class prompt
     # (LoRA only). The base prediction is what eq. 2's prior term converges to over infinitely many class images,
-    # so it is the same target without the sampling noise of a few dozen images (see engine.train.math).
+    # so it is the same target without the sampling noise of a few dozen images (engine.train.loop).
     prior_target: str = "images"
     num_class_images: int = 100
     resolution: int = 0  # 0: the base model's native size

@@ -257,7 +257,10 @@ def forward_loss(run: Run, batch: dict, te_on: bool) -> torch.Tensor:
 def base_prior_target(run: Run, target: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor,
                       ids: torch.Tensor) -> torch.Tensor:
     """The class half of the batch (the second, see dreambooth_loss) gets the frozen base model's prediction as its
-    target (TrainConfig.prior_target "base"), computed with every LoRA layer bypassed."""
+    target (TrainConfig.prior_target "base"), computed with every LoRA layer bypassed. DreamBooth's prior term
+    (Ruiz et al. 2023, eq. 2) pulls it to the noise of one class sample; its minimiser over all of the base model's
+    samples is E[noise | noisy latent, prompt], which the base model's prediction approximates (it was trained to
+    be that expectation), given here directly."""
     acc, tr, half = run.setup.acc, run.trainable, noisy.shape[0] // 2
     with torch.no_grad(), acc.autocast(), adapters_off(acc.unwrap_model(tr.unet)) as base_unet:
         if run.setup.cfg.train_text_encoder:  # its LoRA bypassed too, also after text_encoder_stop_fraction
