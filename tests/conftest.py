@@ -36,7 +36,9 @@ def pytest_collection_modifyitems(config, items):
     group = lambda it: "trained-demo-loras" if it.module.__name__ in shared else it.module.__name__  # noqa: E731
     for item in items:
         item.add_marker(pytest.mark.xdist_group(group(item)))
-    items.sort(key=lambda it: it.module.__name__ not in shared)  # stable: the shared group first
+    # stable: the shared group first, then the longest single file (its own prior LoRA, ~9 min), so the other
+    # worker starts it at once
+    items.sort(key=lambda it: (it.module.__name__ not in shared, it.module.__name__ != "tests.test_prior_learning"))
 
 
 ROOT = Path(__file__).resolve().parents[1]

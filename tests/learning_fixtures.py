@@ -19,7 +19,7 @@ from engine.train.loop import train
 from scripts.learning_table import EXAMPLES, TOKEN, Probe, train_concept
 
 # The expensive ones (minutes each); quick_subject (20 steps) is cheap enough to train once per worker.
-TRAINED = ("subject_prior", "subject_no_prior", "style_lora", "feedback_subject")
+TRAINED = ("subject_no_prior", "style_lora", "feedback_subject")  # subject_prior: one file, see conftest
 
 
 @pytest.fixture(scope="session")

@@ -13,13 +13,12 @@ import pytest
 from engine.demo import world as W
 from engine.models.loading import DEMO_MODEL
 from engine.styles.store import publish
-from scripts.learning_table import CLASS_PROMPT, TOKEN, shape_accuracy, styled
+from scripts.learning_table import TOKEN, styled
 
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(), reason="demo model not built")
 # The threshold tests carry the `learning` marker: `python -m pytest -m learning` runs just them (~6 min on 2 cores).
 # The full concept x metric table (every held-out shape and texture) is tests/test_learning_table.py.
 learning = pytest.mark.learning
-PRIOR_SETS = (6, 16, 26)  # seeds of scripts/learning_table.shape_accuracy: three sets of 48 non-token prompts
 
 
 def _colour_prompts(template: str, n: int = 16, seed: int = 5):
@@ -42,37 +41,6 @@ def test_learns_a_subject(probe, subject_no_prior):
     assert rate(before) <= 0.10
     assert rate(after) >= 0.80
     assert colours >= 0.80
-
-
-@learning
-def test_prior_preservation_protects_the_class(probe, subject_prior, subject_no_prior):
-    """Same data and seeds with and without class priors, the class prompts derived automatically from the
-    captions (engine.core.captions.class_prompts_from_captions): the class prompt itself turns into the subject far
-    less often with them, and non-token prompts keep >= 0.90 of the base model's shape accuracy, by more than one
-    image, on three sets of 48 prompts together. (Class prompts that also name colours drift either way, printed.)"""
-    coloured, _ = _colour_prompts("a photo of a shape in {fg} on a {bg} background", seed=9)
-    n = 48
-    probe.use(None)
-    base_acc = {s: shape_accuracy(probe, n, seed=s) for s in PRIOR_SETS}
-    drift, drift_coloured = {}, {}
-    heart = lambda preds: float(np.mean([p["shape"] == "heart" for p in preds]))  # noqa: E731
-    for name, lora in (("prior", subject_prior), ("no prior", subject_no_prior)):
-        probe.use(lora)
-        drift[name] = heart(probe.predict([CLASS_PROMPT] * 32, seed0=200))
-        drift_coloured[name] = heart(probe.predict(coloured))
-    probe.use(subject_prior)
-    acc = {s: shape_accuracy(probe, n, seed=s) for s in PRIOR_SETS}
-    right = lambda a: round(sum(a.values()) * n)  # noqa: E731
-    print(f"'{CLASS_PROMPT}' -> heart: {drift}; with colours: {drift_coloured}; right shapes of {n} non-token "
-          f"prompts per set {PRIOR_SETS}: base {[round(v * n) for v in base_acc.values()]}, with priors "
-          f"{[round(v * n) for v in acc.values()]}")
-    assert drift["prior"] <= drift["no prior"] - 0.25
-    # Issue 14's acceptance, on 3 x 48 prompts (one set of 48 passed where two others did not, 2026-11-28).
-    # Measured 2026-11-28 (README "What training learns"): base 130 of 144, with priors 120 (needed > 118); the
-    # same recipe at training seeds 1 / 2 kept 110 / 115, so this holds for the fixture's seed, not for every seed.
-    assert right(acc) - 0.9 * right(base_acc) > 1.0, (
-        f"non-token prompts with priors: {right(acc)} right shapes vs base {right(base_acc)} of {n * len(PRIOR_SETS)}: "
-        f"needs 0.90 of base with more than one image to spare")
 
 
 @learning
