@@ -315,7 +315,7 @@ def demo_settings(kind: str, prior: bool = False) -> dict[str, Any]:
         # high-noise end decides the shape; the low-noise end is left to the base model) with the encoder frozen
         # 0.62 / 0.94 / 0.75. A frozen text encoder also stops the LoRA from re-encoding prompts that do not
         # use the trigger: with prior preservation, non-token shape accuracy 38 -> 40 of 48
-        # (tests/test_learning.py::test_prior_preservation_protects_the_class). The examples' colours moved star
+        # (tests/test_prior_learning.py::test_prior_preservation_protects_the_class). The examples' colours moved star
         # most (scripts/make_examples.py SUBJECT_SCENES). Star / arrow still failed on the report and fresh sets at
         # 300 steps, rank 8 (0.66 / 0.72, 0.69 / 0.78); 500 steps at rank 16, tune / report / fresh: star 1.00 /
         # 0.94 / 0.78, arrow 0.91 / 0.97 / 0.88, bolt still ~0.77 (README "Every held-out concept"). ~1.5x the CPU.
