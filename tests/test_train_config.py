@@ -145,8 +145,8 @@ def test_suggest_trigger_token_on_clip_vocabulary():
 
 def test_every_field_is_read_by_the_trainer():
     """A GUI setting the trainer silently ignores is the anti-pattern this guards against."""
-    source = "".join((ROOT / "engine" / "train" / f).read_text() for f in ("loop.py", "state.py", "data.py", "output.py",
-                                                                             "evaluate.py", "checkpoints.py", "full.py"))
+    files = ("loop.py", "prepare.py", "state.py", "data.py", "output.py", "evaluate.py", "checkpoints.py", "full.py")
+    source = "".join((ROOT / "engine" / "train" / f).read_text() for f in files)
     unread = [f for f in field_names() if f != "instance_images" and not re.search(rf"\bcfg\.{f}\b", source)]
     assert unread == []
     assert "cfg.instance_images" in source

@@ -15,8 +15,8 @@ from gradio.utils import get_upload_folder
 
 from engine.core.captions import read_captions
 from engine.core.config import ConfigError, load_toml
-from engine.core.train_config import (TRIGGER_CANDIDATES, TrainConfig, demo_settings, field_names, presets,
-                                      rates_for_method, save_train_config)
+from engine.core.train_config import (TRIGGER_CANDIDATES, TrainConfig, demo_settings, field_names, lora_rates,
+                                      presets, rates_for_method, save_train_config)
 
 from .forms import whole_numbers
 
@@ -167,9 +167,8 @@ class FormHandlers:
             raise gr.Error(f"unknown preset {kind!r}; choose subject or style")
         if kind == "style":  # the demo style keeps the empty prompt with or without priors
             return {}
-        demo = {**presets(kind), **demo_settings(kind)}
         try:
-            is_demo = (float(learning_rate), float(text_encoder_lr)) == (demo["learning_rate"], demo["text_encoder_lr"])
+            is_demo = (float(learning_rate), float(text_encoder_lr)) == lora_rates(kind, "demo")
             want = demo_settings(kind, prior=bool(on))["uncond_preservation_weight"]
             if not is_demo or float(uncond_preservation_weight or 0) == want:
                 return {}

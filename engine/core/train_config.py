@@ -377,7 +377,8 @@ def field_names() -> list[str]:
 FULL_FT_RATES = {"sd": (5e-6, 2e-6), "demo": (3e-5, 3e-5)}
 
 
-def _lora_rates(kind: str, model: str) -> tuple[float, float]:
+def lora_rates(kind: str, model: str) -> tuple[float, float]:
+    """The LoRA learning rates (UNet, text encoder) of a preset on Stable Diffusion ("sd") or the demo model."""
     p = presets(kind) if model == "sd" else {**presets(kind), **demo_settings(kind)}
     return p["learning_rate"], p["text_encoder_lr"]
 
@@ -388,7 +389,7 @@ def rates_for_method(method: str, kind: str, learning_rate: float, text_encoder_
     _check(method in METHODS, f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     _check(kind in PRESETS, f"unknown preset {kind!r}; choose one of: {', '.join(PRESETS)}")
     for model, full in FULL_FT_RATES.items():
-        old, new = (_lora_rates(kind, model), full) if method == "full" else (full, _lora_rates(kind, model))
+        old, new = (lora_rates(kind, model), full) if method == "full" else (full, lora_rates(kind, model))
         if (learning_rate, text_encoder_lr) == old:
             return {"learning_rate": new[0], "text_encoder_lr": new[1]}
     return None
