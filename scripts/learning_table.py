@@ -48,6 +48,7 @@ THRESHOLDS = {"recognised": 0.80, "colours": 0.90, "styled": 0.70}  # "textured"
 PLAIN_BACKGROUND = 0.8  # W.plain_background of the prompt's bg colour: the style went on the shape, not around it
 STYLE_SHAPES_UNSEEN = ("ring", "cross")  # train shapes that no texture example shows
 SEED_SETS = {"tune": (7, 300), "report": (8, 400), "fresh": (9, 500)}  # (colour-pair seed, first image seed)
+PRIOR_SETS = (6, 16, 26)  # seeds of shape_accuracy: the prior-preservation test's three sets of 48 prompts
 
 
 def kind_of(concept: str) -> str:

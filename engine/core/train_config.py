@@ -254,8 +254,8 @@ def presets(kind: str, *, token: str = TRIGGER_CANDIDATES[0], class_noun: str = 
     prompts: the captions with the trigger replaced by `class_members` (default: the class noun itself), see
     engine.core.captions.class_prompts_from_captions, and num_class_images 4 per prompt; the class images' target
     is the base model's prediction (`prior_target` "base"). On the demo model (heart, 3 sets of 48 non-token
-    prompts) that kept 115-120 of the base's 130 right shapes where 12 prompts x 8 images with DreamBooth's noise
-    target kept 107 (README "What training learns").
+    prompts, with the demo subject settings) that kept 110-120 of the base's 130 right shapes over five training
+    seeds where 12 prompts x 8 images with DreamBooth's noise target kept 107 (README "What training learns").
 
     Subject: "a photo of {token} {class}", LoRA on attention, feed-forward and convolutions (the shape of a thing
     lives in the convolutions). Class-prior preservation (Ruiz et al. 2023) is offered but off: a LoRA leaves the
@@ -320,8 +320,9 @@ def demo_settings(kind: str, prior: bool = False) -> dict[str, Any]:
         # 300 steps, rank 8 (0.66 / 0.72, 0.69 / 0.78); 500 steps at rank 16, tune / report / fresh: star 1.00 /
         # 0.94 / 0.78, arrow 0.91 / 0.97 / 0.88, bolt still ~0.77 (README "Every held-out concept"). ~1.5x the CPU.
         # With prior preservation, non-token prompts (3 x 48, README) kept 111 of the base's 130 right shapes
-        # (training seed 0; seed 1: 89) and 120 / 110 / 115 (seeds 0 / 1 / 2) once the empty prompt's prediction
-        # was held to the base model's too: classifier-free guidance multiplies any drift of e_c - e_u by 5.
+        # (training seed 0; seed 1: 89) and 120 / 110 / 115 / 116 / 118 (seeds 0-4, scripts/prior_seeds.py) once the
+        # empty prompt's prediction was held to the base model's too: classifier-free guidance multiplies any drift
+        # of e_c - e_u by 5.
         return dict(common, learning_rate=1e-3, max_train_steps=500, lora_rank=16, lora_alpha=16,
                     train_text_encoder=False, min_timestep=300, uncond_preservation_weight=5.0 if prior else 0.0)
     # Style (scripts/learning_table.py, tune set, 900 steps, textured checkered / tiled / polka; README "Every
