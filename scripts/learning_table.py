@@ -218,6 +218,16 @@ def shape_accuracy(probe, n: int = 48, seed: int = 6) -> float:
     return float(np.mean([p["shape"] == s.shape for p, s in zip(preds, scenes)]))
 
 
+def right_shapes(probe, n: int = 48) -> list[int]:
+    """Right shapes of n non-token prompts in each of PRIOR_SETS: the prior-preservation measure."""
+    return [round(shape_accuracy(probe, n, seed=s) * n) for s in PRIOR_SETS]
+
+
+def class_prompt_heart(probe, n: int = 32) -> float:
+    """How often CLASS_PROMPT ("a photo of a shape") draws the heart (seeds 200+)."""
+    return float(np.mean([p["shape"] == "heart" for p in probe.predict([CLASS_PROMPT] * n, seed0=200)]))
+
+
 @dataclass
 class Row:
     concept: str

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.learning_table import (CLASS_PROMPT, PRIOR_SETS, Probe, _value, measure, shape_accuracy,  # noqa: E402
+from scripts.learning_table import (Probe, _value, class_prompt_heart, measure, right_shapes,  # noqa: E402
                                     train_concept)
 
 
@@ -43,16 +43,16 @@ def main() -> None:
     probe = Probe(base, DemoChecker.load())
     if args.base:
         probe.use(None)
-        print("base", [round(shape_accuracy(probe, 48, seed=s) * 48) for s in PRIOR_SETS], flush=True)
+        print("base", right_shapes(probe), flush=True)
     with tempfile.TemporaryDirectory(prefix="prior-seeds-") as tmp:
         for seed in args.seeds:
             t0 = time.time()
             lora = train_concept(base, "heart", args.workdir or Path(tmp), prior=True,
                                  overrides={**overrides, "seed": seed})
             probe.use(lora)
-            right = [round(shape_accuracy(probe, 48, seed=s) * 48) for s in PRIOR_SETS]
+            right = right_shapes(probe)
             heart = measure(probe, lora, "heart", "tune")["recognised"]
-            drift = sum(p["shape"] == "heart" for p in probe.predict([CLASS_PROMPT] * 32, seed0=200)) / 32
+            drift = class_prompt_heart(probe)
             print(json.dumps({"seed": seed, "overrides": overrides, "right": right, "total": sum(right),
                               "heart": heart, "class_prompt_heart": drift, "wall_s": round(time.time() - t0)}),
                   flush=True)

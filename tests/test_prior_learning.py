@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine.models.loading import DEMO_MODEL
-from scripts.learning_table import CLASS_PROMPT, PRIOR_SETS, shape_accuracy
+from scripts.learning_table import CLASS_PROMPT, PRIOR_SETS, class_prompt_heart, right_shapes
 from tests.test_learning import _colour_prompts
 
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(), reason="demo model not built")
@@ -22,21 +22,18 @@ def test_prior_preservation_protects_the_class(probe, subject_prior):
     coloured, _ = _colour_prompts("a photo of a shape in {fg} on a {bg} background", seed=9)
     n = 48
     probe.use(None)
-    base_acc = {s: shape_accuracy(probe, n, seed=s) for s in PRIOR_SETS}
-    heart = lambda preds: float(np.mean([p["shape"] == "heart" for p in preds]))  # noqa: E731
+    base = right_shapes(probe, n)
     probe.use(subject_prior)
-    drift = heart(probe.predict([CLASS_PROMPT] * 32, seed0=200))
-    drift_coloured = heart(probe.predict(coloured))
-    acc = {s: shape_accuracy(probe, n, seed=s) for s in PRIOR_SETS}
-    right = lambda a: round(sum(a.values()) * n)  # noqa: E731
+    drift = class_prompt_heart(probe)
+    drift_coloured = float(np.mean([p["shape"] == "heart" for p in probe.predict(coloured)]))
+    acc = right_shapes(probe, n)
     print(f"'{CLASS_PROMPT}' -> heart: {drift}; with colours: {drift_coloured}; right shapes of {n} non-token "
-          f"prompts per set {PRIOR_SETS}: base {[round(v * n) for v in base_acc.values()]}, with priors "
-          f"{[round(v * n) for v in acc.values()]}")
+          f"prompts per set {PRIOR_SETS}: base {base}, with priors {acc}")
     assert drift <= 0.25  # measured 0.00 (without priors 1.00)
     # Issue 14's acceptance, on 3 x 48 prompts (one set of 48 passed where two others did not, 2026-11-28).
     # Measured 2026-11-28 (README "What training learns"): base 130 of 144, with priors 120 (needed > 118); the
     # same recipe at training seeds 1-4 kept 110 / 115 / 116 / 118 (scripts/prior_seeds.py), so this holds for the
     # fixture's seed, not for every seed.
-    assert right(acc) - 0.9 * right(base_acc) > 1.0, (
-        f"non-token prompts with priors: {right(acc)} right shapes vs base {right(base_acc)} of {n * len(PRIOR_SETS)}: "
+    assert sum(acc) - 0.9 * sum(base) > 1.0, (
+        f"non-token prompts with priors: {sum(acc)} right shapes vs base {sum(base)} of {n * len(PRIOR_SETS)}: "
         f"needs 0.90 of base with more than one image to spare")

@@ -14,7 +14,6 @@ from engine.train import checkpoints as ck
 from engine.train.data import DreamBoothData, EpochSampler
 from engine.train.state import Data, Models, Setup, Trainable, adapters_off, enter_train_mode
 
-# ---- 0..4: accelerator, load, LoRA, priors, data -----------------------------------------------------------------
 
 def step0_accelerator(cfg: TrainConfig, run_dir: Path, emit):
     """Accelerator with mixed precision and trackers writing under the run folder."""
