@@ -232,6 +232,11 @@ def main() -> None:
                          "tokens; 0: the basic adapter (4 tokens from the pooled embedding)")
     ap.add_argument("--style-fraction", type=float, default=0.75,
                     help="share of steps with InstantStyle's style-only block scales on (style pairs)")
+    ap.add_argument("--unet-lr", type=float, default=0.0,
+                    help="experiment: also train the UNet's own weights at this rate (saved to OUT/unet; the "
+                         "adapter then only works with that UNet); 0 (default): frozen, as IP-Adapter")
+    ap.add_argument("--image-dropout", type=float, default=0.1,
+                    help="share of samples with the unconditional image condition (for classifier-free guidance)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -275,8 +280,11 @@ def main() -> None:
     adapter_params += style_params + content_params
     for p in adapter_params:
         p.requires_grad_(True)
-    params = adapter_params + list(enc.parameters())
+    trained = {id(p) for p in adapter_params}
+    unet_params = [p.requires_grad_(True) for p in unet.parameters() if id(p) not in trained] if a.unet_lr else []
+    params = adapter_params + list(enc.parameters()) + unet_params
     groups = [{"params": adapter_params, "lr": a.lr}, {"params": list(enc.parameters()), "lr": a.lr * 0.3}]
+    groups += [{"params": unet_params, "lr": a.unet_lr}] if unet_params else []
     print(f"trainable: adapter {sum(p.numel() for p in adapter_params):,} + encoder "
           f"{sum(p.numel() for p in enc.parameters()):,} params", flush=True)
     opt = torch.optim.AdamW(groups, weight_decay=1e-2)
@@ -310,7 +318,7 @@ def main() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             emb, uncond = image_condition(enc, clip_pixels(refs), plus)
             # 10% image dropout to the unconditional image condition diffusers uses for CFG
-            keep = (torch.rand(a.batch, generator=g) > 0.1).view(-1, *[1] * (emb.dim() - 1))
+            keep = (torch.rand(a.batch, generator=g) > a.image_dropout).view(-1, *[1] * (emb.dim() - 1))
             emb = torch.where(keep, emb.float(), uncond.float())
             pred = unet(noisy, t, cond, added_cond_kwargs={"image_embeds": [emb[:, None]]}).sample
         per = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
@@ -336,6 +344,11 @@ def main() -> None:
     from safetensors.torch import save_file
     save_file(export_state(unet), str(a.out / "ip_adapter.safetensors"))
     enc.save_pretrained(a.out / "image_encoder", safe_serialization=True)
+    if unet_params:  # the UNet's own weights only (the adapter's layers are in ip_adapter.safetensors)
+        plain = UNet2DConditionModel.from_pretrained(a.base / "unet")
+        keys = plain.state_dict().keys()
+        plain.load_state_dict({k: v for k, v in unet.state_dict().items() if k in keys})
+        plain.save_pretrained(a.out / "unet", safe_serialization=True)
     (a.out / "training.json").write_text(json.dumps(
         {"steps_done": step + 1, "seconds": round(seconds), "final_loss": float(np.mean(losses[-50:])),
          "batch": a.batch, "lr": a.lr, "seed": a.seed, "threads": a.threads, "vision_config": vision,
@@ -343,7 +356,7 @@ def main() -> None:
                       "hand_written_share": 0.2, "procedural": len(family.family), "procedural_share": 0.6},
          "held_out": list(W.HELD_OUT_TEXTURES), "family_rejected": family.rejected,
          "nearest_hamming_distance": {k: round(v, 4) for k, v in family.nearest.items()},
-         "style_fraction": a.style_fraction,
+         "style_fraction": a.style_fraction, "unet_lr": a.unet_lr, "image_dropout": a.image_dropout,
          "image_proj": f"plus ({a.plus_tokens} tokens)" if plus else "basic (4 tokens)", "style_blocks": list(style_blocks)}, indent=1))
     print(f"done: {step+1} steps in {seconds:.0f}s -> {a.out}", flush=True)
 
