@@ -44,8 +44,8 @@ def example_latents(c, images) -> torch.Tensor:
     return (z - (c.vae.config.shift_factor or 0)) * c.vae.config.scaling_factor
 
 
-def text_message(c, captions, lr):
-    """Textual inversion: returns (parameters, condition(step) -> (encoder states, added kwargs), after-step hook)."""
+def text_message(c, captions):
+    """Textual inversion: (parameters, condition() -> (encoder states, added kwargs), after-step hook)."""
     emb = c.text_encoder.get_input_embeddings()
     row = c.tokenizer.convert_tokens_to_ids(LT.TOKEN + "</w>")
     frozen = emb.weight.detach().clone()
@@ -62,6 +62,7 @@ def text_message(c, captions, lr):
 
 
 def adapter_message(c, images, captions):
+    """The image embedding of the demo IP-Adapter (every block, strength 1); captions without the trigger."""
     from PIL import Image
 
     from engine.generate.sampler import encode_prompts
@@ -111,7 +112,7 @@ def main() -> None:
         m.requires_grad_(False)
     images, captions = LT.example_files(a.concept)
     z = example_latents(c, images)
-    params, condition, after_step = (text_message(c, captions, a.lr) if a.via == "text"
+    params, condition, after_step = (text_message(c, captions) if a.via == "text"
                                      else adapter_message(c, images, captions))
     sched = DDPMScheduler.from_config(c.scheduler.config)
     opt = torch.optim.Adam(params, lr=a.lr)
