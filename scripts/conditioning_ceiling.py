@@ -44,6 +44,10 @@ def example_latents(c, images) -> torch.Tensor:
     return (z - (c.vae.config.shift_factor or 0)) * c.vae.config.scaling_factor
 
 
+def without_trigger(captions) -> list[str]:
+    return [cap.replace(LT.TOKEN + " ", "") for cap in captions]
+
+
 def text_message(c, captions):
     """Textual inversion: (parameters, condition() -> (encoder states, added kwargs), after-step hook)."""
     emb = c.text_encoder.get_input_embeddings()
@@ -75,7 +79,7 @@ def adapter_message(c, images, captions):
     c.unet.requires_grad_(False)
     e = torch.nn.Parameter(combine_embeds(adapter.embed([Image.open(p).convert("RGB") for p in images[:2]])))
     with torch.no_grad():
-        enc = encode_prompts(c, [cap.replace(LT.TOKEN + " ", "") for cap in captions])
+        enc = encode_prompts(c, without_trigger(captions))
     return [e], lambda: (enc, {"image_embeds": [e.unsqueeze(1).expand(len(enc), 1, -1)]}), lambda: None
 
 
@@ -129,7 +133,7 @@ def main() -> None:
     with torch.no_grad():
         states, added = condition()
     image_embeds = added["image_embeds"][0][:1, 0].detach() if added else None
-    prefix = "" if image_embeds is not None else f"{LT.TOKEN} "
+    prefix = "" if image_embeds is not None else f"{LT.TOKEN} "  # instant style: no trigger in the prompt
     checker = DemoChecker.load()
 
     def draw(prompts, seed0):
@@ -138,17 +142,13 @@ def main() -> None:
                          image_embeds=image_embeds)
         return [np.asarray(im) for im in to_pil(out)]
 
-    ex = [(captions if prefix else [cap.replace(LT.TOKEN + " ", "") for cap in captions])[i % 4] for i in range(32)]
+    ex = [(captions if prefix else without_trigger(captions))[i % 4] for i in range(32)]
     row = {"concept": a.concept, "via": a.via, "base": a.base, "steps": a.steps, "lr": a.lr,
            "fit_s": round(time.time() - t0),
            "examples": float(np.mean([p["texture"] == a.concept for p in checker.predict(draw(ex, 300))]))}
     for s in a.sets.split(","):
-        pair_seed, seed0 = LT.SEED_SETS[s]
-        index = (W.HELD_OUT_SHAPES + W.HELD_OUT_TEXTURES).index(a.concept)
-        pairs = LT.new_colour_pairs(a.concept, 32, pair_seed + 1000 * index)  # the table's own prompts
-        shapes = [LT.STYLE_SHAPES_UNSEEN[i % len(LT.STYLE_SHAPES_UNSEEN)] for i in range(32)]
-        prompts = [f"a {prefix}{sh} in {fg} on a {bg} background" for sh, (fg, bg) in zip(shapes, pairs)]
-        row[s] = rates(checker, a.concept, draw(prompts, seed0), shapes, [bg for _, bg in pairs])
+        prompts, shapes, backgrounds, seed0 = LT.style_prompts(a.concept, s, token=prefix.strip())
+        row[s] = rates(checker, a.concept, draw(prompts, seed0), shapes, backgrounds)
     print(json.dumps(row), flush=True)
     if a.save and a.via == "text":
         import shutil

@@ -187,20 +187,35 @@ def new_colour_pairs(concept: str, n: int, seed: int) -> list[tuple[str, str]]:
     return out
 
 
+def table_pairs(concept: str, seed_set: str, n: int = 32) -> tuple[list[tuple[str, str]], int]:
+    """The table's (fg, bg) colour pairs for `concept` on a seed set, and the set's first image seed."""
+    pair_seed, seed0 = SEED_SETS[seed_set]
+    index = (W.HELD_OUT_SHAPES + W.HELD_OUT_TEXTURES).index(concept)
+    return new_colour_pairs(concept, n, pair_seed + 1000 * index), seed0
+
+
+def style_prompts(concept: str, seed_set: str, n: int = 32, token: str = TOKEN):
+    """The table's style prompts (a shape no example shows, new colours): prompts, shapes, backgrounds, first seed.
+    `token` "" leaves the trigger out (instant style: the reference image brings the texture)."""
+    pairs, seed0 = table_pairs(concept, seed_set, n)
+    shapes = [STYLE_SHAPES_UNSEEN[i % len(STYLE_SHAPES_UNSEEN)] for i in range(n)]
+    word = f"{token} " if token else ""
+    prompts = [f"a {word}{s} in {fg} on a {bg} background" for s, (fg, bg) in zip(shapes, pairs)]
+    return prompts, shapes, [bg for _, bg in pairs], seed0
+
+
 def measure(probe, lora: Path | None, concept: str, seed_set: str = "report", n: int = 32) -> dict[str, float]:
     """The concept's metrics (see module doc) for `lora` (None: the base model, the "before" column)."""
-    pair_seed, seed0 = SEED_SETS[seed_set]
-    pairs = new_colour_pairs(concept, n, pair_seed + 1000 * (W.HELD_OUT_SHAPES + W.HELD_OUT_TEXTURES).index(concept))
     probe.use(lora)
     if kind_of(concept) == "subject":
+        pairs, seed0 = table_pairs(concept, seed_set, n)
         preds = probe.predict([f"a photo of {TOKEN} shape in {fg} on a {bg} background" for fg, bg in pairs], seed0)
         return {"recognised": float(np.mean([p["shape"] == concept for p in preds])),
                 "colours": float(np.mean([p["fg"] == fg and p["bg"] == bg for p, (fg, bg) in zip(preds, pairs)]))}
-    shapes = [STYLE_SHAPES_UNSEEN[i % len(STYLE_SHAPES_UNSEEN)] for i in range(n)]
-    images = probe.generate([f"a {TOKEN} {s} in {fg} on a {bg} background" for s, (fg, bg) in zip(shapes, pairs)],
-                            seed0)
+    prompts, shapes, backgrounds, seed0 = style_prompts(concept, seed_set, n)
+    images = probe.generate(prompts, seed0)
     preds = probe.checker.predict(images)
-    return {"styled": float(np.mean(styled(concept, preds, images, shapes, [bg for _, bg in pairs]))),
+    return {"styled": float(np.mean(styled(concept, preds, images, shapes, backgrounds))),
             "textured": float(np.mean([p["texture"] == concept for p in preds]))}
 
 
