@@ -143,6 +143,7 @@ class Probe:
         from engine.styles.adapters import AdapterCache
 
         self.base, self.checker, self.guidance = base, checker, guidance
+        self.on_step_start = None  # a diagnostic hook for the sampler (scripts/prior_leak_steps.py)
         self.cache = AdapterCache(base.components)
         self.names: dict[Path, str] = {}
 
@@ -160,7 +161,8 @@ class Probe:
         from engine.generate.sampler import sample, to_pil
 
         imgs = sample(self.base.components, prompts, [""] * len(prompts), [seed0 + i for i in range(len(prompts))],
-                      num_inference_steps=20, guidance_scale=self.guidance, scheduler="dpmpp_2m")
+                      num_inference_steps=20, guidance_scale=self.guidance, scheduler="dpmpp_2m",
+                      on_step_start=self.on_step_start)
         return [np.asarray(im) for im in to_pil(imgs)]
 
     def predict(self, prompts, seed0=0):
@@ -225,11 +227,16 @@ def styled(texture: str, preds, images, shapes, backgrounds) -> list[bool]:
             for p, im, s, bg in zip(preds, images, shapes, backgrounds)]
 
 
-def shape_accuracy(probe, n: int = 48, seed: int = 6) -> float:
-    """Non-token prompts ("a red circle on a blue background"): how often the checker sees the prompted shape."""
+def non_token_predictions(probe, n: int = 48, seed: int = 6) -> tuple[list, list[dict]]:
+    """Non-token prompts ("a red circle on a blue background"): their scenes and the checker's predictions."""
     rng = random.Random(seed)
     scenes = [W.random_scene(rng, W.TRAIN_SHAPES, ("solid",)) for _ in range(n)]
-    preds = probe.predict([W.prompt_for(s.shape, s.fg, s.bg) for s in scenes], seed0=100)
+    return scenes, probe.predict([W.prompt_for(s.shape, s.fg, s.bg) for s in scenes], seed0=100)
+
+
+def shape_accuracy(probe, n: int = 48, seed: int = 6) -> float:
+    """Non-token prompts: how often the checker sees the prompted shape."""
+    scenes, preds = non_token_predictions(probe, n, seed)
     return float(np.mean([p["shape"] == s.shape for p, s in zip(preds, scenes)]))
 
 

@@ -6,7 +6,7 @@ heart recognised on the tune set, and how often "a photo of a shape" turns into 
 The test trains one seed (0); one seed's numbers move by up to 5 images per set from seed to seed (README "What
 training learns"), so a recipe is compared here over several.
 
-    python scripts/prior_seeds.py --seeds 0 1 2 3 4 [--override uncond_preservation_weight=10]
+    python scripts/prior_seeds.py --seeds 0 1 2 3 4 [--override uncond_preservation_weight=10] [--base DIR]
 
 About 5 CPU minutes per seed on one thread (training ~140 s, 176 images generated and checked).
 """
@@ -35,13 +35,14 @@ def main() -> None:
     ap.add_argument("--override", action="append", default=[], metavar="FIELD=JSON",
                     help="a TrainConfig field for every run, e.g. prior_loss_weight=2")
     ap.add_argument("--workdir", type=Path, help="keep the runs (and the shared class images) here")
-    ap.add_argument("--base", action="store_true", help="also measure the base model's right shapes")
+    ap.add_argument("--base", default="", help="a diffusers folder to train on (default: the bundled demo model)")
+    ap.add_argument("--measure-base", action="store_true", help="also measure the base model's right shapes")
     args = ap.parse_args()
     torch.set_num_threads(1)
     overrides = {k: _value(v) for k, v in (o.split("=", 1) for o in args.override)}
-    base = load_base_model(None)
+    base = load_base_model(args.base or None)
     probe = Probe(base, DemoChecker.load())
-    if args.base:
+    if args.measure_base:
         probe.use(None)
         print("base", right_shapes(probe), flush=True)
     with tempfile.TemporaryDirectory(prefix="prior-seeds-") as tmp:
