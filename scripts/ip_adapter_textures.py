@@ -129,6 +129,14 @@ def distance_to_any_checkerboard(mask32: np.ndarray) -> float:
     return min(_distance(mask32, checkerboard_pixels(h, w, 32 + PAD)) for h in range(1, 5) for w in range(1, 5))
 
 
+def held_out_distances(mask32: np.ndarray) -> dict[str, float]:
+    """The geometry guard's distances of a 32x32 pattern: to each held-out texture and to any checkerboard; a
+    pattern is held out when the smallest is below MIN_DISTANCE."""
+    d = {t: distance_to(mask32, t) for t in W.HELD_OUT_TEXTURES}
+    d["any checkerboard"] = distance_to_any_checkerboard(mask32)
+    return d
+
+
 def descriptor(mask: np.ndarray) -> np.ndarray:
     """What the image encoder's warm-up regresses for a texture: its coverage and the autocorrelation of the +-1
     pattern at shifts dy 0..6, dx -6..6 (the second-order statistics that texture synthesis matches, after
@@ -172,8 +180,7 @@ class TextureFamily:
                                                                           *self.family)}
 
     def _admit(self, name, m, checker, rng, tile=None) -> bool:
-        d = {t: distance_to(m, t) for t in W.HELD_OUT_TEXTURES}
-        d["any checkerboard"] = distance_to_any_checkerboard(m)
+        d = held_out_distances(m)
         if min(d.values()) < MIN_DISTANCE:
             self.rejected["geometry"] += 1
             return False

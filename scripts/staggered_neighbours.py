@@ -25,8 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.demo import world as W  # noqa: E402
-from scripts.ip_adapter_textures import (MIN_DISTANCE, TextureFamily, distance_to,  # noqa: E402
-                                         distance_to_any_checkerboard, tile_pixels)
+from scripts.ip_adapter_textures import MIN_DISTANCE, TextureFamily, held_out_distances, tile_pixels  # noqa: E402
 
 RECTS = ((1, 1), (1, 2), (2, 1), (1, 3), (2, 2), (2, 3), (3, 2), (1, 4), (2, 4), (3, 3), (3, 4), (4, 2))
 PLUS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
@@ -46,15 +45,15 @@ def staggered(motif: np.ndarray, py: int, px: int, shift: int) -> np.ndarray | N
 
 
 def candidates() -> dict[str, np.ndarray]:
+    """Every staggered pattern of RECTS and PLUS on cells up to 8 x 8 px, each distinct pattern once."""
+    motifs = [(f"r{h}x{w}", np.ones((h, w), bool)) for h, w in RECTS] + [("plus", PLUS)]
     out, seen = {}, set()
     for py in range(2, 9):
         for px in range(2, 9):
             for shift in sorted({px // 2, 1, px - 1} - {0}):
-                motifs = [(f"r{h}x{w}", np.ones((h, w), bool)) for h, w in RECTS] + [("plus", PLUS)]
                 for name, motif in motifs:
                     tile = staggered(motif, py, px, shift)
-                    key = None if tile is None else tile_pixels(tile, 32).tobytes()
-                    if key is not None and key not in seen:
+                    if tile is not None and (key := tile_pixels(tile, 32).tobytes()) not in seen:
                         seen.add(key)
                         out[f"{name}/{py}x{px}s{shift}"] = tile
     return out
@@ -70,7 +69,7 @@ def main() -> None:
     cands, far, held_out_named = candidates(), 0, Counter()
     for name, tile in cands.items():
         m = tile_pixels(tile, 32)
-        d = min([distance_to(m, t) for t in W.HELD_OUT_TEXTURES] + [distance_to_any_checkerboard(m)])
+        d = min(held_out_distances(m).values())
         if d < MIN_DISTANCE:
             continue
         far += 1
