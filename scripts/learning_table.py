@@ -79,9 +79,9 @@ def config_for(concept: str, *, prior: bool = False, overrides: dict | None = No
     p = {**presets(kind, token=TOKEN, class_noun="shape", captions=captions, class_members=class_members(kind)),
          **demo_settings(kind, prior=prior)}
     p.update(with_prior_preservation=prior, validation_steps=0, report_to="none", checkpointing_steps=10_000,
-             seed=0)
-    p.update(overrides or {})
-    return TrainConfig(instance_images=tuple(str(f) for f in images), instance_captions=captions, **p)
+             seed=0, instance_images=tuple(str(f) for f in images), instance_captions=captions)
+    p.update(overrides or {})  # may replace the captions too (a caption-design lever)
+    return TrainConfig(**p)
 
 
 def full_overrides(overrides: dict | None = None) -> dict:

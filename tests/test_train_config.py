@@ -93,19 +93,21 @@ def test_config_hash_ignores_fields_that_do_not_change_weights():
 
 
 def test_fields_added_later_keep_old_checkpoints_resumable():
-    """A checkpoint written before min/max_timestep, caption_dropout, uncond_preservation_weight and prior_target
-    existed hashed every other field: at their "as before" values the hash is the same, so the run resumes after an
+    """A checkpoint written before min/max_timestep, caption_dropout, uncond_preservation_weight, prior_target and
+    onpolicy_prior_weight existed hashed every other field: at their "as before" values the hash is the same, so the run resumes after an
     upgrade; another value is another run (old runs had no prior_target and read as "images", its default)."""
     base = dataclasses.replace(make(), prior_target="images")
     old = {k: v for k, v in dataclasses.asdict(base).items()
            if k not in ("validation_prompts", "validation_steps", "checkpointing_steps", "checkpoints_total_limit",
                         "report_to", "output_name", "eval_seeds", "eval_prompts", "eval_model", "eval_fidelity_floor",
                         "extract_rank", "extract_energy", "min_timestep", "max_timestep", "caption_dropout",
-                        "uncond_preservation_weight", "prior_target")}
+                        "uncond_preservation_weight", "prior_target", "onpolicy_prior_weight")}
     assert config_hash(base) == hashlib.sha256(json.dumps(old, sort_keys=True, default=list).encode()).hexdigest()
     assert config_hash(dataclasses.replace(base, max_timestep=500)) != config_hash(base)
     assert config_hash(dataclasses.replace(base, uncond_preservation_weight=5.0)) != config_hash(base)
     assert config_hash(dataclasses.replace(base, prior_target="base")) != config_hash(base)
+    with_prior = dataclasses.replace(base, with_prior_preservation=True)
+    assert config_hash(dataclasses.replace(with_prior, onpolicy_prior_weight=5.0)) != config_hash(with_prior)
 
 
 class _VocabTokenizer:

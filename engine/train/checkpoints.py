@@ -276,6 +276,7 @@ def gather_blobs(acc, blob: bytes) -> list[bytes]:
 
 
 FULL_WEIGHTS = "weights.safetensors"
+ONPOLICY_FILE = "onpolicy.safetensors"  # the on-policy prior's pool (engine.train.onpolicy)
 
 
 def weights_file(cfg) -> str:
@@ -312,7 +313,8 @@ def save_run(run, warn: Warn) -> Path | None:
             path = save_checkpoint(
                 setup.ckpt_dir, run.counters.step,
                 tensors={weights_file(cfg): lora, "optimizer.safetensors": opt_tensors,
-                         "sampler.safetensors": samp_tensors},
+                         "sampler.safetensors": samp_tensors,
+                         **({ONPOLICY_FILE: dict(data.onpolicy)} if data.onpolicy else {})},
                 blobs={f"rng-rank{r}.safetensors": b for r, b in enumerate(blobs)}, json_files={"state.json": state},
                 manifest_info={"seed": cfg.seed, "epoch": data.sampler.epoch, "config_hash": config_hash(cfg),
                                "dataset_hash": data.dataset_hash, "base_model_fingerprint": run.models.base.fingerprint},
@@ -371,6 +373,8 @@ def restore_run(run, resume: bool, warn: Warn):
             acc.scaler.load_state_dict(state["scaler"])
         data.sampler.load(read_tensors(path / "sampler.safetensors"), state["sampler"])
         restore_rng(path / f"rng-rank{acc.process_index}.safetensors", {"train": data.gen})
+        if cfg.onpolicy_prior_weight > 0:  # the pool the run was drawing from (engine.train.onpolicy)
+            data.onpolicy.update(read_tensors(path / ONPOLICY_FILE))
         counters = Counters.from_json(state)
     except CheckpointError:
         raise

@@ -28,7 +28,7 @@ from engine.core.events import TrainCheckpoint, TrainEvent, TrainLog, TrainProgr
 from engine.core.train_config import TrainConfig
 from engine.jobs import state as jobs
 from engine.train import checkpoints as ck
-from engine.train import full
+from engine.train import full, onpolicy
 from engine.train.evaluate import evaluate_checkpoint
 from engine.train.state import Counters, Run, Setup, adapters_off, trainable_params
 from engine.train.math import (diffusion_target, dreambooth_loss, is_oom, min_snr_weights, offset_noise,
@@ -102,7 +102,28 @@ def forward_loss(run: Run, batch: dict, te_on: bool) -> torch.Tensor:
         with torch.no_grad(), acc.autocast(), adapters_off(acc.unwrap_model(tr.unet)) as base_unet:
             base = base_unet(noisy, t, run.data.base_empty.expand(n, -1, -1), return_dict=False)[0]
         loss = loss + cfg.uncond_preservation_weight * uncond_preservation_mse(pred_empty, base)
+    if cfg.onpolicy_prior_weight > 0:
+        loss = loss + cfg.onpolicy_prior_weight * onpolicy_loss(run, te_on)
     return loss
+
+
+def onpolicy_loss(run: Run, te_on: bool) -> torch.Tensor:
+    """The LoRA model against the base model on its own sampling states of class prompts (engine/train/onpolicy.py),
+    for the class prompt and the empty prompt. Through the unwrapped UNet: a second forward of a DDP module before
+    one backward is refused, and the gradients still reach the same parameters (DDP all-reduces them on backward)."""
+    acc, tr = run.setup.acc, run.trainable
+    x, t, ids = onpolicy.draw(run)
+    x, t = torch.cat([x, x]).to(acc.device), torch.cat([t, t]).to(acc.device)
+    ids = torch.cat([ids, run.data.empty_ids.expand(ids.shape[0], -1)])
+    with acc.autocast():
+        if te_on:
+            enc = tr.te(ids.to(acc.device), return_dict=False)[0]
+        else:  # not through encode_text's cache: the pool's prompts change every draw
+            with torch.no_grad():
+                enc = acc.unwrap_model(tr.te)(ids.to(acc.device), return_dict=False)[0]
+        pred = acc.unwrap_model(tr.unet)(x, t, enc, return_dict=False)[0]
+    base = base_prediction(run, x, t, ids)
+    return torch.nn.functional.mse_loss(pred.float(), base.float())
 
 
 def base_prior_target(run: Run, target: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor,
@@ -112,15 +133,23 @@ def base_prior_target(run: Run, target: torch.Tensor, noisy: torch.Tensor, t: to
     (Ruiz et al. 2023, eq. 2) pulls it to the noise of one class sample; its minimiser over all of the base model's
     samples is E[noise | noisy latent, prompt], which the base model's prediction approximates (it was trained to
     be that expectation), given here directly."""
-    acc, tr, half = run.setup.acc, run.trainable, noisy.shape[0] // 2
-    with torch.no_grad(), acc.autocast(), adapters_off(acc.unwrap_model(tr.unet)) as base_unet:
-        if run.setup.cfg.train_text_encoder:  # its LoRA bypassed too, also after text_encoder_stop_fraction
-            with adapters_off(acc.unwrap_model(tr.te)) as base_te:
-                enc = base_te(ids[half:].to(acc.device), return_dict=False)[0]
-        else:  # a frozen encoder's (cached) outputs are the base model's
-            enc = encode_text(run, ids[half:], False)
-        base = base_unet(noisy[half:], t[half:], enc, return_dict=False)[0]
+    half = noisy.shape[0] // 2
+    base = base_prediction(run, noisy[half:], t[half:], ids[half:], cached=True)
     return torch.cat([target[:half], base.to(target.dtype)])
+
+
+def base_prediction(run: Run, noisy: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, cached: bool = False
+                    ) -> torch.Tensor:
+    """The frozen base model's prediction: every LoRA layer of the UNet and the text encoder bypassed. `cached`: a
+    frozen encoder's outputs come from encode_text's cache (they are the base model's)."""
+    acc, tr = run.setup.acc, run.trainable
+    with torch.no_grad(), acc.autocast(), adapters_off(acc.unwrap_model(tr.unet)) as base_unet:
+        if run.setup.cfg.train_text_encoder or not cached:  # its LoRA bypassed too, also after the stop fraction
+            with adapters_off(acc.unwrap_model(tr.te)) as base_te:
+                enc = base_te(ids.to(acc.device), return_dict=False)[0]
+        else:
+            enc = encode_text(run, ids, False)
+        return base_unet(noisy, t, enc, return_dict=False)[0]
 
 
 def accumulate(run: Run, indices: list[int], te_on: bool) -> torch.Tensor:

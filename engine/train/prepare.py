@@ -120,7 +120,7 @@ def step4_data(setup: Setup, models: Models, class_paths: list[Path], class_capt
                         cache[(kind, i, flip)] = (dist.mean.float(), dist.std.float())
         data.latent_cache = cache
     empty_ids = base_empty = None
-    if cfg.uncond_preservation_weight > 0:  # the base model's unconditional input, computed once for the run
+    if cfg.uncond_preservation_weight > 0 or cfg.onpolicy_prior_weight > 0:  # the base model's empty prompt, once
         from engine.generate.sampler import tokenize
 
         empty_ids = tokenize(c.tokenizer, [""])

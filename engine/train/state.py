@@ -86,10 +86,13 @@ class Data:
     # batch, not per row, so a cached value is bit-identical to computing it again (a batched matmul may round
     # a row differently from the same row alone).
     text_cache: dict = field(default_factory=dict, compare=False, repr=False)
-    # With `uncond_preservation_weight`: the empty prompt's token ids, and its encoding by the base text encoder
-    # (adapters off), made once in step 4 (owner: loop.step4_data; used by loop.forward_loss).
+    # With `uncond_preservation_weight` or `onpolicy_prior_weight`: the empty prompt's token ids, and its encoding
+    # by the base text encoder (adapters off), made once in step 4 (owner: loop.step4_data; used by the loss).
     empty_ids: torch.Tensor | None = field(default=None, compare=False, repr=False)
     base_empty: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # With `onpolicy_prior_weight`: the pool of the LoRA model's own sampling states (owner: engine.train.onpolicy;
+    # saved in checkpoints).
+    onpolicy: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
