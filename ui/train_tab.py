@@ -64,7 +64,7 @@ ADVANCED = [
      ("prior_target", PRIOR_TARGETS, "Prior target",
       {"info": "images: the class images' noise (DreamBooth); base: the base model's prediction (LoRA only)"}),
      ("onpolicy_prior_weight", "float", "Prior on the LoRA's own samples (weight, 0 = off)",
-      {"info": "holds class prompts to the base model mid-sampling; LoRA with priors; ~1.6x time per step"})],
+      {"info": "holds class prompts to the base model mid-sampling; LoRA with priors; ~2.3x work per step"})],
     [("extract_rank", "int", "Extracted LoRA rank (full fine-tuning)", {"minimum": 1}),
      ("extract_energy", "fraction", "…or keep this share of each layer's change (0 = fixed rank)", {})],
     [("checkpointing_steps", "int", "Checkpoint every N steps", {}),

@@ -108,7 +108,7 @@ class TrainConfig:
     # prior preservation's class prompts): every 50 steps 8 class prompts are sampled with the current LoRA, and the
     # middle steps' latents are held to the base model's prediction (engine/train/onpolicy.py; DAgger, Ross et al.
     # 2011). Why: a subject LoRA leaks into other prompts in the middle of sampling, on half-drawn shapes that noised
-    # class images never show. ~1.6x per step on the demo model.
+    # class images never show. About 2.3x the forward passes per step (rollouts included).
     onpolicy_prior_weight: float = 0.0
     max_nonfinite_steps: int = 3  # stop after this many consecutive NaN/Inf steps
     seed: int = 0
