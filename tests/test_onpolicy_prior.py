@@ -3,6 +3,12 @@ the pool holds, that the term starts at zero and changes training only when on, 
 (the pool is part of the checkpoint)."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import safetensors.torch as st
 import torch
@@ -12,6 +18,7 @@ from engine.core.config import ConfigError
 from engine.core.train_config import TrainConfig, presets
 from engine.train import onpolicy
 from tests.test_checkpoints import stop_at
+from tests.test_train_cli import write_run
 from tests.test_training import draw_images, make_config
 
 torch.set_num_threads(1)
@@ -86,3 +93,21 @@ def test_resume_in_the_middle_of_a_pool_is_exact(tiny_sd, tmp_path, monkeypatch)
     assert resumed.losses == straight.losses
     a, b = st.load_file(str(straight.lora_path)), st.load_file(str(resumed.lora_path))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_torchrun_ranks_stay_in_sync(tiny_sd, tmp_path):
+    """Each rank draws its own pool entries (its own generator); the term's gradients, from a forward outside the
+    DDP wrapper, must still be all-reduced, or the ranks' LoRAs would part (the run checks a checksum at the end)."""
+    classes = draw_images(tmp_path / "cls", 2, kind="square")
+    toml = write_run(tmp_path, tiny_sd, lora_alpha=8, with_prior_preservation=True, num_class_images=2,
+                     prior_target="base", onpolicy_prior_weight=5.0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "engine.train", "--config", str(toml), "--run-dir", str(tmp_path / "run"),
+                           "--class-dir", str(Path(classes[0]).parent)],
+                          cwd=env["PYTHONPATH"], env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "identical on 2 ranks" in proc.stdout
+    assert (tmp_path / "run/checkpoints/checkpoint-3" / "onpolicy.safetensors").is_file()
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["steps"] == 3

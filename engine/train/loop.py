@@ -109,8 +109,9 @@ def forward_loss(run: Run, batch: dict, te_on: bool) -> torch.Tensor:
 
 def onpolicy_loss(run: Run, te_on: bool) -> torch.Tensor:
     """The LoRA model against the base model on its own sampling states of class prompts (engine/train/onpolicy.py),
-    for the class prompt and the empty prompt. Through the unwrapped UNet: a second forward of a DDP module before
-    one backward is refused, and the gradients still reach the same parameters (DDP all-reduces them on backward)."""
+    for the class prompt and the empty prompt. Through the unwrapped UNet: DDP prepares its reducer for one forward
+    per backward (the main loss's); autograd sums both graphs' gradients into each parameter before DDP's hook
+    all-reduces it (tests/test_onpolicy_prior.py: two torchrun CPU ranks end in sync although each draws its own)."""
     acc, tr = run.setup.acc, run.trainable
     x, t, ids = onpolicy.draw(run)
     x, t = torch.cat([x, x]).to(acc.device), torch.cat([t, t]).to(acc.device)
