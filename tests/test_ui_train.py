@@ -148,6 +148,9 @@ def test_switching_method_sets_its_learning_rates_and_keeps_the_users_own(h):
     assert base_target["prior_target"] == "images" and "Prior target set" in base_target["status"]
     assert "prior_target" not in h.method("full", "subject", 1e-3, 2e-4, 0.0, "images")
     assert "prior_target" not in h.method("lora", "subject", 3e-5, 3e-5, 0.0, "base")
+    onpolicy = h.method("full", "subject", 1e-3, 2e-4, 0.0, "images", 5.0)  # it needs a LoRA under it too
+    assert onpolicy["onpolicy_prior_weight"] == 0.0 and "own samples\" set to 0" in onpolicy["status"]
+    assert "onpolicy_prior_weight" not in h.method("lora", "subject", 3e-5, 3e-5, 0.0, "images", 5.0)
     with pytest.raises(gr.Error, match="unknown method"):
         h.method("lora; rm -rf /", "subject", 1e-3, 2e-4)
     with pytest.raises(gr.Error, match="unknown preset"):

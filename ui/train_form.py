@@ -132,23 +132,27 @@ class FormHandlers:
 
     @staticmethod
     def method(method: str, kind: str, learning_rate: float, text_encoder_lr: float,
-               uncond_preservation_weight: float = 0.0, prior_target: str = "images") -> dict[str, Any]:
+               uncond_preservation_weight: float = 0.0, prior_target: str = "images",
+               onpolicy_prior_weight: float = 0.0) -> dict[str, Any]:
         """Switching LoRA <-> full fine-tuning: the other method's default learning rates become this one's (a LoRA
         rate would wreck a full fine-tune); rates the user typed are kept, with a note. Full fine-tuning keeps no
-        base model to compare with, so it turns `uncond_preservation_weight` off and the prior target back to the
-        class images, and says so."""
+        base model to compare with, so it turns `uncond_preservation_weight` and `onpolicy_prior_weight` off and the
+        prior target back to the class images, and says so."""
         try:
             rates = rates_for_method(method, kind, float(learning_rate or 0), float(text_encoder_lr or 0))
             uncond_off = method == "full" and float(uncond_preservation_weight or 0) > 0
+            onpolicy_off = method == "full" and float(onpolicy_prior_weight or 0) > 0
         except (ConfigError, TypeError, ValueError) as e:
             raise gr.Error(str(e)) from None
         images = method == "full" and prior_target == "base"
         name = "full fine-tuning" if method == "full" else "LoRA"
         off = {**({"uncond_preservation_weight": 0.0} if uncond_off else {}),
+               **({"onpolicy_prior_weight": 0.0} if onpolicy_off else {}),
                **({"prior_target": "images"} if images else {})}
         note = (" \"Keep the empty prompt's prediction\" set to 0: it needs the base model under a LoRA."
-                if uncond_off else "") + (" Prior target set to the class images: \"base\" needs a LoRA."
-                                          if images else "")
+                if uncond_off else "") + (" \"Prior on the LoRA's own samples\" set to 0: it needs a LoRA."
+                                          if onpolicy_off else "") + (
+            " Prior target set to the class images: \"base\" needs a LoRA." if images else "")
         if rates is None:
             return {**off, "status": f"Method: {name}. Your learning rates are kept; check they suit {name} (full "
                                      f"fine-tuning wants about 20x less than LoRA).{note}"}

@@ -230,9 +230,11 @@ def build_train_tab(engine) -> TrainTab:
                            api_visibility="private")
     fields["method"].input(lambda *a: to_components(h.method(*a)),
                            [fields["method"], fields["preset"], fields["learning_rate"], fields["text_encoder_lr"],
-                            fields["uncond_preservation_weight"], fields["prior_target"]],
+                            fields["uncond_preservation_weight"], fields["prior_target"],
+                            fields["onpolicy_prior_weight"]],
                            [fields["learning_rate"], fields["text_encoder_lr"], fields["uncond_preservation_weight"],
-                            fields["prior_target"], outs["status"]], queue=False, api_visibility="private")
+                            fields["prior_target"], fields["onpolicy_prior_weight"], outs["status"]], queue=False,
+                           api_visibility="private")
     fields["with_prior_preservation"].input(
         lambda *a: to_components(h.prior(*a)),
         [fields["with_prior_preservation"], fields["preset"], fields["learning_rate"], fields["text_encoder_lr"],
