@@ -27,18 +27,31 @@ def pytest_configure(config):
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """Whole test files go to one pytest-xdist worker each (the README runs `-n 2 --dist loadgroup`), so a file's
-    module fixtures are built once; every file that uses one of the trained demo LoRAs (learning_fixtures.TRAINED)
-    joins one group, so each LoRA is trained once, not once per worker. That group is the longest, so it goes
-    first: started last, it would leave the other worker idle at the end."""
+    module fixtures are built once; files that use the same trained demo LoRA (learning_fixtures.TRAINED) join one
+    group, so each LoRA is trained once, not once per worker. Only files that share one are joined: test_feedback
+    alone uses `feedback_subject`, and keeping it in the big group left that worker busy ~19 minutes while the
+    other idled for the last 5 (measured 2026-11-29). The longest groups go first: started last, they would leave
+    the other worker idle at the end."""
     from tests.learning_fixtures import TRAINED
 
-    shared = {it.module.__name__ for it in items if set(TRAINED) & set(it.fixturenames)}
-    group = lambda it: "trained-demo-loras" if it.module.__name__ in shared else it.module.__name__  # noqa: E731
+    users: dict[str, set[str]] = {}  # trained fixture -> the files that use it
+    for it in items:
+        for name in set(TRAINED) & set(it.fixturenames):
+            users.setdefault(name, set()).add(it.module.__name__)
+    group = {}  # file -> its group: the files joined through shared fixtures (connected components)
+    for files in users.values():
+        joined = set(files).union(*(group[f] for f in files if f in group))
+        for f in joined:
+            group[f] = joined
+    name = lambda it: min(group[it.module.__name__]) if it.module.__name__ in group else it.module.__name__  # noqa: E731
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
-    # stable: the shared group first, then the longest single file (its own prior LoRA, ~9 min), so the other
-    # worker starts it at once
-    items.sort(key=lambda it: (it.module.__name__ not in shared, it.module.__name__ != "tests.test_prior_learning"))
+        item.add_marker(pytest.mark.xdist_group(name(item)))
+    # stable: the group of the two LoRAs test_learning trains first (~8 min), the longest single file second (its
+    # own prior LoRA, ~8 min) so the other worker starts it at once, then the feedback LoRA's file (~4 min). Module
+    # names are bare ("test_feedback") or dotted, depending on how pytest imported them.
+    first = ("test_blend_learning", "test_prior_learning", "test_feedback")
+    rank = lambda it: name(it).rsplit(".", 1)[-1]  # noqa: E731
+    items.sort(key=lambda it: first.index(rank(it)) if rank(it) in first else len(first))
 
 
 ROOT = Path(__file__).resolve().parents[1]
