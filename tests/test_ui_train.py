@@ -109,20 +109,26 @@ def test_example_fills_the_upload_and_the_preset(h):
     assert changed.instance_captions[0] == "a zyk circle in blue on a yellow background"
 
 
-def test_ticking_prior_preservation_on_the_demo_subject_sets_its_empty_prompt_term(h):
+def test_ticking_prior_preservation_on_the_demo_subject_sets_its_empty_prompt_term_and_timesteps(h):
     out = h.example("heart")
+    assert (out["uncond_preservation_weight"], out["min_timestep"]) == (0.0, 100)  # the demo subject without priors
     args = ("subject", out["learning_rate"], out["text_encoder_lr"])
-    on = h.prior(True, *args, out["uncond_preservation_weight"])
-    assert on["uncond_preservation_weight"] == 5.0 and "set to 5" in on["status"]
-    assert h.prior(True, *args, 5.0) == {}  # already set: nothing to say
-    assert h.prior(False, *args, 5.0)["uncond_preservation_weight"] == 0.0
+    on = h.prior(True, *args, out["uncond_preservation_weight"], out["min_timestep"])
+    assert (on["uncond_preservation_weight"], on["min_timestep"]) == (5.0, 300)
+    assert 'Keep the empty prompt\'s prediction" to 5' in on["status"] and '"Min timestep" to 300' in on["status"]
+    assert h.prior(True, *args, 5.0, 300) == {}  # already set: nothing to say
+    assert h.prior(True, *args, 5.0, 100) == {"min_timestep": 300, "status": h.prior(True, *args, 5.0, 100)["status"]}
+    off = h.prior(False, *args, 5.0, 300)
+    assert (off["uncond_preservation_weight"], off["min_timestep"]) == (0.0, 100)
     sd = presets("subject")  # Stable Diffusion's settings are the user's business: untouched
-    assert h.prior(True, "subject", sd["learning_rate"], sd["text_encoder_lr"], 0.0) == {}
-    assert h.prior(True, "style", out["learning_rate"], out["text_encoder_lr"], 0.0) == {}
+    assert h.prior(True, "subject", sd["learning_rate"], sd["text_encoder_lr"], 0.0, 0) == {}
+    assert h.prior(True, "style", out["learning_rate"], out["text_encoder_lr"], 0.0, 0) == {}
     with pytest.raises(gr.Error, match="unknown preset"):
-        h.prior(True, "../subject", 1e-3, 2e-4, 0.0)
+        h.prior(True, "../subject", 1e-3, 2e-4, 0.0, 0)
     with pytest.raises(gr.Error, match="invalid value"):
-        h.prior(True, "subject", "1e-3; rm -rf /", 2e-4, 0.0)
+        h.prior(True, "subject", "1e-3; rm -rf /", 2e-4, 0.0, 0)
+    with pytest.raises(gr.Error, match="invalid value"):
+        h.prior(True, "subject", 1e-3, 2e-4, 0.0, "300 OR 1=1")
 
 
 def test_switching_method_sets_its_learning_rates_and_keeps_the_users_own(h):

@@ -162,26 +162,31 @@ class FormHandlers:
 
     @staticmethod
     def prior(on: bool, kind: str, learning_rate: float, text_encoder_lr: float,
-              uncond_preservation_weight: float) -> dict[str, Any]:
+              uncond_preservation_weight: float, min_timestep: int) -> dict[str, Any]:
         """Ticking Prior preservation with the demo model's settings (the example buttons) also sets what makes it
-        work there: the demo subject holds the empty prompt to the base model's with priors on
-        (demo_settings(kind, prior=True), measured in README "What training learns"). Other settings are the
-        user's own and stay as they are."""
+        work there: with priors the demo subject holds the empty prompt to the base model's and trains from
+        timestep 300, without them from 100 (demo_settings(kind, prior=...), measured in README "What training
+        learns" and "Every held-out concept"). Other settings are the user's own and stay as they are."""
         if kind not in ("subject", "style"):
             raise gr.Error(f"unknown preset {kind!r}; choose subject or style")
-        if kind == "style":  # the demo style keeps the empty prompt with or without priors
+        if kind == "style":  # the demo style has the same settings with or without priors
             return {}
         try:
             is_demo = (float(learning_rate), float(text_encoder_lr)) == lora_rates(kind, "demo")
-            want = demo_settings(kind, prior=bool(on))["uncond_preservation_weight"]
-            if not is_demo or float(uncond_preservation_weight or 0) == want:
-                return {}
+            now = {"uncond_preservation_weight": float(uncond_preservation_weight or 0),
+                   "min_timestep": int(min_timestep or 0)}
         except (TypeError, ValueError) as e:
             raise gr.Error(f"invalid value in the form: {e}") from None
-        return {"uncond_preservation_weight": want,
-                "status": f"\"Keep the empty prompt's prediction\" set to {want:g}: on the demo model prior "
-                          f"preservation keeps other prompts' shapes better with it (README)." if want else
-                          "\"Keep the empty prompt's prediction\" set back to 0 (the demo subject trains without it)."}
+        want = {k: v for k, v in demo_settings(kind, prior=bool(on)).items() if k in now}
+        changed = {k: v for k, v in want.items() if now[k] != v}
+        if not is_demo or not changed:
+            return {}
+        labels = {"uncond_preservation_weight": "\"Keep the empty prompt's prediction\"",
+                  "min_timestep": "\"Min timestep\""}
+        said = " and ".join(f"{labels[k]} to {v:g}" for k, v in changed.items())
+        why = ("on the demo model prior preservation keeps other prompts' shapes better with them" if on else
+               "the demo subject's settings without priors")
+        return {**changed, "status": f"Set {said}: {why} (README)."}
 
     def prompts(self, kind: str, token: str, noun: str) -> dict[str, Any]:
         """Rebuild the prompts from the preset's templates after the trigger or class noun changed."""

@@ -238,7 +238,8 @@ def build_train_tab(engine) -> TrainTab:
     fields["with_prior_preservation"].input(
         lambda *a: to_components(h.prior(*a)),
         [fields["with_prior_preservation"], fields["preset"], fields["learning_rate"], fields["text_encoder_lr"],
-         fields["uncond_preservation_weight"]], [fields["uncond_preservation_weight"], outs["status"]], queue=False,
+         fields["uncond_preservation_weight"], fields["min_timestep"]],
+        [fields["uncond_preservation_weight"], fields["min_timestep"], outs["status"]], queue=False,
         api_visibility="private")
     gr.on([trigger.blur, trigger.submit, ins["class_noun"].blur, ins["class_noun"].submit],
           lambda *a: to_components(h.prompts(*a)), key, prompt_outs, queue=False, api_visibility="private")
