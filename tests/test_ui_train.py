@@ -117,7 +117,7 @@ def test_ticking_prior_preservation_on_the_demo_subject_sets_its_empty_prompt_te
     assert (on["uncond_preservation_weight"], on["min_timestep"]) == (5.0, 300)
     assert 'Keep the empty prompt\'s prediction" to 5' in on["status"] and '"Min timestep" to 300' in on["status"]
     assert h.prior(True, *args, 5.0, 300) == {}  # already set: nothing to say
-    assert h.prior(True, *args, 5.0, 100) == {"min_timestep": 300, "status": h.prior(True, *args, 5.0, 100)["status"]}
+    assert set(h.prior(True, *args, 5.0, 100)) == {"min_timestep", "status"}  # only what differs
     off = h.prior(False, *args, 5.0, 300)
     assert (off["uncond_preservation_weight"], off["min_timestep"]) == (0.0, 100)
     sd = presets("subject")  # Stable Diffusion's settings are the user's business: untouched

@@ -334,7 +334,7 @@ def demo_settings(kind: str, prior: bool = False) -> dict[str, Any]:
         # (training seed 0; seed 1: 89) and 120 / 110 / 115 / 116 / 118 (seeds 0-4, scripts/prior_seeds.py) once the
         # empty prompt's prediction was held to the base model's too: classifier-free guidance multiplies any drift
         # of e_c - e_u by 5.
-        # 2026-11-29 (scripts/sweeps/2026-11-29-cpu-subjects*.json): timesteps from 100 instead of 300 lift the two
+        # 2026-11-29 (scripts/sweeps/2026-11-29-cpu-subjects.json): timesteps from 100 instead of 300 lift the two
         # subjects that failed, star 1.00 / 0.94 / 0.97 and bolt 0.91 / 0.88 / 0.94 (colours 1.00 / 0.94 / 1.00),
         # chosen on the tune set among 8 levers; with priors it leaks (non-token prompts 105 of 144 against 120 at
         # 300, training seed 0), so prior preservation keeps 300.
