@@ -97,6 +97,14 @@ def split_uploads(files: list[str] | None) -> tuple[list[str], list[str]]:
     return [f for f in files if f not in texts], texts
 
 
+# What full fine-tuning cannot keep (it has no base model under a LoRA to compare with): field -> (its value
+# then, what the status says).
+LORA_ONLY = {"uncond_preservation_weight": (0.0, "\"Keep the empty prompt's prediction\" set to 0: it needs the "
+                                                 "base model under a LoRA."),
+             "onpolicy_prior_weight": (0.0, "\"Prior on the LoRA's own samples\" set to 0: it needs a LoRA."),
+             "prior_target": ("images", "Prior target set to the class images: \"base\" needs a LoRA.")}
+
+
 class FormHandlers:
     """Filling and reading the form; needs `self.engine` and `self.user` (TrainHandlers sets them)."""
 
@@ -140,19 +148,15 @@ class FormHandlers:
         prior target back to the class images, and says so."""
         try:
             rates = rates_for_method(method, kind, float(learning_rate or 0), float(text_encoder_lr or 0))
-            uncond_off = method == "full" and float(uncond_preservation_weight or 0) > 0
-            onpolicy_off = method == "full" and float(onpolicy_prior_weight or 0) > 0
+            on = {"uncond_preservation_weight": float(uncond_preservation_weight or 0) > 0,
+                  "onpolicy_prior_weight": float(onpolicy_prior_weight or 0) > 0,
+                  "prior_target": prior_target == "base"} if method == "full" else {}
         except (ConfigError, TypeError, ValueError) as e:
             raise gr.Error(str(e)) from None
-        images = method == "full" and prior_target == "base"
         name = "full fine-tuning" if method == "full" else "LoRA"
-        off = {**({"uncond_preservation_weight": 0.0} if uncond_off else {}),
-               **({"onpolicy_prior_weight": 0.0} if onpolicy_off else {}),
-               **({"prior_target": "images"} if images else {})}
-        note = (" \"Keep the empty prompt's prediction\" set to 0: it needs the base model under a LoRA."
-                if uncond_off else "") + (" \"Prior on the LoRA's own samples\" set to 0: it needs a LoRA."
-                                          if onpolicy_off else "") + (
-            " Prior target set to the class images: \"base\" needs a LoRA." if images else "")
+        turned = [k for k, v in on.items() if v]
+        off = {k: LORA_ONLY[k][0] for k in turned}
+        note = "".join(f" {LORA_ONLY[k][1]}" for k in turned)
         if rates is None:
             return {**off, "status": f"Method: {name}. Your learning rates are kept; check they suit {name} (full "
                                      f"fine-tuning wants about 20x less than LoRA).{note}"}
