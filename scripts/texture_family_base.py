@@ -12,6 +12,8 @@ shipped (README "Every held-out concept"): it lifts checkered and tiled as style
 Then copy its unet/ and text_encoder/ over assets/demo-model/ in a scratch checkout and run
 scripts/learning_table.py there (or pass the folder as a job's base to scripts/lever_sweep.py). 800 steps take
 about 14 CPU minutes on 2 threads (bit-identical on a re-run), 160-290 s on one H200 beside a sweep's workers.
+The base measured on 2026-11-28 was built when the family's checker guard used the 5-class checker; since the
+checker has an "other" class (2026-11-29) the same command draws a different family (scripts/ip_adapter_textures.py).
 """
 from __future__ import annotations
 
@@ -75,6 +77,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--images", type=int, default=16_000)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--pool", type=int, default=300, help="procedural family textures (made-up words)")
+    ap.add_argument("--neighbours", type=int, default=0,
+                    help="also this many staggered bricks / dots (scripts/staggered_neighbours.py)")
     ap.add_argument("--device", default="cpu", help="cuda: the same recipe on a GPU (not bit-identical to CPU)")
     a = ap.parse_args()
     torch.set_num_threads(2)
@@ -86,7 +91,7 @@ def main() -> None:
     unet.set_attn_processor(AttnProcessor())  # as scripts/train_demo_model.py: faster backward for 2-wide heads
     te = CLIPTextModel.from_pretrained(model / "text_encoder").to(dev)
     t0 = time.time()
-    family = TextureFamily(300, 0, DemoChecker.load())
+    family = TextureFamily(a.pool, 0, DemoChecker.load(), neighbours=a.neighbours)
     words = texture_words([*family.kept_hand_written[1:], *family.family])  # [0] is striped, which has its word
     scenes, images = dataset(family, words, a.images, seed=11)
     with torch.no_grad():

@@ -1,7 +1,9 @@
 """Train the demo checker's shape/texture CNN (engine/demo/checker.py) on fresh shapes-world images.
 
 Every shape and texture (held-out ones included: the checker must judge what DreamBooth teaches) is drawn by
-demo_world with random colours, position, size and rotation. Each batch is re-augmented so the CNN keeps working
+demo_world with random colours, position, size and rotation, and a sixth texture label, "other", is trained on
+periodic patterns that are none of the world's (so the checker need not name a pattern it never saw after one of
+five). Each batch is re-augmented so the CNN keeps working
 on what a small diffusion model + VAE actually output: Gaussian blur (sigma 0-1.2), colour shifts, real JPEG
 round trips (smoothing and 8x8 block artefacts) and pixel noise. Deterministic on CPU for a given --seed.
 
@@ -27,27 +29,67 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from engine.demo import world as W  # noqa: E402
-from engine.demo.checker import CheckerNet, DemoChecker, normalize  # noqa: E402
+from engine.demo.checker import OTHER, TEXTURE_LABELS, CheckerNet, DemoChecker, normalize  # noqa: E402
 
 EVAL_SEED = 900_001  # held-out: training uses --seed (default 0); tests use yet another seed
 
 
 # Every texture's period divides 12 px (checker 4, tiles 8 x 4, polka 6 x 12), so offsets 0..11 are every phase.
 PHASES = 12
+OTHER_SHARE = 1 / len(TEXTURE_LABELS)  # as many "other" images as of each world texture
 
 
-def make_set(n: int, seed: int, any_phase: bool = True):
+def world_distance(mask32: np.ndarray) -> float:
+    """Smallest Hamming distance of a 32x32 pattern to any world texture (the texture family's geometry guard,
+    scripts/ip_adapter_textures.py, extended to striped and solid): an "other" pattern must be at least
+    MIN_DISTANCE from all of them, so no image is both."""
+    from scripts.ip_adapter_textures import distance_to, held_out_distances
+
+    coverage = float(mask32.mean())
+    return min(*held_out_distances(mask32).values(), distance_to(mask32, "striped"), coverage, 1 - coverage)
+
+
+def other_tiles(seed: int, n: int) -> list[np.ndarray]:
+    """Tiles for the "other" class: every staggered brick / dot pattern (scripts/staggered_neighbours.py, the
+    nearest neighbours of tiled and polka that the family guard lets through) and random family tiles
+    (scripts/ip_adapter_textures.random_tile) drawn with this seed, until n; each far from every world texture."""
+    from scripts.ip_adapter_textures import MIN_DISTANCE, random_tile, tile_pixels
+    from scripts.staggered_neighbours import candidates
+
+    rng, tiles, seen = random.Random(f"checker-other-{seed}"), [], set()
+    pool = list(candidates().values()) if seed == 0 else []  # the neighbours once; other seeds: fresh random tiles
+    while len(tiles) < n:
+        tile = pool.pop() if pool else random_tile(rng)
+        m = tile_pixels(tile, 32)
+        if m.tobytes() not in seen and world_distance(m) >= MIN_DISTANCE:
+            seen.add(m.tobytes())
+            tiles.append(tile)
+    return tiles
+
+
+def make_set(n: int, seed: int, any_phase: bool = True, other: list | None = None):
     """n scenes of every shape and texture; `any_phase`: each texture at a random offset (the world draws them at
     (0, 0), but a model's output may come out shifted and is still that texture: the first checker, trained at
-    offset 0 only, called tiles shifted by 2 px "striped" 47 times in 48)."""
+    offset 0 only, called tiles shifted by 2 px "striped" 47 times in 48). `other`: tiles, one of which replaces
+    the texture of OTHER_SHARE of the scenes (label OTHER, at a random phase)."""
+    from scripts.ip_adapter_textures import TextureFamily
+
     rng, phase_rng = random.Random(seed), random.Random(seed + 7)  # the scenes are the same either way
     scenes = [W.random_scene(rng, W.SHAPES, W.TEXTURES) for _ in range(n)]
     if any_phase:
         scenes = [replace(s, phase=(phase_rng.randrange(PHASES), phase_rng.randrange(PHASES))) for s in scenes]
-    imgs = np.stack([np.asarray(W.draw(s)) for s in scenes])
-    y_shape = torch.tensor([W.SHAPES.index(s.shape) for s in scenes])
-    y_tex = torch.tensor([W.TEXTURES.index(s.texture) for s in scenes])
-    return scenes, imgs, y_shape, y_tex
+    truths = [{"shape": s.shape, "texture": s.texture, "fg": s.fg, "bg": s.bg} for s in scenes]
+    images, other_rng, family = [], random.Random(seed + 13), TextureFamily(0, 0)
+    for s, t in zip(scenes, truths):
+        if other and other_rng.random() < OTHER_SHARE:
+            images.append(family._draw(s, "other", other_rng.choice(other), other_rng))
+            t["texture"] = OTHER
+        else:
+            images.append(W.draw(s))
+    imgs = np.stack([np.asarray(im) for im in images])
+    y_shape = torch.tensor([W.SHAPES.index(t["shape"]) for t in truths])
+    y_tex = torch.tensor([TEXTURE_LABELS.index(t["texture"]) for t in truths])
+    return truths, imgs, y_shape, y_tex
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -88,10 +130,11 @@ def augment(imgs: np.ndarray, g: torch.Generator, rng: random.Random) -> torch.T
 
 def evaluate(checker: DemoChecker, n: int, seed: int) -> dict[str, dict[str, float]]:
     """Accuracy per attribute on fresh images, clean and blurred at fixed sigmas (no other augmentation), the
-    clean ones also at the world's own texture offset (0, 0)."""
+    clean ones also at the world's own texture offset (0, 0) without "other" patterns; then the "other" images
+    alone (fresh random tiles, this seed's): the share called "other" and the share called a held-out texture."""
     scenes, imgs, _, _ = make_set(n, seed, any_phase=False)
-    rows = {"clean, offset 0": checker.score(imgs, scenes)}
-    scenes, imgs, _, _ = make_set(n, seed)
+    rows = {"clean, offset 0, world textures only": checker.score(imgs, scenes)}
+    scenes, imgs, _, _ = make_set(n, seed, other=other_tiles(seed, 300))
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float()
     for name, sigma in (("clean", 0.0), ("blur s=0.6", 0.6), ("blur s=1.0", 1.0), ("blur s=1.2", 1.2)):
         xb = x if sigma == 0 else gaussian_blur(x, torch.full((n,), sigma)).round().clamp(0, 255)
@@ -99,19 +142,28 @@ def evaluate(checker: DemoChecker, n: int, seed: int) -> dict[str, dict[str, flo
     # The full training augmentation (blur, colour shift, JPEG, noise), seeded apart from training's.
     xa = augment(imgs, torch.Generator().manual_seed(seed), random.Random(seed))
     rows["augmented"] = checker.score(xa.permute(0, 2, 3, 1).byte().numpy(), scenes)
+    others = [i for i, t in enumerate(scenes) if t["texture"] == OTHER]
+    said = [p["texture"] for p in checker.predict(imgs[others])]
+    rows["other patterns only (texture: called other)"] = {"texture": said.count(OTHER) / len(said)}
+    rows["other patterns only (texture: called held-out)"] = {
+        "texture": sum(t in W.HELD_OUT_TEXTURES for t in said) / len(said)}
     return rows
+
+
+ATTRS = ("shape", "texture", "fg", "bg")
 
 
 def write_readme(out_dir: Path, args, n_params: int, rows: dict, train_s: float, cpu_s: float) -> None:
     table = ["| images | shape | texture | fg | bg |", "|---|---|---|---|---|"]
     for name, r in rows.items():
-        table.append(f"| {name} | " + " | ".join(f"{100 * r[a]:.2f}%" for a in ("shape", "texture", "fg", "bg")) + " |")
+        table.append(f"| {name} | " + " | ".join(f"{100 * r[a]:.2f}%" if a in r else "" for a in ATTRS) + " |")
     (out_dir / "README.md").write_text(f"""# Demo checker
 
 Scores images of the shapes world (`engine/demo/world.py`) the way DINO / CLIP scores are used for real
 models: `engine.demo.checker.DemoChecker.load().predict(images)` / `.score(images, scenes)`.
 
-* **shape** ({len(W.SHAPES)} classes) and **texture** ({len(W.TEXTURES)} classes): a small CNN, this file's
+* **shape** ({len(W.SHAPES)} classes) and **texture** ({len(TEXTURE_LABELS)} classes: the world's {len(W.TEXTURES)} and
+  "{OTHER}", any periodic pattern that is none of them): a small CNN, this file's
   `checker.safetensors` ({n_params:,} parameters, float32, safetensors only).
 * **fg / bg colour**: pixel statistics, `demo_world.foreground_color` / `background_color` (no weights).
 
@@ -124,7 +176,11 @@ Input: RGB uint8 / 127.5 - 1.
 ## Training recipe
 `scripts/train_demo_checker.py --seed {args.seed}`: {args.n_train:,} fresh generator images
 (`demo_world.random_scene(rng, SHAPES, TEXTURES)`: all shapes and textures, random colours, position, size,
-rotation; each texture at a random offset of 0-11 px in x and y, i.e. every phase), {args.steps} AdamW steps
+rotation; each texture at a random offset of 0-11 px in x and y, i.e. every phase); in {OTHER_SHARE:.0%} of
+them the fill is instead one of {args.other_tiles:,} "{OTHER}" patterns at a random phase (`other_tiles`: every
+staggered brick / dot pattern of scripts/staggered_neighbours.py, i.e. the nearest neighbours of tiled and polka,
+then random tiles of the texture family, scripts/ip_adapter_textures.py; each at least 0.25 in Hamming distance from
+every world texture under every shift, transpose and tone inversion), {args.steps} AdamW steps
 of batch {args.batch} (lr {args.lr}, one-cycle, weight decay 1e-4, label smoothing 0.05), summed
 cross-entropy of both heads. Every batch is freshly augmented to look like small-model output: horizontal flip,
 per-channel gain +-8% and offset (sd 10), Gaussian blur sigma U(0, 1.2) on 70% of images, a real JPEG
@@ -134,7 +190,8 @@ thread ({train_s:.0f} s wall clock on a shared machine).
 
 ## Accuracy
 {args.n_eval:,} fresh generator images (all shapes and textures, seed {EVAL_SEED}, never used in training;
-textures at random offsets except in the first row, which has the world's own offset 0), clean, with a fixed
+textures at random offsets except in the first row, which has the world's own offset 0 and no "{OTHER}" images; the
+others include "{OTHER}" patterns drawn with this seed, i.e. tiles the CNN never saw), clean, with a fixed
 Gaussian blur, and with the training augmentations (the fg drop there is from colour shifts and noise moving
 pixels away from the named palette):
 
@@ -155,8 +212,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "assets" / "demo-checker")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=24_000)
-    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--n-train", type=int, default=28_800)
+    p.add_argument("--other-tiles", type=int, default=2000, help="patterns for the 'other' texture class")
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--width", type=int, default=32)
@@ -169,7 +227,7 @@ def main() -> None:
     rng = random.Random(args.seed + 1)
 
     t0, cpu0 = time.time(), time.process_time()
-    _, imgs, y_shape, y_tex = make_set(args.n_train, args.seed)
+    _, imgs, y_shape, y_tex = make_set(args.n_train, args.seed, other=other_tiles(args.seed, args.other_tiles))
     print(f"drew {len(imgs)} training images in {time.time() - t0:.0f}s", flush=True)
     net = CheckerNet(width=args.width)
     n_params = sum(p.numel() for p in net.parameters())
@@ -196,14 +254,14 @@ def main() -> None:
     checker = DemoChecker(net)  # puts it in eval mode
     rows = evaluate(checker, args.n_eval, EVAL_SEED)
     for name, r in rows.items():
-        print(f"{name:12s} " + "  ".join(f"{a} {100 * r[a]:.2f}%" for a in ("shape", "texture", "fg", "bg")))
+        print(f"{name:12s} " + "  ".join(f"{a} {100 * r[a]:.2f}%" for a in ATTRS if a in r))
 
     from safetensors.torch import save_file
     args.out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in net.state_dict().items()}
     # One metadata key holding sorted JSON: safetensors writes several keys in hash order, so the file's
     # bytes would differ run to run even though the weights are bit-identical.
-    config = {"shapes": list(W.SHAPES), "textures": list(W.TEXTURES), "width": args.width,
+    config = {"shapes": list(W.SHAPES), "textures": list(TEXTURE_LABELS), "width": args.width,
               "seed": args.seed, "steps": args.steps}
     save_file(state, str(args.out / "checker.safetensors"), metadata={"config": json.dumps(config, sort_keys=True)})
     (args.out / "checker.safetensors").chmod(0o644)  # safetensors creates it owner-only (0600)

@@ -24,7 +24,8 @@ stripes, products of two 1-D patterns, slanted stripes; 300 by default), the dem
 real IP-Adapter sees, so a new texture has neighbours. The world's held-out textures (checkered, tiled, polka) are
 in no training pair, reference or warm-up image: every candidate is refused if it is within a Hamming distance of
 0.25 of any of them or of a checkerboard of any cell size (every shift, transpose, tone inversion), or if the demo
-checker calls it checkered on more than 1 of 16 drawings.
+checker calls it a held-out texture on more than 1 of 16 drawings (the shipped adapter was trained when the checker
+had no "other" class and the guard asked about checkered only; scripts/ip_adapter_textures.py).
 
 Saved in diffusers' IP-Adapter layout, loadable by plain diffusers:
     assets/demo-ip-adapter/ip_adapter.safetensors   keys image_proj.* and ip_adapter.<1,3,5..>.to_{k,v}_ip.weight

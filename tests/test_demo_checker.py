@@ -6,6 +6,7 @@ images the CNN has never seen.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from engine.demo import world as W
-from engine.demo.checker import DEFAULT_PATH, DemoChecker
+from engine.demo.checker import DEFAULT_PATH, OTHER, DemoChecker
 
 torch.set_num_threads(1)
 TEST_SEED = 31_337
@@ -122,3 +123,25 @@ def test_plain_background_tells_a_textured_background_apart():
         img[ring] = fill[ring]
         assert W.plain_background(img, s.bg) < 0.8
         assert W.plain_background(np.asarray(W.draw(s)), s.fg) == 0.0  # the wrong colour
+
+
+def test_other_patterns_are_not_named_after_a_world_texture(checker):
+    # A base model or a style LoRA may draw a periodic pattern that is none of the world's; a 5-way checker had to
+    # call it one of the five (a third of plain vertical stripes were "polka"), which counted near-misses as
+    # learned styles. Fresh tiles of the family (a seed the training script never used), far from every world texture.
+    from scripts.ip_adapter_textures import TextureFamily
+    from scripts.train_demo_checker import other_tiles
+
+    rng, family = random.Random(TEST_SEED + 400), TextureFamily(0, 0)
+    tiles = other_tiles(TEST_SEED, 60)
+    scenes = _scenes(120, TEST_SEED + 401)
+    preds = checker.predict([family._draw(s, OTHER, tiles[i % len(tiles)], rng) for i, s in enumerate(scenes)])
+    said = [p["texture"] for p in preds]
+    assert said.count(OTHER) >= 0.85 * len(said), Counter(said)
+    assert sum(t in W.HELD_OUT_TEXTURES for t in said) <= 0.05 * len(said), Counter(said)
+    assert sum(p["shape"] == s.shape for p, s in zip(preds, scenes)) >= 0.95 * len(scenes)  # shape unaffected
+
+
+def test_world_textures_are_never_other(checker):
+    scenes = _scenes(300, TEST_SEED + 402)
+    assert sum(p["texture"] == OTHER for p in checker.predict([W.draw(s) for s in scenes])) <= 3

@@ -26,6 +26,12 @@ from engine.demo import world as W
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PATH = REPO_ROOT / "assets" / "demo-checker" / "checker.safetensors"
 ATTRIBUTES = ("shape", "texture", "fg", "bg")
+# The texture head's labels: the world's textures, and "other" for any periodic pattern that is none of them (trained
+# on a family of procedural patterns, scripts/train_demo_checker.py). Without it a 5-way head has to name every
+# pattern it never saw after one of the five, so a base model that draws neighbours of polka dots from its own
+# training words would score as having learned polka (README "Every held-out concept").
+OTHER = "other"
+TEXTURE_LABELS = W.TEXTURES + (OTHER,)
 
 
 def _block(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
@@ -41,7 +47,7 @@ class CheckerNet(nn.Module):
     pooling suffices for shape since by 4x4 resolution every unit sees the whole image.
     """
 
-    def __init__(self, n_shapes: int = len(W.SHAPES), n_textures: int = len(W.TEXTURES), width: int = 32):
+    def __init__(self, n_shapes: int = len(W.SHAPES), n_textures: int = len(TEXTURE_LABELS), width: int = 32):
         super().__init__()
         c = width
         self.features = nn.Sequential(
@@ -111,7 +117,7 @@ class DemoChecker:
         with safe_open(str(path), framework="pt") as f:
             config = json.loads((f.metadata() or {}).get("config", "{}"))
         # The class order is baked into the heads: refuse weights trained for a different world.
-        for key, names in (("shapes", W.SHAPES), ("textures", W.TEXTURES)):
+        for key, names in (("shapes", W.SHAPES), ("textures", TEXTURE_LABELS)):
             if key in config and config[key] != list(names):
                 raise ValueError(f"{path} was trained for {key} {config[key]}, demo_world has {list(names)}")
         net = CheckerNet(width=int(config.get("width", 32)))
@@ -128,14 +134,14 @@ class DemoChecker:
             shape_logits, texture_logits = self.net(x)
             for img, s, t in zip(chunk, shape_logits.argmax(1).tolist(), texture_logits.argmax(1).tolist()):
                 bg = W.background_color(img)
-                results.append({"shape": W.SHAPES[s], "texture": W.TEXTURES[t],
+                results.append({"shape": W.SHAPES[s], "texture": TEXTURE_LABELS[t],
                                 "fg": W.foreground_color(img, bg), "bg": bg})
         return results
 
     @torch.no_grad()
     def probabilities(self, images, attribute: str = "texture") -> np.ndarray:
         """Softmax probabilities of the CNN's `attribute` head ("shape" or "texture"): [N, classes] in the order
-        of W.SHAPES / W.TEXTURES. For curves (how checkered is this image?) rather than one label."""
+        of W.SHAPES / TEXTURE_LABELS. For curves (how checkered is this image?) rather than one label."""
         if attribute not in ("shape", "texture"):
             raise ValueError(f"probabilities are for 'shape' or 'texture', not {attribute!r}")
         x = normalize(torch.from_numpy(as_uint8_batch(images)).permute(0, 3, 1, 2).float())

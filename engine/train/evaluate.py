@@ -144,11 +144,12 @@ class DemoScorer:
 
     def __init__(self, checker, preset: str, training_images: list):
         from engine.demo import world as W
+        from engine.demo.checker import TEXTURE_LABELS
 
         self.checker = checker
         self.attribute = "shape" if preset == "subject" else "texture"
         self.training_probs = checker.probabilities(training_images, self.attribute)
-        names = W.SHAPES if self.attribute == "shape" else W.TEXTURES
+        names = W.SHAPES if self.attribute == "shape" else TEXTURE_LABELS
         self.concept = names[concept_likeness(self.training_probs, self.training_probs)[1]]
         obeyed = "colours" if self.attribute == "shape" else "colours and shape"
         self.name = f"demo checker: likeness = P({self.attribute} is {self.concept}), fidelity = {obeyed} obeyed"
