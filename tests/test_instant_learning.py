@@ -68,7 +68,7 @@ def measured(tmp_path_factory):
 BELOW_TARGET = ("the demo IP-Adapter does not reach the issue's texture target on these prompts (measured 2026-11-27 "
                 "with the adapter trained on a 300-texture family, checkered/tiled/polka rigorously held out: "
                 "checkered 0.25 style only, target 0.60; prompt's shape kept 0.70, target 0.80; 0.10 / 0.65 with the "
-                "phase-invariant checker of 2026-11-28; the adapter before "
+                "phase-invariant checker of 2026-11-28, 0.00 / 0.70 with the 6-class one of 2026-11-29; the adapter before "
                 "it, trained on diagonal stripes the checker takes for checkered, 0.40 / 0.75); README 'Instant "
                 "style'")
 
