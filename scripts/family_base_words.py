@@ -46,7 +46,8 @@ def main() -> None:
     rng = random.Random(3)
     stag = [n for n in family.family if n.startswith("stag")]
     procedural = [n for n in family.family if n.startswith("fam")]
-    pick = rng.sample(stag, min(5, len(stag))) + rng.sample(procedural, 3) + family.kept_hand_written[1:3]
+    pick = (rng.sample(stag, min(5, len(stag))) + rng.sample(procedural, min(3, len(procedural)))
+            + family.kept_hand_written[1:3])
     base, rows = load_base_model(a.base), []
     for name in pick:
         prompts = [f"a {words[name]} {shape} in {fg} on a {bg} background" for shape, fg, bg in PROMPTS]

@@ -48,6 +48,17 @@ def test_family_stays_away_from_every_held_out_texture():
     assert min(fam.nearest.values()) >= MIN_DISTANCE
 
 
+def test_staggered_neighbours_join_the_family_and_stay_away_from_the_held_out_ones():
+    # texture_family_base.py --neighbours: the nearest patterns to tiled and polka that the geometry guard admits.
+    fam = TextureFamily(pool=0, seed=0, neighbours=6)
+    stag = [n for n in fam.family if n.startswith("stag")]
+    assert len(stag) == 6 and len({fam.tiles[n].tobytes() for n in stag}) == 6
+    refs = {t: held_out_pixels(t, 48)[:p[0], :p[1]] for t, p in {"tiled": (4, 8), "polka": (12, 6)}.items()}
+    for name in stag:
+        for ref_name, ref in refs.items():
+            assert _brute_distance(tile_pixels(fam.tiles[name], 32), ref) >= MIN_DISTANCE, (name, ref_name)
+
+
 def test_texture_descriptor_ignores_the_phase_but_tells_textures_apart():
     fam = TextureFamily(pool=5, seed=1)
     tile = fam.tiles["fam0"]
