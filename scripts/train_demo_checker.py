@@ -29,7 +29,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from engine.demo import world as W  # noqa: E402
-from engine.demo.checker import OTHER, TEXTURE_LABELS, CheckerNet, DemoChecker, normalize  # noqa: E402
+from engine.demo.checker import ATTRIBUTES, OTHER, TEXTURE_LABELS, CheckerNet, DemoChecker, normalize  # noqa: E402
 
 EVAL_SEED = 900_001  # held-out: training uses --seed (default 0); tests use yet another seed
 
@@ -150,13 +150,10 @@ def evaluate(checker: DemoChecker, n: int, seed: int) -> dict[str, dict[str, flo
     return rows
 
 
-ATTRS = ("shape", "texture", "fg", "bg")
-
-
 def write_readme(out_dir: Path, args, n_params: int, rows: dict, train_s: float, cpu_s: float) -> None:
     table = ["| images | shape | texture | fg | bg |", "|---|---|---|---|---|"]
     for name, r in rows.items():
-        table.append(f"| {name} | " + " | ".join(f"{100 * r[a]:.2f}%" if a in r else "" for a in ATTRS) + " |")
+        table.append(f"| {name} | " + " | ".join(f"{100 * r[a]:.2f}%" if a in r else "" for a in ATTRIBUTES) + " |")
     (out_dir / "README.md").write_text(f"""# Demo checker
 
 Scores images of the shapes world (`engine/demo/world.py`) the way DINO / CLIP scores are used for real
@@ -254,7 +251,7 @@ def main() -> None:
     checker = DemoChecker(net)  # puts it in eval mode
     rows = evaluate(checker, args.n_eval, EVAL_SEED)
     for name, r in rows.items():
-        print(f"{name:12s} " + "  ".join(f"{a} {100 * r[a]:.2f}%" for a in ATTRS if a in r))
+        print(f"{name:12s} " + "  ".join(f"{a} {100 * r[a]:.2f}%" for a in ATTRIBUTES if a in r))
 
     from safetensors.torch import save_file
     args.out.mkdir(parents=True, exist_ok=True)
