@@ -49,15 +49,16 @@ def world_distance(mask32: np.ndarray) -> float:
     return min(*held_out_distances(mask32).values(), distance_to(mask32, "striped"), coverage, 1 - coverage)
 
 
-def other_tiles(seed: int, n: int) -> list[np.ndarray]:
-    """Tiles for the "other" class: every staggered brick / dot pattern (scripts/staggered_neighbours.py, the
-    nearest neighbours of tiled and polka that the family guard lets through) and random family tiles
-    (scripts/ip_adapter_textures.random_tile) drawn with this seed, until n; each far from every world texture."""
+def other_tiles(seed: int, n: int, neighbours: bool = False) -> list[np.ndarray]:
+    """Tiles for the "other" class: with `neighbours` (training), every staggered brick / dot pattern first
+    (scripts/staggered_neighbours.py, the nearest neighbours of tiled and polka that the family guard lets through);
+    then random family tiles (scripts/ip_adapter_textures.random_tile) drawn with this seed, until n; each far from
+    every world texture. Without `neighbours` the tiles are fresh ones for evaluation."""
     from scripts.ip_adapter_textures import MIN_DISTANCE, random_tile, tile_pixels
     from scripts.staggered_neighbours import candidates
 
     rng, tiles, seen = random.Random(f"checker-other-{seed}"), [], set()
-    pool = list(candidates().values()) if seed == 0 else []  # the neighbours once; other seeds: fresh random tiles
+    pool = list(candidates().values()) if neighbours else []
     while len(tiles) < n:
         tile = pool.pop() if pool else random_tile(rng)
         m = tile_pixels(tile, 32)
@@ -224,7 +225,8 @@ def main() -> None:
     rng = random.Random(args.seed + 1)
 
     t0, cpu0 = time.time(), time.process_time()
-    _, imgs, y_shape, y_tex = make_set(args.n_train, args.seed, other=other_tiles(args.seed, args.other_tiles))
+    other = other_tiles(args.seed, args.other_tiles, neighbours=True)
+    _, imgs, y_shape, y_tex = make_set(args.n_train, args.seed, other=other)
     print(f"drew {len(imgs)} training images in {time.time() - t0:.0f}s", flush=True)
     net = CheckerNet(width=args.width)
     n_params = sum(p.numel() for p in net.parameters())
