@@ -54,7 +54,14 @@ def make_scheduler(name: str, base_config):
     if name == "dpmpp_2m_karras":
         return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++", solver_order=2,
                                                        use_karras_sigmas=True)
-    cls = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler, "ddim": DDIMScheduler,
+    if name == "ddim":
+        # DDIM clips its x0 estimate to [-1, 1] unless told not to (diffusers' default clip_sample=True, meant for
+        # pixel-space models). Stable Diffusion denoises VAE latents, which leave that range, so its own configs
+        # say clip_sample=False; a config saved by another scheduler class (the demo model's DPM-Solver++ one)
+        # lacks the key, and the default turned every DDIM image on the demo model into noise (checker: shape
+        # 0.09 against 0.84 with DPM++).
+        return DDIMScheduler.from_config(base_config, clip_sample=False)
+    cls = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
            "unipc": UniPCMultistepScheduler}[name]
     return cls.from_config(base_config)
 
