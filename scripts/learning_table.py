@@ -20,6 +20,7 @@ Usage:
     python scripts/learning_table.py                       # all held-out concepts, report set, markdown table
     python scripts/learning_table.py crescent zigzag --set tune --override lora_rank=16
     python scripts/learning_table.py --method full         # the full fine-tuning column (the model folder itself)
+    python scripts/learning_table.py heart --others         # + how many non-token prompts keep their shape
     python -m pytest -m learning_table                     # the same table, asserted (tests/test_learning_table.py)
 """
 from __future__ import annotations
@@ -302,6 +303,8 @@ def main() -> None:
     ap.add_argument("--train-only", action="store_true", help="train (into --workdir) without measuring")
     ap.add_argument("--method", choices=("lora", "full"), default="lora",
                     help="full: fine-tune every UNet (+ text-encoder) weight and measure the saved model folder")
+    ap.add_argument("--others", action="store_true",
+                    help="subjects: also the share of PRIOR_SETS' 3 x 48 non-token prompts that keep their shape")
     args = ap.parse_args()
     torch.set_num_threads(1)
     overrides = {k: _value(v) for k, v in (o.split("=", 1) for o in args.override)}
@@ -309,6 +312,8 @@ def main() -> None:
         overrides = full_overrides(overrides)
     base = load_base_model(None)
     probe = None if args.train_only else Probe(base, DemoChecker.load(), args.guidance)
+    if probe and args.others:
+        print("base model: non-token prompts keep their shape", sum(right_shapes(probe)), "of", 48 * len(PRIOR_SETS))
     rows = []
     with tempfile.TemporaryDirectory(prefix="learning-table-") as tmp:
         for concept in args.concepts or list(W.HELD_OUT_SHAPES + W.HELD_OUT_TEXTURES):
@@ -320,10 +325,12 @@ def main() -> None:
                 print(concept, lora, f"{row.train_s:.0f}s wall, {row.cpu_s:.0f}s CPU", flush=True)
                 continue
             if args.method == "full":  # the fine-tuned model itself, not the LoRA extracted from it
-                tuned = Probe(load_base_model(lora.parent / "model"), probe.checker, args.guidance)
-                row.metrics = measure(tuned, None, concept, args.seed_set)
+                tuned, lora = Probe(load_base_model(lora.parent / "model"), probe.checker, args.guidance), None
             else:
-                row.metrics = measure(probe, lora, concept, args.seed_set)
+                tuned = probe
+            row.metrics = measure(tuned, lora, concept, args.seed_set)
+            if args.others and row.kind == "subject":  # measure() left the LoRA on
+                row.metrics["others"] = sum(right_shapes(tuned)) / (48 * len(PRIOR_SETS))
             row.cpu_s = time.process_time() - c0
             rows.append(row)
             print(concept, row.metrics, f"{row.train_s:.0f}s", flush=True)
