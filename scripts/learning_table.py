@@ -21,6 +21,7 @@ Usage:
     python scripts/learning_table.py crescent zigzag --set tune --override lora_rank=16
     python scripts/learning_table.py --method full         # the full fine-tuning column (the model folder itself)
     python scripts/learning_table.py heart --others         # + how many non-token prompts keep their shape
+    python scripts/learning_table.py tiled --every 150      # + every 150 steps' LoRA (would an earlier one do?)
     python -m pytest -m learning_table                     # the same table, asserted (tests/test_learning_table.py)
 """
 from __future__ import annotations
@@ -93,6 +94,13 @@ def full_overrides(overrides: dict | None = None) -> dict:
     return {"method": "full", "learning_rate": lr, "text_encoder_lr": te_lr, "uncond_preservation_weight": 0.0,
             "prior_target": "images",
             **(overrides or {})}
+
+
+def checkpoint_loras(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, LoRA) of every checkpoint the run evaluated (engine/train/evaluate.py exports each to
+    evaluation/step-<N>/, pruned or not), in step order; step 0, the base model, has none."""
+    found = [(int(d.name.split("-", 1)[1]), d / "lora.safetensors") for d in (run_dir / "evaluation").glob("step-*")]
+    return sorted((step, f) for step, f in found if f.is_file())
 
 
 def run_name(concept: str, prior: bool, overrides: dict | None) -> str:
@@ -303,6 +311,8 @@ def main() -> None:
     ap.add_argument("--train-only", action="store_true", help="train (into --workdir) without measuring")
     ap.add_argument("--method", choices=("lora", "full"), default="lora",
                     help="full: fine-tune every UNet (+ text-encoder) weight and measure the saved model folder")
+    ap.add_argument("--every", type=int, default=0, metavar="N",
+                    help="LoRA: also measure the LoRA of every N steps (evaluated checkpoints, 1 eval seed)")
     ap.add_argument("--others", action="store_true",
                     help="subjects: also the share of PRIOR_SETS' 3 x 48 non-token prompts that keep their shape")
     args = ap.parse_args()
@@ -310,6 +320,8 @@ def main() -> None:
     overrides = {k: _value(v) for k, v in (o.split("=", 1) for o in args.override)}
     if args.method == "full":
         overrides = full_overrides(overrides)
+    if args.every:
+        overrides = {"checkpointing_steps": args.every, "eval_seeds": 1, **overrides}
     base = load_base_model(None)
     probe = None if args.train_only else Probe(base, DemoChecker.load(), args.guidance)
     if probe and args.others:
@@ -328,6 +340,8 @@ def main() -> None:
                 tuned, lora = Probe(load_base_model(lora.parent / "model"), probe.checker, args.guidance), None
             else:
                 tuned = probe
+                for step, ckpt in checkpoint_loras(lora.parents[1]) if args.every else ():
+                    print(concept, f"step {step}", measure(probe, ckpt, concept, args.seed_set), flush=True)
             row.metrics = measure(tuned, lora, concept, args.seed_set)
             if args.others and row.kind == "subject":  # measure() left the LoRA on
                 row.metrics["others"] = sum(right_shapes(tuned)) / (48 * len(PRIOR_SETS))

@@ -1,0 +1,22 @@
+"""scripts/learning_table.py --every N measures the LoRA of each evaluated checkpoint: the run's evaluation exports
+(evaluation/step-<N>/lora.safetensors), found in step order, step 0 (the base model, no LoRA) and folders without a
+LoRA skipped."""
+from __future__ import annotations
+
+from scripts.learning_table import checkpoint_loras
+
+
+def test_finds_every_evaluated_lora_in_step_order(tmp_path):
+    for step in (0, 150, 1200, 300):
+        d = tmp_path / "evaluation" / f"step-{step}"
+        d.mkdir(parents=True)
+        (d / "style.json").write_text("{}")
+        if step:
+            (d / "lora.safetensors").write_bytes(b"x")
+    found = checkpoint_loras(tmp_path)
+    assert [s for s, _ in found] == [150, 300, 1200]  # numeric order, not "1200" < "150"
+    assert all(f.name == "lora.safetensors" and f.parent.name == f"step-{s}" for s, f in found)
+
+
+def test_no_evaluation_no_checkpoints(tmp_path):
+    assert checkpoint_loras(tmp_path) == []
