@@ -182,9 +182,9 @@ class TextureFamily:
             stag, kept = list(candidates().values()), 0
             rng.shuffle(stag)
             for tile in stag:
-                m = tile_pixels(tile, 32)
                 if kept == neighbours:
                     break
+                m = tile_pixels(tile, 32)
                 if m.tobytes() not in seen and self._admit(f"stag{len(self.tiles)}", m, checker, rng, tile):
                     self.tiles[f"stag{len(self.tiles)}"] = tile
                     kept += 1

@@ -97,9 +97,11 @@ def full_overrides(overrides: dict | None = None) -> dict:
 
 
 def checkpoint_loras(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, LoRA) of every checkpoint the run evaluated (engine/train/evaluate.py exports each to
-    evaluation/step-<N>/, pruned or not), in step order; step 0, the base model, has none."""
-    found = [(int(d.name.split("-", 1)[1]), d / "lora.safetensors") for d in (run_dir / "evaluation").glob("step-*")]
+    """(step, LoRA) of every checkpoint the run evaluated, in step order: the records of its scores.json and the
+    folders engine/train/evaluate.py exported them to (pruned or not); step 0, the base model, has no LoRA."""
+    from engine.train.evaluate import checkpoint_export, read_scores
+
+    found = [(r.step, checkpoint_export(run_dir, r.step) / "lora.safetensors") for r in read_scores(run_dir)]
     return sorted((step, f) for step, f in found if f.is_file())
 
 

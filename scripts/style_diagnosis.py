@@ -64,16 +64,15 @@ def denoise(probe, concept: str, seeds: int = 4) -> list[str]:
     import torch
     from PIL import Image
 
+    from engine.feedback.fabric import encode_images
     from engine.generate.sampler import encode_prompts
 
     c = probe.base.components
     files, captions = LT.example_files(concept)
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), np.float32)).permute(2, 0, 1)
-                     for f in files]) / 127.5 - 1
     scale = c.vae.config.scaling_factor
     lines = []
     with torch.no_grad():
-        latents = c.vae.encode(x).latent_dist.mean * scale
+        latents = encode_images(c, [Image.open(f) for f in files])
         embeds = encode_prompts(c, [cap.replace("{token}", LT.TOKEN) for cap in captions])
         for t in TIMESTEPS:
             a = c.scheduler.alphas_cumprod[t]
