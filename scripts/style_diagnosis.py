@@ -1,6 +1,6 @@
 """Where does a style LoRA on the demo model fall short: the texture, or the content around it?
 
-Four questions about one style LoRA (trained here with the shipped style preset, or given with --lora), each
+Five questions about one style LoRA (trained here with the shipped style preset, or given with --lora), each
 answered by the demo checker:
 
 1. **fit**: its own 4 training captions, 4 seeds each, through several samplers: does it draw the texture at all
@@ -12,6 +12,10 @@ answered by the demo checker:
    UNet part only and its text-encoder part only: textured, shape kept (ring / cross), background plain.
 4. **steps**: the UNet part switched on only from sampling step k of 20 (the text-encoder part throughout): in
    which steps does it add the texture, and in which does it change the shape?
+5. **blocks**: the UNet part kept only at the UNet's highest resolution (its first down block and last up block,
+   where a 2-4 px texture is one latent pixel) or only below it (the text-encoder part throughout): which layers
+   draw the texture, and which change the shape? (B-LoRA, Frenkel et al. 2024, splits an SDXL LoRA by block the
+   same way.)
 
     python scripts/style_diagnosis.py tiled [--lora PATH] [--set tune] [--workdir DIR]
 
@@ -128,6 +132,31 @@ def steps(probe, concept: str, seed_set: str, n: int = 32) -> list[str]:
     return lines
 
 
+def highest_resolution(name: str, unet) -> bool:
+    """Is a UNet module at the latent's full resolution: the first down block or the last up block?"""
+    return name.startswith(("down_blocks.0.", f"up_blocks.{len(unet.up_blocks) - 1}."))
+
+
+def blocks(probe, concept: str, seed_set: str, n: int = 32) -> list[str]:
+    import torch
+
+    unet = probe.base.components.unet
+    lora_b = {name: m for name, m in unet.named_modules() if hasattr(m, "lora_B") and len(m.lora_B)}
+    saved = {name: [p.detach().clone() for p in m.lora_B.parameters()] for name, m in lora_b.items()}
+    lines = []
+    for tag, keep in (("highest resolution only", True), ("lower resolutions only", False)):
+        with torch.no_grad():
+            for name, m in lora_b.items():
+                for p, orig in zip(m.lora_B.parameters(), saved[name]):
+                    p.copy_(orig if highest_resolution(name, unet) == keep else torch.zeros_like(orig))
+        lines.append(_table_line(probe, concept, seed_set, n, f"blocks: UNet part at the {tag}"))
+    with torch.no_grad():
+        for name, m in lora_b.items():
+            for p, orig in zip(m.lora_B.parameters(), saved[name]):
+                p.copy_(orig)
+    return lines
+
+
 def main() -> None:
     import tempfile
 
@@ -153,7 +182,8 @@ def main() -> None:
         lora = a.lora or LT.train_concept(base, a.concept, a.workdir or Path(tmp), overrides=overrides, reuse=True)
         probe.use(lora)
         for part in (fit(probe, a.concept, a.seeds), denoise(probe, a.concept, a.seeds),
-                     parts(probe, lora, a.concept, a.seed_set, a.images), steps(probe, a.concept, a.seed_set, a.images)):
+                     parts(probe, lora, a.concept, a.seed_set, a.images), steps(probe, a.concept, a.seed_set, a.images),
+                     blocks(probe, a.concept, a.seed_set, a.images)):
             print("\n".join(part), flush=True)
 
 
