@@ -143,18 +143,22 @@ def blocks(probe, concept: str, seed_set: str, n: int = 32) -> list[str]:
     unet = probe.base.components.unet
     lora_b = {name: m for name, m in unet.named_modules() if hasattr(m, "lora_B") and len(m.lora_B)}
     saved = {name: [p.detach().clone() for p in m.lora_B.parameters()] for name, m in lora_b.items()}
-    lines = []
-    for tag, keep in (("highest resolution only", True), ("lower resolutions only", False)):
+
+    def keep_only(highest: bool | None) -> None:  # zero lora_B outside the group; None puts every layer back
         with torch.no_grad():
             for name, m in lora_b.items():
+                on = highest is None or highest_resolution(name, unet) == highest
                 for p, orig in zip(m.lora_B.parameters(), saved[name]):
-                    p.copy_(orig if highest_resolution(name, unet) == keep else torch.zeros_like(orig))
-        lines.append(_table_line(probe, concept, seed_set, n, f"blocks: UNet part at the {tag}"))
-    with torch.no_grad():
-        for name, m in lora_b.items():
-            for p, orig in zip(m.lora_B.parameters(), saved[name]):
-                p.copy_(orig)
-    return lines
+                    p.copy_(orig if on else torch.zeros_like(orig))
+
+    try:
+        lines = []
+        for tag, highest in (("highest resolution only", True), ("lower resolutions only", False)):
+            keep_only(highest)
+            lines.append(_table_line(probe, concept, seed_set, n, f"blocks: UNet part at the {tag}"))
+        return lines
+    finally:
+        keep_only(None)
 
 
 def main() -> None:
