@@ -138,18 +138,17 @@ def highest_resolution(name: str, unet) -> bool:
 
 
 def blocks(probe, concept: str, seed_set: str, n: int = 32) -> list[str]:
-    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     unet = probe.base.components.unet
-    lora_b = {name: m for name, m in unet.named_modules() if hasattr(m, "lora_B") and len(m.lora_B)}
-    saved = {name: [p.detach().clone() for p in m.lora_B.parameters()] for name, m in lora_b.items()}
+    layers = [(name, m) for name, m in unet.named_modules() if isinstance(m, BaseTunerLayer)]
 
-    def keep_only(highest: bool | None) -> None:  # zero lora_B outside the group; None puts every layer back
-        with torch.no_grad():
-            for name, m in lora_b.items():
-                on = highest is None or highest_resolution(name, unet) == highest
-                for p, orig in zip(m.lora_B.parameters(), saved[name]):
-                    p.copy_(orig if on else torch.zeros_like(orig))
+    def keep_only(highest: bool | None) -> None:
+        """peft's per-layer scale (as engine/styles/adapters.py's block weights): 0 outside the group; None: all 1."""
+        for name, m in layers:
+            on = highest is None or highest_resolution(name, unet) == highest
+            for adapter in m.active_adapters:
+                m.set_scale(adapter, 1.0 if on else 0.0)
 
     try:
         lines = []
