@@ -3,7 +3,7 @@
 For a few of the family's words (staggered neighbours first, then procedural tiles, then hand-written ones) it
 writes one row per word: the texture as the world draws it, then the base model's images for three prompts with that
 word ("a <word> circle in red on a white background", ...). If the base had learned its words, each row would repeat
-its first image's pattern; the README ("Every held-out concept", 2026-11-29) reports what it shows.
+its first image's pattern; docs/learning-log.md ("does the family base know its textures?") reports what it shows.
 
     python scripts/family_base_words.py BASE_DIR --pool 16 --neighbours 8 --out words.png
 

@@ -9,7 +9,7 @@ seed set (tune, report, fresh; 32 images each). Choose on `tune` only; the other
 A job: {"tag": "F1", "concept": "tiled", "base": "" | "/path/to/base", "overrides": {...}, "prior": false};
 build a family base first (`python scripts/texture_family_base.py --out /tmp/fam --device cuda`, ~3 GPU min).
 On one H200 with 14 workers a style job (900 steps) took ~220 s and a family base 160-290 s alongside: about 14
-one-thread CPU runs at once (README "Every held-out concept").
+one-thread CPU runs at once (docs/learning-log.md).
 """
 from __future__ import annotations
 

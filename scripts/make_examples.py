@@ -31,8 +31,8 @@ OUT = ROOT / "assets" / "examples"
 # (fg, bg, centre x) of every subject's 4 examples (the heart's excepted, see above), the same for every shape so
 # that results compare across shapes.
 # The colours are a cycle over two dark and two light colours: each is the shape once and the background once,
-# two dark-on-light and two light-on-dark. Why (issue 14, scripts/learning_table.py --set tune, README "Every
-# held-out concept, one preset"): from 4 captioned images the LoRA ties each colour word to the role it had there.
+# two dark-on-light and two light-on-dark. Why (issue 14, scripts/learning_table.py --set tune,
+# docs/learning-log.md): from 4 captioned images the LoRA ties each colour word to the role it had there.
 # The old examples (red on blue, yellow on purple, green on white, orange on black) had blue, purple and black only
 # as backgrounds, and star/bolt in those colours came out as blobs (tune set, recognised heart / star / crescent /
 # arrow / bolt / frame: 0.81 / 0.62 / 0.94 / 0.94 / 0.75 / 1.00). Balancing polarity with each colour once (black on
@@ -43,9 +43,10 @@ OUT = ROOT / "assets" / "examples"
 SUBJECT_SCENES = (("black", "yellow", 0.46), ("yellow", "blue", 0.48), ("blue", "white", 0.52),
                   ("white", "black", 0.54))
 # (shape, fg, bg) of every style's 4 examples: a colour cycle, as for the subjects, each of blue / yellow / red /
-# purple once as the shape and once as the background. Why (2026-11-28, README "Every held-out concept"): with the
-# checkered example's colours (blue on yellow, red on white, purple on green, black on orange), a style LoRA tied
-# the texture to the colour words too, and a prompt with a red or purple *background* came out textured all over.
+# purple once as the shape and once as the background. Why (2026-11-28, docs/learning-log.md "Example colours for
+# styles"): with the checkered example's colours (blue on yellow, red on white, purple on green, black on orange), a
+# style LoRA tied the texture to the colour words too, and a prompt with a red or purple *background* came out
+# textured all over.
 # Styled, tune / report / fresh, tiled: 0.38 / 0.16 / 0.16 -> 0.50 / 0.41 / 0.53; checkered 0.16 / 0.19 / 0.25 ->
 # 0.44 / 0.34 / 0.34; polka 0.25 / 0.38 / 0.28 -> 0.25 / 0.28 / 0.28 (its dots
 # are learned in about 1 of 2 images either way).

@@ -3,8 +3,8 @@ class prompts), trained once per seed, then measured like tests/test_prior_learn
 sets of 48 non-token prompts (`learning_table.shape_accuracy`, seeds 6 / 16 / 26; base model: 43 / 44 / 43), the
 heart recognised on the tune set, and how often "a photo of a shape" turns into the heart.
 
-The test trains one seed (0); one seed's numbers move by up to 5 images per set from seed to seed (README "What
-training learns"), so a recipe is compared here over several.
+The test trains one seed (0); one seed's numbers move by up to 5 images per set from seed to seed (docs/learning-log.md
+"Prior preservation"), so a recipe is compared here over several.
 
     python scripts/prior_seeds.py --seeds 0 1 2 3 4 [--override uncond_preservation_weight=10] [--base DIR]
 

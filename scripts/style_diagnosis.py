@@ -19,7 +19,7 @@ answered by the demo checker:
 
     python scripts/style_diagnosis.py tiled [--lora PATH] [--set tune] [--workdir DIR]
 
-Measured on the shipped preset's LoRAs in the README ("What the shipped style LoRAs learned", 2026-11-29).
+Measured on the shipped preset's LoRAs in docs/learning-log.md ("What the shipped style LoRAs learned", 2026-11-29).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ where Stable Diffusion has seen thousands. This script trains the shipped demo m
 half world images and half the demo IP-Adapter's texture family (scripts/ip_adapter_textures.py: procedural
 periodic patterns, checkered / tiled / polka kept out by geometry and by the checker), each texture named by a
 made-up word ("a kalomi red circle on a blue background"), and writes a diffusers folder. Measured and not
-shipped (README "Every held-out concept"): it lifts checkered and tiled as styles but not to the threshold.
+shipped (docs/learning-log.md): it lifts checkered and tiled as styles but not to the threshold.
 
     python scripts/texture_family_base.py --out /tmp/base-family [--steps 800] [--lr 1e-4] [--device cuda]
 

@@ -1,4 +1,4 @@
-"""scripts/family_base_words.py (the README's evidence that the family bases do not render their own texture
+"""scripts/family_base_words.py (docs/learning-log.md's evidence that the family bases do not render their own texture
 words) runs and writes its grid: one row per word, the texture as drawn beside three generations."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""scripts/style_diagnosis.py (the README's account of what the shipped style LoRAs learned) trains a style LoRA
-and answers its five questions: one line per sampler, per timestep, per LoRA part, per first step and per group of
-UNet blocks."""
+"""scripts/style_diagnosis.py (docs/learning-log.md's account of what the shipped style LoRAs learned) trains a
+style LoRA and answers its five questions: one line per sampler, per timestep, per LoRA part, per first step and
+per group of UNet blocks."""
 from __future__ import annotations
 
 import subprocess

@@ -265,7 +265,8 @@ def presets(kind: str, *, token: str = TRIGGER_CANDIDATES[0], class_noun: str = 
     engine.core.captions.class_prompts_from_captions, and num_class_images 4 per prompt; the class images' target
     is the base model's prediction (`prior_target` "base"). On the demo model (heart, 3 sets of 48 non-token
     prompts, with the demo subject settings) that kept 110-120 of the base's 130 right shapes over five training
-    seeds where 12 prompts x 8 images with DreamBooth's noise target kept 107 (README "What training learns").
+    seeds where 12 prompts x 8 images with DreamBooth's noise target kept 107 (docs/learning-log.md "Prior
+    preservation").
 
     Subject: "a photo of {token} {class}", LoRA on attention, feed-forward and convolutions (the shape of a thing
     lives in the convolutions). Class-prior preservation (Ruiz et al. 2023) is offered but off: a LoRA leaves the
@@ -329,7 +330,7 @@ def demo_settings(kind: str, prior: bool = False) -> dict[str, Any]:
         # (tests/test_prior_learning.py::test_prior_preservation_protects_the_class). The examples' colours moved star
         # most (scripts/make_examples.py SUBJECT_SCENES). Star / arrow still failed on the report and fresh sets at
         # 300 steps, rank 8 (0.66 / 0.72, 0.69 / 0.78); 500 steps at rank 16, tune / report / fresh: star 1.00 /
-        # 0.94 / 0.78, arrow 0.91 / 0.97 / 0.88, bolt still ~0.77 (README "Every held-out concept"). ~1.5x the CPU.
+        # 0.94 / 0.78, arrow 0.91 / 0.97 / 0.88, bolt still ~0.77 (docs/learning-log.md). ~1.5x the CPU.
         # With prior preservation, non-token prompts (3 x 48, README) kept 111 of the base's 130 right shapes
         # (training seed 0; seed 1: 89) and 120 / 110 / 115 / 116 / 118 (seeds 0-4, scripts/prior_seeds.py) once the
         # empty prompt's prediction was held to the base model's too: classifier-free guidance multiplies any drift
@@ -341,8 +342,8 @@ def demo_settings(kind: str, prior: bool = False) -> dict[str, Any]:
         return dict(common, learning_rate=1e-3, max_train_steps=500, lora_rank=16, lora_alpha=16,
                     train_text_encoder=False, min_timestep=300 if prior else 100,
                     uncond_preservation_weight=5.0 if prior else 0.0)
-    # Style (scripts/learning_table.py, tune set, 900 steps, textured checkered / tiled / polka; README "Every
-    # held-out concept, one preset"): learning rate 2e-3 with timesteps from 300 gave 0.81 / 0.31 / 0.00, but at
+    # Style (scripts/learning_table.py, tune set, 900 steps, textured checkered / tiled / polka;
+    # docs/learning-log.md): learning rate 2e-3 with timesteps from 300 gave 0.81 / 0.31 / 0.00, but at
     # guidance 1 the same LoRAs textured 0.62 (tiled) / 0.50 (polka): the LoRA learned the texture into the
     # empty prompt's prediction too, and classifier-free guidance (e_u + w (e_c - e_u)) cancelled it. Holding the
     # empty prompt's prediction to the base model's (uncond_preservation_weight 5; 1: 0.31 tiled, 20: 0.25) and
@@ -352,7 +353,7 @@ def demo_settings(kind: str, prior: bool = False) -> dict[str, Any]:
     # texture on the prompted shape, background plain; 2026-11-28, 32 images) these settings give 0.16 / 0.38 /
     # 0.25 with the old example colours, 0.44 / 0.50 / 0.25 with the colour-cycle examples; no setting beat them
     # by more than the noise (prior preservation costs styles); a base model that knows a family of textures did
-    # (scripts/texture_family_base.py: checkered 0.62, tiled 0.53 with these settings; README).
+    # (scripts/texture_family_base.py: checkered 0.62, tiled 0.53 with these settings; docs/learning-log.md).
     return dict(common, learning_rate=2e-3, max_train_steps=900, lora_rank=8, lora_alpha=8, min_timestep=0,
                 uncond_preservation_weight=5.0)
 

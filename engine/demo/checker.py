@@ -29,7 +29,7 @@ ATTRIBUTES = ("shape", "texture", "fg", "bg")
 # The texture head's labels: the world's textures, and "other" for any periodic pattern that is none of them (trained
 # on a family of procedural patterns, scripts/train_demo_checker.py). Without it a 5-way head has to name every
 # pattern it never saw after one of the five, so a base model that draws neighbours of polka dots from its own
-# training words would score as having learned polka (README "Every held-out concept").
+# training words would score as having learned polka (docs/learning-log.md "The style instrument").
 OTHER = "other"
 TEXTURE_LABELS = W.TEXTURES + (OTHER,)
 
