@@ -7,8 +7,10 @@ The test trains one seed (0); one seed's numbers move by up to 5 images per set 
 "Prior preservation"), so a recipe is compared here over several.
 
     python scripts/prior_seeds.py --seeds 0 1 2 3 4 [--override uncond_preservation_weight=10] [--base DIR]
+    python scripts/prior_seeds.py --seeds 1 3 --every 100   # + the LoRA of every 100 steps (one line each)
 
-About 5 CPU minutes per seed on one thread (training ~140 s, 176 images generated and checked).
+About 5 CPU minutes per seed on one thread (training ~140 s, 176 images generated and checked), ~2.5 more per
+measured checkpoint.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.learning_table import (Probe, _value, class_prompt_heart, measure, right_shapes,  # noqa: E402
-                                    train_concept)
+from scripts.learning_table import (Probe, _value, checkpoint_loras, class_prompt_heart, measure,  # noqa: E402
+                                    right_shapes, train_concept)
 
 
 def main() -> None:
@@ -37,9 +39,13 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, help="keep the runs (and the shared class images) here")
     ap.add_argument("--base", default="", help="a diffusers folder to train on (default: the bundled demo model)")
     ap.add_argument("--measure-base", action="store_true", help="also measure the base model's right shapes")
+    ap.add_argument("--every", type=int, default=0, metavar="N",
+                    help="also measure the LoRA of every N steps (evaluated checkpoints, 1 eval seed)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     overrides = {k: _value(v) for k, v in (o.split("=", 1) for o in args.override)}
+    if args.every:
+        overrides = {"checkpointing_steps": args.every, "eval_seeds": 1, **overrides}
     base = load_base_model(args.base or None)
     probe = Probe(base, DemoChecker.load())
     if args.measure_base:
@@ -50,13 +56,15 @@ def main() -> None:
             t0 = time.time()
             lora = train_concept(base, "heart", args.workdir or Path(tmp), prior=True,
                                  overrides={**overrides, "seed": seed})
-            probe.use(lora)
-            right = right_shapes(probe)
-            heart = measure(probe, lora, "heart", "tune")["recognised"]
-            drift = class_prompt_heart(probe)
-            print(json.dumps({"seed": seed, "overrides": overrides, "right": right, "total": sum(right),
-                              "heart": heart, "class_prompt_heart": drift, "wall_s": round(time.time() - t0)}),
-                  flush=True)
+            steps = checkpoint_loras(lora.parents[1]) if args.every else []
+            for step, f in [*steps, ("final", lora)]:
+                probe.use(f)
+                right = right_shapes(probe)
+                heart = measure(probe, f, "heart", "tune")["recognised"]
+                drift = class_prompt_heart(probe)
+                print(json.dumps({"seed": seed, "step": step, "overrides": overrides, "right": right,
+                                  "total": sum(right), "heart": heart, "class_prompt_heart": drift,
+                                  "wall_s": round(time.time() - t0)}), flush=True)
 
 
 if __name__ == "__main__":
