@@ -7,7 +7,7 @@ The test trains one seed (0); one seed's numbers move by up to 5 images per set 
 "Prior preservation"), so a recipe is compared here over several.
 
     python scripts/prior_seeds.py --seeds 0 1 2 3 4 [--override uncond_preservation_weight=10] [--base DIR]
-    python scripts/prior_seeds.py --seeds 1 3 --every 100   # + the LoRA of every 100 steps (one line each)
+    python scripts/prior_seeds.py --seeds 1 3 --every 100   # the LoRA of every 100 steps, one line each
 
 About 5 CPU minutes per seed on one thread (training ~140 s, 176 images generated and checked), ~2.5 more per
 measured checkpoint.
@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.learning_table import (Probe, _value, checkpoint_loras, class_prompt_heart, measure,  # noqa: E402
-                                    right_shapes, train_concept)
+from scripts.learning_table import (Probe, _value, checkpoint_loras, class_prompt_heart, config_for,  # noqa: E402
+                                    measure, right_shapes, train_concept)
 
 
 def main() -> None:
@@ -57,7 +57,10 @@ def main() -> None:
             lora = train_concept(base, "heart", args.workdir or Path(tmp), prior=True,
                                  overrides={**overrides, "seed": seed})
             steps = checkpoint_loras(lora.parents[1]) if args.every else []
-            for step, f in [*steps, ("final", lora)]:
+            last = config_for("heart", prior=True, overrides={**overrides, "seed": seed}).max_train_steps
+            if not steps or steps[-1][0] != last:  # a checkpoint at the last step is the final LoRA: measured once
+                steps.append(("final", lora))
+            for step, f in steps:
                 probe.use(f)
                 right = right_shapes(probe)
                 heart = measure(probe, f, "heart", "tune")["recognised"]
