@@ -11,7 +11,7 @@ images (the denoising loss of their captions), everything else frozen, then meas
 If the best message does not make new shapes textured, no image encoder and no better adapter training can: the
 base model cannot draw that texture from conditioning, and the fix has to be in the base model.
 
-    python scripts/conditioning_ceiling.py checkered --via adapter [--base DIR] [--steps 800] [--lr 0.3]
+    python scripts/conditioning_ceiling.py checkered --via adapter [--base DIR --adapter DIR] [--steps 800] [--lr 0.3]
 
 Prints one JSON line: `examples` (texture rate on the 4 training captions, 8 seeds each: did the fit work at all),
 and per seed set textured / shape kept / styled on the learning table's style prompts (ring, cross, new colours).
@@ -65,14 +65,15 @@ def text_message(c, captions):
     return [emb.weight], lambda: (c.text_encoder(ids)[0], None), restore
 
 
-def adapter_message(c, images, captions):
-    """The image embedding of the demo IP-Adapter (every block, strength 1); captions without the trigger."""
+def adapter_message(c, images, captions, folder: Path | None = None):
+    """The image embedding of the demo IP-Adapter (or the one in `folder`; every block, strength 1); captions
+    without the trigger."""
     from PIL import Image
 
     from engine.generate.sampler import encode_prompts
     from engine.styles.instant import DEMO_IP_ADAPTER, IPAdapterHook, combine_embeds, load_adapter
 
-    adapter = load_adapter(DEMO_IP_ADAPTER)
+    adapter = load_adapter(folder or DEMO_IP_ADAPTER)
     hook = IPAdapterHook(c.unet)
     hook.attach(adapter)
     hook.set_scale(1.0, None)
@@ -102,6 +103,8 @@ def main() -> None:
     ap.add_argument("concept", choices=W.HELD_OUT_TEXTURES)
     ap.add_argument("--via", choices=("text", "adapter"), default="text")
     ap.add_argument("--base", default="", help="a diffusers folder (default: the bundled demo model)")
+    ap.add_argument("--adapter", type=Path, help="--via adapter: an IP-Adapter folder trained for --base "
+                    "(scripts/train_demo_ip_adapter.py --base DIR; default: the bundled demo IP-Adapter)")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--sets", default="tune", help="comma-separated seed sets of the learning table")
@@ -117,7 +120,7 @@ def main() -> None:
     images, captions = LT.example_files(a.concept)
     z = example_latents(c, images)
     params, condition, after_step = (text_message(c, captions) if a.via == "text"
-                                     else adapter_message(c, images, captions))
+                                     else adapter_message(c, images, captions, a.adapter))
     sched = DDPMScheduler.from_config(c.scheduler.config)
     opt = torch.optim.Adam(params, lr=a.lr)
     t0 = time.time()

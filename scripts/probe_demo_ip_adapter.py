@@ -7,6 +7,8 @@ content), the checker's rate of the reference texture (and its mean probability)
 the reference's shape.
 
 Usage: python scripts/probe_demo_ip_adapter.py [--adapter assets/demo-ip-adapter] [--styles 8] [--strength 1.0]
+       [--base DIR]  (a demo-world base other than the bundled one, with an adapter trained for it:
+                      scripts/train_demo_ip_adapter.py --base DIR)
 """
 from __future__ import annotations
 
@@ -33,10 +35,12 @@ def main() -> None:
     ap.add_argument("--textures", default="checkered,striped")
     ap.add_argument("--strength", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=700)
+    ap.add_argument("--base", type=Path, help="the model the adapter was trained for (default: the demo model)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="probe-ip-"))
-    eng = Engine(Settings(data_dir=str(tmp / "data"), ip_adapter=str(a.adapter.resolve())))
+    eng = Engine(Settings(data_dir=str(tmp / "data"), ip_adapter=str(a.adapter.resolve()),
+                          model=str(a.base.resolve()) if a.base else ""))
     checker = DemoChecker.load()
     for texture in a.textures.split(","):
         rng = random.Random(f"{a.seed}-{texture}")
