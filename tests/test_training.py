@@ -342,3 +342,35 @@ def test_uncond_preservation_starts_at_zero_and_changes_training_only_when_on(ti
     a, b = (__import__("safetensors.torch").torch.load_file(str(r.lora_path)) for r in (off, on))
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
     assert on.losses[0] == pytest.approx(off.losses[0], rel=1e-5)  # same first step: the term adds ~0
+
+
+def test_adapters_off_bypasses_every_lora_layer_and_touches_nothing_else(tiny_sd):
+    """The base-model passes (prior target, empty prompt, on-policy) run with every LoRA layer bypassed: the output
+    is the UNet's without LoRA exactly, the LoRA is back afterwards, and no adapter weight's requires_grad changes
+    (a frozen one stays frozen); with gradients on it refuses, since it does not freeze the adapters."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from engine.train.state import adapters_off
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    enc = torch.randn(1, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = unet(x, t, enc).sample
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_v"]))
+    lora = [p for n, p in unet.named_parameters() if "lora_" in n]
+    with torch.no_grad():
+        for p in lora:
+            p.add_(0.1)  # LoRA B starts at 0: move it, so the LoRA changes the output
+        lora[0].requires_grad_(False)
+        with_lora = unet(x, t, enc).sample
+        with adapters_off(unet) as off:
+            bypassed = off(x, t, enc).sample
+        after = unet(x, t, enc).sample
+    assert not torch.allclose(with_lora, base, atol=1e-4)
+    assert torch.equal(bypassed, base) and torch.equal(after, with_lora)
+    assert [p.requires_grad for p in lora] == [False] + [True] * (len(lora) - 1)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        with adapters_off(unet):
+            pass
