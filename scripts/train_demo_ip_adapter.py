@@ -92,6 +92,23 @@ def make_pair(rng: random.Random, content: bool, family: TextureFamily):
     return family.draw(ref, texture, rng), family.draw(tgt, texture, rng), cap
 
 
+class WithHeldOut:
+    """Diagnostic only (`--diagnostic-include`): the family, plus one held-out texture in `share` of the adapter
+    stage's pairs (not in the encoder's warm-up). It answers "would the adapter pass that texture if it had seen
+    it?"; an adapter trained so can say nothing about unseen textures, and is never written into assets/."""
+
+    def __init__(self, family: TextureFamily, texture: str, share: float):
+        self.family, self.texture, self.share = family, texture, share
+
+    def sample(self, rng: random.Random) -> str:
+        return self.texture if rng.random() < self.share else self.family.sample(rng)
+
+    def draw(self, scene: W.Scene, texture: str, rng: random.Random):
+        if texture == self.texture:
+            return W.draw(W.Scene(**{**scene.__dict__, "texture": texture}))
+        return self.family.draw(scene, texture, rng)
+
+
 def pretrain_encoder(enc, family: TextureFamily, steps: int, batch: int, seed: int, seconds: float,
                      plus: bool = False) -> None:
     """Stage 1: teach the tiny encoder what a scene is made of with linear heads on its projected embedding: a
@@ -236,9 +253,14 @@ def main() -> None:
     ap.add_argument("--unet-lr", type=float, default=0.0,
                     help="experiment: also train the UNet's own weights at this rate (saved to OUT/unet; the "
                          "adapter then only works with that UNet); 0 (default): frozen, as IP-Adapter")
+    ap.add_argument("--diagnostic-include", choices=W.HELD_OUT_TEXTURES,
+                    help="diagnostic: put this held-out texture into 1/16 of the adapter stage's pairs (never for "
+                         "an adapter that is shipped; refused for an --out under assets/)")
     ap.add_argument("--image-dropout", type=float, default=0.1,
                     help="share of samples with the unconditional image condition (for classifier-free guidance)")
     a = ap.parse_args()
+    if a.diagnostic_include and (REPO / "assets") in a.out.resolve().parents:
+        ap.error("--diagnostic-include trains on a held-out texture: write it outside assets/")
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -259,6 +281,7 @@ def main() -> None:
     print(f"texture family: {len(family.family)} procedural + {family.kept_hand_written} (+ solid); rejected "
           f"{family.rejected}; nearest to the held-out textures: {family.nearest}", flush=True)
     pretrain_encoder(enc, family, a.encoder_steps, 64, a.seed, a.encoder_seconds, plus=a.plus_tokens > 0)
+    pairs = WithHeldOut(family, a.diagnostic_include, 1 / 16) if a.diagnostic_include else family
     plus = a.plus_tokens > 0
     image_dim = vision["hidden_size"] if plus else vision["projection_dim"]
     unet._load_ip_adapter_weights([build_initial_state(unet, image_dim, a.plus_tokens)])
@@ -304,7 +327,7 @@ def main() -> None:
         style_step = rng.random() < a.style_fraction
         for name, proc in ip_procs.items():
             proc.scale = [1.0 if not style_step or name.startswith(style_blocks) else 0.0]
-        refs, tgts, caps = zip(*[make_pair(rng, not style_step, family) for _ in range(a.batch)])
+        refs, tgts, caps = zip(*[make_pair(rng, not style_step, pairs) for _ in range(a.batch)])
         caps = [c if rng.random() > 0.1 else "" for c in caps]
         with torch.no_grad():
             ids = tok(list(caps), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -355,7 +378,8 @@ def main() -> None:
          "batch": a.batch, "lr": a.lr, "seed": a.seed, "threads": a.threads, "vision_config": vision,
          "textures": {"solid": 0.1, "striped": 0.1, "hand_written": family.kept_hand_written[1:],
                       "hand_written_share": 0.2, "procedural": len(family.family), "procedural_share": 0.6},
-         "held_out": list(W.HELD_OUT_TEXTURES), "family_rejected": family.rejected,
+         "held_out": list(W.HELD_OUT_TEXTURES), "diagnostic_included": a.diagnostic_include or None,
+         "family_rejected": family.rejected,
          "nearest_hamming_distance": {k: round(v, 4) for k, v in family.nearest.items()},
          "style_fraction": a.style_fraction, "unet_lr": a.unet_lr, "image_dropout": a.image_dropout,
          "image_proj": f"plus ({a.plus_tokens} tokens)" if plus else "basic (4 tokens)", "style_blocks": list(style_blocks)}, indent=1))
