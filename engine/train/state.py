@@ -167,8 +167,9 @@ def adapters_off(module: torch.nn.Module):
     """Run `module` as the base model: every peft LoRA layer in it bypassed, then switched back on (a module
     without LoRA layers is unchanged). Only for passes under torch.no_grad(): it flips the layers' bypass flag (what
     peft's LoRA forward reads) and not, as BaseTunerLayer.enable_adapters does, every adapter weight's requires_grad,
-    which walks each layer's modules and cost ~8 ms a call, 2-4 calls a step (~8% of a prior-preservation run on CPU,
-    profiled 2026-11-29); it also leaves a frozen adapter frozen."""
+    which walks each layer's modules and cost ~8 ms a call, 2-4 calls a step (~9% of a prior-preservation run on CPU,
+    profiled 2026-11-29); it also leaves a frozen adapter frozen. The flag is peft's private `_disable_adapters`
+    (peft pinned to 0.21.2; tests/test_training.py checks the bypass is exact)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if torch.is_grad_enabled():
