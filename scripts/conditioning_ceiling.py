@@ -7,11 +7,17 @@ images (the denoising loss of their captions), everything else frozen, then meas
 - `--via text`: textual inversion (Gal et al. 2022, eq. 2): only the trigger's row of the token embedding trains.
 - `--via adapter`: the image embedding fed to the demo IP-Adapter (every block on, strength 1), starting from the
   embedding of the first two examples; the captions lose the trigger, as in instant style.
+- `--via pathway`: the adapter's own layers as well (the image projection and every `to_k_ip` / `to_v_ip`), i.e.
+  the best a decoupled cross-attention of this size can do for this one texture with the UNet frozen: an upper
+  bound for any IP-Adapter trained on many textures. `--blocks style` injects (and trains) only InstantStyle's
+  style blocks, as "style only" does. `--via tokens`: the image projection but not the keys / values (are the
+  adapter's keys and values able to carry the texture, given the right tokens?).
 
 If the best message does not make new shapes textured, no image encoder and no better adapter training can: the
 base model cannot draw that texture from conditioning, and the fix has to be in the base model.
 
-    python scripts/conditioning_ceiling.py checkered --via adapter [--base DIR --adapter DIR] [--steps 800] [--lr 0.3]
+    python scripts/conditioning_ceiling.py checkered --via adapter|pathway [--blocks style] [--base DIR
+        --adapter DIR] [--steps 800] [--lr 0.3]
 
 Prints one JSON line: `examples` (texture rate on the 4 training captions, 8 seeds each: did the fit work at all),
 and per seed set textured / shape kept / styled on the learning table's style prompts (ring, cross, new colours).
@@ -65,23 +71,33 @@ def text_message(c, captions):
     return [emb.weight], lambda: (c.text_encoder(ids)[0], None), restore
 
 
-def adapter_message(c, images, captions, folder: Path | None = None):
-    """The image embedding of the demo IP-Adapter (or the one in `folder`; every block, strength 1); captions
-    without the trigger."""
+def adapter_message(c, images, captions, folder: Path | None = None, train: str = "embedding",
+                    style_only: bool = False):
+    """The image embedding of the demo IP-Adapter (or the one in `folder`; every block or the style blocks,
+    strength 1), with `train` "tokens" its projection too, with "pathway" also its keys and values; captions without
+    the trigger."""
     from PIL import Image
 
     from engine.generate.sampler import encode_prompts
-    from engine.styles.instant import DEMO_IP_ADAPTER, IPAdapterHook, combine_embeds, load_adapter
+    from engine.styles.instant import DEMO_IP_ADAPTER, STYLE_BLOCKS, IPAdapterHook, combine_embeds, load_adapter
 
     adapter = load_adapter(folder or DEMO_IP_ADAPTER)
     hook = IPAdapterHook(c.unet)
     hook.attach(adapter)
-    hook.set_scale(1.0, None)
+    hook.set_scale(1.0, STYLE_BLOCKS["demo"] if style_only else None)
     c.unet.requires_grad_(False)
     e = torch.nn.Parameter(combine_embeds(adapter.embed([Image.open(p).convert("RGB") for p in images[:2]])))
+    params = [e]
+    if train != "embedding":  # the projection, and for "pathway" the decoupled keys / values of the blocks on
+        params += list(c.unet.encoder_hid_proj.parameters())
+        for name, proc in c.unet.attn_processors.items():
+            if train == "pathway" and hasattr(proc, "to_k_ip") and proc.scale[0] > 0:
+                params += list(proc.to_k_ip.parameters()) + list(proc.to_v_ip.parameters())
+        for q in params[1:]:
+            q.requires_grad_(True)
     with torch.no_grad():
         enc = encode_prompts(c, without_trigger(captions))
-    return [e], lambda: (enc, {"image_embeds": [e.unsqueeze(1).expand(len(enc), 1, -1)]}), lambda: None
+    return params, lambda: (enc, {"image_embeds": [e.unsqueeze(1).expand(len(enc), 1, -1)]}), lambda: None
 
 
 def rates(checker, concept, images, shapes, backgrounds) -> dict[str, float]:
@@ -101,12 +117,16 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("concept", choices=W.HELD_OUT_TEXTURES)
-    ap.add_argument("--via", choices=("text", "adapter"), default="text")
+    ap.add_argument("--via", choices=("text", "adapter", "tokens", "pathway"), default="text")
+    ap.add_argument("--blocks", choices=("all", "style"), default="all", help="--via adapter / pathway: the image "
+                    "tokens in every cross-attention block, or in the style blocks only (\"style only\")")
     ap.add_argument("--base", default="", help="a diffusers folder (default: the bundled demo model)")
     ap.add_argument("--adapter", type=Path, help="--via adapter: an IP-Adapter folder trained for --base "
                     "(scripts/train_demo_ip_adapter.py --base DIR; default: the bundled demo IP-Adapter)")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--layer-lr", type=float, default=1e-3, help="--via tokens / pathway: the adapter "
+                    "layers' rate")
     ap.add_argument("--sets", default="tune", help="comma-separated seed sets of the learning table")
     ap.add_argument("--save", type=Path, help="--via text: write the base folder with the inverted trigger here "
                                                "(a pivot for a LoRA run: scripts/lever_sweep.py job's base)")
@@ -120,9 +140,11 @@ def main() -> None:
     images, captions = LT.example_files(a.concept)
     z = example_latents(c, images)
     params, condition, after_step = (text_message(c, captions) if a.via == "text"
-                                     else adapter_message(c, images, captions, a.adapter))
+                                     else adapter_message(c, images, captions, a.adapter,
+                                                          {"adapter": "embedding"}.get(a.via, a.via),
+                                                          a.blocks == "style"))
     sched = DDPMScheduler.from_config(c.scheduler.config)
-    opt = torch.optim.Adam(params, lr=a.lr)
+    opt = torch.optim.Adam([{"params": params[:1]}, {"params": params[1:], "lr": a.layer_lr}], lr=a.lr)
     t0 = time.time()
     for _ in range(a.steps):  # the denoising loss of the 4 examples (v or epsilon, as the base model predicts)
         noise, t = torch.randn_like(z), torch.randint(0, sched.config.num_train_timesteps, (len(z),))
@@ -146,7 +168,8 @@ def main() -> None:
         return [np.asarray(im) for im in to_pil(out)]
 
     ex = [(captions if prefix else without_trigger(captions))[i % 4] for i in range(32)]
-    row = {"concept": a.concept, "via": a.via, "base": a.base, "steps": a.steps, "lr": a.lr,
+    row = {"concept": a.concept, "via": a.via, "blocks": a.blocks, "base": a.base, "steps": a.steps, "lr": a.lr,
+           "layer_lr": a.layer_lr if a.via in ("tokens", "pathway") else None,
            "fit_s": round(time.time() - t0),
            "examples": float(np.mean([p["texture"] == a.concept for p in checker.predict(draw(ex, 300))]))}
     for s in a.sets.split(","):

@@ -254,8 +254,9 @@ def main() -> None:
                     help="experiment: also train the UNet's own weights at this rate (saved to OUT/unet; the "
                          "adapter then only works with that UNet); 0 (default): frozen, as IP-Adapter")
     ap.add_argument("--diagnostic-include", choices=W.HELD_OUT_TEXTURES,
-                    help="diagnostic: put this held-out texture into 1/16 of the adapter stage's pairs (never for "
-                         "an adapter that is shipped; refused for an --out under assets/)")
+                    help="diagnostic: put this held-out texture into --diagnostic-share of the adapter stage's "
+                         "pairs (never for an adapter that is shipped; refused for an --out under assets/)")
+    ap.add_argument("--diagnostic-share", type=float, default=1 / 16)
     ap.add_argument("--image-dropout", type=float, default=0.1,
                     help="share of samples with the unconditional image condition (for classifier-free guidance)")
     a = ap.parse_args()
@@ -281,7 +282,7 @@ def main() -> None:
     print(f"texture family: {len(family.family)} procedural + {family.kept_hand_written} (+ solid); rejected "
           f"{family.rejected}; nearest to the held-out textures: {family.nearest}", flush=True)
     pretrain_encoder(enc, family, a.encoder_steps, 64, a.seed, a.encoder_seconds, plus=a.plus_tokens > 0)
-    pairs = WithHeldOut(family, a.diagnostic_include, 1 / 16) if a.diagnostic_include else family
+    pairs = WithHeldOut(family, a.diagnostic_include, a.diagnostic_share) if a.diagnostic_include else family
     plus = a.plus_tokens > 0
     image_dim = vision["hidden_size"] if plus else vision["projection_dim"]
     unet._load_ip_adapter_weights([build_initial_state(unet, image_dim, a.plus_tokens)])
@@ -379,6 +380,7 @@ def main() -> None:
          "textures": {"solid": 0.1, "striped": 0.1, "hand_written": family.kept_hand_written[1:],
                       "hand_written_share": 0.2, "procedural": len(family.family), "procedural_share": 0.6},
          "held_out": list(W.HELD_OUT_TEXTURES), "diagnostic_included": a.diagnostic_include or None,
+         "diagnostic_share": a.diagnostic_share if a.diagnostic_include else None,
          "family_rejected": family.rejected,
          "nearest_hamming_distance": {k: round(v, 4) for k, v in family.nearest.items()},
          "style_fraction": a.style_fraction, "unet_lr": a.unet_lr, "image_dropout": a.image_dropout,
