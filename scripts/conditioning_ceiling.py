@@ -13,10 +13,11 @@ images (the denoising loss of their captions), everything else frozen, then meas
   style blocks, as "style only" does. `--via tokens`: the image projection but not the keys / values (are the
   adapter's keys and values able to carry the texture, given the right tokens?).
 
-If the best message does not make new shapes textured, no image encoder and no better adapter training can: the
-base model cannot draw that texture from conditioning, and the fix has to be in the base model.
+If the best message does not make new shapes textured, no image encoder can through those layers; if even `pathway`
+does not, no IP-Adapter of this size can, and the fix has to be in the base model (for checkered on the demo model,
+text and embedding reach nothing, pathway 0.72 / 0.75: README "Instant style").
 
-    python scripts/conditioning_ceiling.py checkered --via adapter|pathway [--blocks style] [--base DIR
+    python scripts/conditioning_ceiling.py checkered --via adapter|tokens|pathway [--blocks style] [--base DIR
         --adapter DIR] [--steps 800] [--lr 0.3]
 
 Prints one JSON line: `examples` (texture rate on the 4 training captions, 8 seeds each: did the fit work at all),
@@ -90,7 +91,7 @@ def adapter_message(c, images, captions, folder: Path | None = None, train: str 
     params = [e]
     if train != "embedding":  # the projection, and for "pathway" the decoupled keys / values of the blocks on
         params += list(c.unet.encoder_hid_proj.parameters())
-        for name, proc in c.unet.attn_processors.items():
+        for proc in c.unet.attn_processors.values():
             if train == "pathway" and hasattr(proc, "to_k_ip") and proc.scale[0] > 0:
                 params += list(proc.to_k_ip.parameters()) + list(proc.to_v_ip.parameters())
         for q in params[1:]:
@@ -118,10 +119,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("concept", choices=W.HELD_OUT_TEXTURES)
     ap.add_argument("--via", choices=("text", "adapter", "tokens", "pathway"), default="text")
-    ap.add_argument("--blocks", choices=("all", "style"), default="all", help="--via adapter / pathway: the image "
+    ap.add_argument("--blocks", choices=("all", "style"), default="all", help="--via adapter / tokens / pathway: the image "
                     "tokens in every cross-attention block, or in the style blocks only (\"style only\")")
     ap.add_argument("--base", default="", help="a diffusers folder (default: the bundled demo model)")
-    ap.add_argument("--adapter", type=Path, help="--via adapter: an IP-Adapter folder trained for --base "
+    ap.add_argument("--adapter", type=Path, help="--via adapter / tokens / pathway: an IP-Adapter folder trained for --base "
                     "(scripts/train_demo_ip_adapter.py --base DIR; default: the bundled demo IP-Adapter)")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--lr", type=float, default=0.05)

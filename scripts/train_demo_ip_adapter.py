@@ -256,7 +256,8 @@ def main() -> None:
     ap.add_argument("--diagnostic-include", choices=W.HELD_OUT_TEXTURES,
                     help="diagnostic: put this held-out texture into --diagnostic-share of the adapter stage's "
                          "pairs (never for an adapter that is shipped; refused for an --out under assets/)")
-    ap.add_argument("--diagnostic-share", type=float, default=1 / 16)
+    ap.add_argument("--diagnostic-share", type=float, default=1 / 16,
+                    help="with --diagnostic-include: the share of pairs drawn in that texture (default 1/16)")
     ap.add_argument("--image-dropout", type=float, default=0.1,
                     help="share of samples with the unconditional image condition (for classifier-free guidance)")
     a = ap.parse_args()
