@@ -72,11 +72,11 @@ def text_message(c, captions):
     return [emb.weight], lambda: (c.text_encoder(ids)[0], None), restore
 
 
-def adapter_message(c, images, captions, folder: Path | None = None, train: str = "embedding",
+def adapter_message(c, images, captions, folder: Path | None = None, train: str = "adapter",
                     style_only: bool = False):
     """The image embedding of the demo IP-Adapter (or the one in `folder`; every block or the style blocks,
-    strength 1), with `train` "tokens" its projection too, with "pathway" also its keys and values; captions without
-    the trigger."""
+    strength 1); `train` (the --via route) "tokens" fits its projection too, "pathway" also its keys and values;
+    captions without the trigger."""
     from PIL import Image
 
     from engine.generate.sampler import encode_prompts
@@ -89,7 +89,7 @@ def adapter_message(c, images, captions, folder: Path | None = None, train: str 
     c.unet.requires_grad_(False)
     e = torch.nn.Parameter(combine_embeds(adapter.embed([Image.open(p).convert("RGB") for p in images[:2]])))
     params = [e]
-    if train != "embedding":  # the projection, and for "pathway" the decoupled keys / values of the blocks on
+    if train != "adapter":  # the projection, and for "pathway" the decoupled keys / values of the blocks on
         params += list(c.unet.encoder_hid_proj.parameters())
         for proc in c.unet.attn_processors.values():
             if train == "pathway" and hasattr(proc, "to_k_ip") and proc.scale[0] > 0:
@@ -141,8 +141,7 @@ def main() -> None:
     images, captions = LT.example_files(a.concept)
     z = example_latents(c, images)
     params, condition, after_step = (text_message(c, captions) if a.via == "text"
-                                     else adapter_message(c, images, captions, a.adapter,
-                                                          {"adapter": "embedding"}.get(a.via, a.via),
+                                     else adapter_message(c, images, captions, a.adapter, a.via,
                                                           a.blocks == "style"))
     sched = DDPMScheduler.from_config(c.scheduler.config)
     opt = torch.optim.Adam([{"params": params[:1]}, {"params": params[1:], "lr": a.layer_lr}], lr=a.lr)

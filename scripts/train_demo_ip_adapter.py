@@ -263,6 +263,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.diagnostic_include and (REPO / "assets") in a.out.resolve().parents:
         ap.error("--diagnostic-include trains on a held-out texture: write it outside assets/")
+    if not 0.0 < a.diagnostic_share <= 1.0:
+        ap.error("--diagnostic-share is a share of the pairs: give a number above 0 and at most 1")
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

@@ -72,7 +72,7 @@ def test_pathway_ceiling_trains_the_adapter_layers_of_the_blocks_on_and_never_th
         c.unet(z, torch.full((len(z),), 500), states, added_cond_kwargs=added).sample.pow(2).mean().backward()
         opt.step()
         moved = {k for k, v in c.unet.state_dict().items() if not torch.equal(v, before[k])}
-        assert moved and all(k in before for k in moved)
+        assert moved
         assert not moved & own.keys()  # the UNet's own weights untouched
         proj = {k for k in moved if k.startswith("encoder_hid_proj.")}
         kv = moved - proj
