@@ -3,7 +3,9 @@
 A real IP-Adapter sees millions of images, so any new style has near neighbours in its training data. The demo
 adapter's stand-in is a *family* of textures: random binary tiles of 2..8 px periods (random cells, stripes,
 separable products of two 1-D patterns, slanted stripes), pixel-aligned, with a random phase per image, plus the
-hand-written adapter-only textures and the two the demo model knows (solid, striped).
+hand-written adapter-only textures and the two the demo model knows (solid, striped). With `latent_share` > 0 that
+share of the tiles is drawn on 2 px cells (one latent pixel of the demo VAE, moved only by whole cells), the scale
+at which the held-out checkered alternates (scripts/train_demo_ip_adapter.py --latent-share).
 
 The world's held-out textures (W.HELD_OUT_TEXTURES: checkered, tiled, polka) stay out, checked twice:
 1. geometry: a candidate's pixel mask is compared with each held-out texture's, and with checkerboards of every
@@ -74,8 +76,10 @@ def held_out_pixels(texture: str, n: int) -> np.ndarray:
     return _to_pixels((fill != rgb).any(axis=-1))
 
 
-def random_tile(rng: random.Random) -> np.ndarray:
-    """A random binary tile (py x px cells of 1 px, periods 2..8) from one of four generators."""
+def random_tile(rng: random.Random, cell: int = 1) -> np.ndarray:
+    """A random binary tile (py x px cells of `cell` px, periods 2..8 cells) from one of four generators."""
+    if cell > 1:  # the same generators on a coarser grid: each cell one latent pixel of the demo VAE at cell=2
+        return np.kron(random_tile(rng), np.ones((cell, cell), bool))
     kind = rng.choice(("cells", "stripes", "product", "product", "slant"))
     py, px = rng.randint(2, 8), rng.randint(2, 8)
     if kind == "stripes":  # horizontal or vertical stripes of any period and duty
@@ -151,9 +155,11 @@ class TextureFamily:
     """The training textures: names for the world's and hand-written ones, "fam<i>" for procedural tiles, "stag<i>"
     for the `neighbours` staggered bricks / dots (scripts/texture_family_base.py --neighbours)."""
 
-    def __init__(self, pool: int, seed: int, checker=None, neighbours: int = 0):
+    def __init__(self, pool: int, seed: int, checker=None, neighbours: int = 0, latent_share: float = 0.0):
         rng = random.Random(f"texture-family-{seed}")
+        cell_rng = random.Random(f"texture-cells-{seed}")  # its own stream: latent_share=0 draws the old family
         self.tiles: dict[str, np.ndarray] = {}
+        self.cell: dict[str, int] = {}  # a tile's cell size: its phase moves in whole cells (latent-aligned at 2)
         self.rejected = {"geometry": 0, "checker": 0, "duplicate": 0}
         self.distance: dict[str, float] = {}
         seen = set()
@@ -166,7 +172,8 @@ class TextureFamily:
         tries = 0
         while len(self.tiles) < pool and tries < pool * 20:
             tries += 1
-            tile = random_tile(rng)
+            cell = 2 if cell_rng.random() < latent_share else 1
+            tile = random_tile(rng, cell)
             m = tile_pixels(tile, 32)
             key = m.tobytes()
             if key in seen or m.all() or not m.any():
@@ -176,6 +183,7 @@ class TextureFamily:
             name = f"fam{len(self.tiles)}"
             if self._admit(name, m, checker, rng, tile):
                 self.tiles[name] = tile
+                self.cell[name] = cell
         if neighbours:  # staggered bricks and dots (scripts/staggered_neighbours.py), the nearest of tiled / polka
             from scripts.staggered_neighbours import candidates
 
@@ -237,7 +245,8 @@ class TextureFamily:
             return W.draw(W.Scene(**{**scene.__dict__, "texture": "solid"}))
         big = W.SIZE * SS
         if tile is not None:
-            m = tile_pixels(tile, W.SIZE, rng.randrange(tile.shape[0]), rng.randrange(tile.shape[1]))
+            c = self.cell.get(texture, 1)
+            m = tile_pixels(tile, W.SIZE, c * rng.randrange(tile.shape[0] // c), c * rng.randrange(tile.shape[1] // c))
             mask = np.kron(m, np.ones((SS, SS), bool))
         else:
             mask = hand_written_mask(texture, big)

@@ -245,6 +245,9 @@ def main() -> None:
     ap.add_argument("--encoder-width", type=int, default=64, help="image encoder's hidden size")
     ap.add_argument("--encoder-layers", type=int, default=2)
     ap.add_argument("--pool", type=int, default=300, help="procedural textures in the training family")
+    ap.add_argument("--latent-share", type=float, default=0.0,
+                    help="share of the procedural textures drawn on 2 px cells (one latent pixel of the demo VAE) "
+                         "instead of 1 px ones; the held-out guard applies to them as to every candidate")
     ap.add_argument("--plus-tokens", type=int, default=0,
                     help="IP-Adapter Plus: a Resampler over the encoder's patch features with this many image "
                          "tokens; 0: the basic adapter (4 tokens from the pooled embedding)")
@@ -281,7 +284,7 @@ def main() -> None:
     enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision))
     t_start = time.time()
     from engine.demo.checker import DemoChecker
-    family = TextureFamily(a.pool, a.seed, DemoChecker.load())
+    family = TextureFamily(a.pool, a.seed, DemoChecker.load(), latent_share=a.latent_share)
     print(f"texture family: {len(family.family)} procedural + {family.kept_hand_written} (+ solid); rejected "
           f"{family.rejected}; nearest to the held-out textures: {family.nearest}", flush=True)
     pretrain_encoder(enc, family, a.encoder_steps, 64, a.seed, a.encoder_seconds, plus=a.plus_tokens > 0)
@@ -381,7 +384,8 @@ def main() -> None:
         {"steps_done": step + 1, "seconds": round(seconds), "final_loss": float(np.mean(losses[-50:])),
          "batch": a.batch, "lr": a.lr, "seed": a.seed, "threads": a.threads, "vision_config": vision,
          "textures": {"solid": 0.1, "striped": 0.1, "hand_written": family.kept_hand_written[1:],
-                      "hand_written_share": 0.2, "procedural": len(family.family), "procedural_share": 0.6},
+                      "hand_written_share": 0.2, "procedural": len(family.family), "procedural_share": 0.6,
+                      "procedural_on_2px_cells": sum(c == 2 for c in family.cell.values())},
          "held_out": list(W.HELD_OUT_TEXTURES), "diagnostic_included": a.diagnostic_include or None,
          "diagnostic_share": a.diagnostic_share if a.diagnostic_include else None,
          "family_rejected": family.rejected,

@@ -66,3 +66,22 @@ def test_texture_descriptor_ignores_the_phase_but_tells_textures_apart():
     b = descriptor(tile_pixels(tile, 40, 1, 2))
     assert np.abs(a - b).max() < 0.15  # a 24 px window of a periodic pattern: nearly the same statistics
     assert np.abs(descriptor(held_out_pixels("checkered", 40)) - descriptor(held_out_pixels("tiled", 40))).max() > 0.5
+
+
+def test_latent_cell_textures_sit_on_the_latent_grid_and_stay_away_from_every_held_out_texture():
+    # --latent-share: procedural tiles on 2 px cells (one latent pixel of the demo VAE), drawn at even phases only.
+    fam = TextureFamily(pool=12, seed=5, latent_share=1.0)
+    assert len(fam.family) == 12 and set(fam.cell.values()) == {2}
+    refs = {t: held_out_pixels(t, 48)[:p[0], :p[1]] for t, p in {"checkered": (4, 4), "tiled": (4, 8)}.items()}
+    refs["checker 2x2"] = (np.add.outer(np.arange(4) // 2, np.arange(4) // 2) % 2).astype(bool)
+    rng = random.Random(0)
+    for name, tile in fam.tiles.items():
+        assert tile.shape[0] % 2 == 0 and tile.shape[1] % 2 == 0
+        assert (tile[::2, ::2].repeat(2, 0).repeat(2, 1) == tile).all()  # whole 2 x 2 px cells
+        for ref_name, ref in refs.items():
+            assert _brute_distance(tile_pixels(tile, 32), ref) >= MIN_DISTANCE, (name, ref_name)
+        scene = W.Scene(shape="square", fg="red", bg="blue")
+        img = np.asarray(fam.draw(scene, name, rng)).astype(int)[8:24, 8:24]  # inside the square
+        assert (img[::2, ::2].repeat(2, 0).repeat(2, 1) == img).all(), name  # phase in whole cells
+    assert TextureFamily(pool=12, seed=5).tiles.keys() == fam.tiles.keys()  # same names, the default stays 1 px
+    assert any(TextureFamily(pool=12, seed=5).cell[n] == 1 for n in fam.tiles)
