@@ -268,6 +268,8 @@ def main() -> None:
         ap.error("--diagnostic-include trains on a held-out texture: write it outside assets/")
     if not 0.0 < a.diagnostic_share <= 1.0:
         ap.error("--diagnostic-share is a share of the pairs: give a number above 0 and at most 1")
+    if not 0.0 <= a.latent_share <= 1.0:
+        ap.error("--latent-share is a share of the procedural textures: give a number from 0 to 1")
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
