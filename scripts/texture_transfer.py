@@ -17,6 +17,7 @@ none in the first), and the held-out checkered.
 family's patterns the frozen model can carry at all.
 
 Usage: python scripts/texture_transfer.py --adapter DIR [--latent-share S (as the adapter was trained)] [--n 8]
+       [--base DIR]
        python scripts/texture_transfer.py --vae [--latent-share S] [--n 8]
 """
 from __future__ import annotations
@@ -75,6 +76,7 @@ class _HeldOut:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", type=Path)
+    ap.add_argument("--base", type=Path, help="the model the adapter was trained for (default: the demo model)")
     ap.add_argument("--vae", action="store_true", help="score the demo VAE's reconstructions of the references")
     ap.add_argument("--latent-share", type=float, default=0.0, help="as the adapter was trained with")
     ap.add_argument("--n", type=int, default=8, help="textures per group")
@@ -99,7 +101,8 @@ def main() -> None:
         from diffusers import AutoencoderKL
         vae = AutoencoderKL.from_pretrained(Path(__file__).resolve().parents[1] / "assets" / "demo-model" / "vae")
     else:
-        eng = Engine(Settings(data_dir=str(tmp / "data"), ip_adapter=str(a.adapter.resolve())))
+        eng = Engine(Settings(data_dir=str(tmp / "data"), ip_adapter=str(a.adapter.resolve()),
+                              model=str(a.base.resolve()) if a.base else ""))
     rng = random.Random(4321)
     for label, family, items in groups:
         own, other = [], []
