@@ -145,10 +145,16 @@ def descriptor(mask: np.ndarray) -> np.ndarray:
     """What the image encoder's warm-up regresses for a texture: its coverage and the autocorrelation of the +-1
     pattern at shifts dy 0..6, dx -6..6 (the second-order statistics that texture synthesis matches, after
     Julesz; they vary smoothly between textures, unlike class labels). mask: >= 40 x 40 pixels."""
+    return np.array([float(mask.mean())] + autocorrelation(mask, 8, 8, 24, 24, 6), np.float32)
+
+
+def autocorrelation(mask: np.ndarray, y0: int, x0: int, h: int, w: int, reach: int) -> list[float]:
+    """Mean product of the +-1 pattern in the h x w window at (y0, x0) with itself shifted by dy 0..reach, dx
+    -reach..reach (row-major, dy = dx = 0 first); the shifted windows must stay inside the mask."""
     s = np.where(mask, 1.0, -1.0)
-    c = s[8:32, 8:32]
-    ac = [float((c * s[8 + dy:32 + dy, 8 + dx:32 + dx]).mean()) for dy in range(7) for dx in range(-6, 7)]
-    return np.array([float(mask.mean())] + ac, np.float32)
+    c = s[y0:y0 + h, x0:x0 + w]
+    return [float((c * s[y0 + dy:y0 + dy + h, x0 + dx:x0 + dx + w]).mean())
+            for dy in range(reach + 1) for dx in range(-reach, reach + 1)]
 
 
 class TextureFamily:

@@ -33,16 +33,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.demo import world as W  # noqa: E402
-from scripts.ip_adapter_textures import TextureFamily, held_out_pixels, tile_pixels  # noqa: E402
+from scripts.ip_adapter_textures import (TextureFamily, autocorrelation, held_out_pixels,  # noqa: E402
+                                         tile_pixels)
 
 REF_SHAPES, PROMPT_SHAPES, SEEDS = ("triangle", "ring", "cross"), ("circle", "square", "diamond"), (11, 12)
 
 
 def statistics(mask: np.ndarray) -> np.ndarray:
-    """Autocorrelation of the +-1 pattern of a >= 12 x 12 mask at dy 0..3, dx -3..3 (dy = dx = 0 left out)."""
-    s = np.where(mask, 1.0, -1.0)
-    c = s[:8, 3:9]
-    return np.array([(c * s[dy:dy + 8, 3 + dx:9 + dx]).mean() for dy in range(4) for dx in range(-3, 4)][1:])
+    """Autocorrelation of the +-1 pattern of a 12 x 12 mask at dy 0..3, dx -3..3 over an 8 x 6 window (dy = dx = 0,
+    always 1, left out)."""
+    return np.array(autocorrelation(mask, 0, 3, 8, 6, 3)[1:])
 
 
 def image_mask(img) -> np.ndarray:
@@ -93,9 +93,8 @@ def main() -> None:
     seen = {t.tobytes() for t in trained.tiles.values()}
     fresh = TextureFamily(3 * a.n, 99, checker, latent_share=a.latent_share)
     fresh_items = [(n, t) for n, t in fresh.tiles.items() if t.tobytes() not in seen][:a.n]
-    groups = [("trained", trained, [(n, t, t) for n, t in trained.tiles.items()]),
-              ("fresh", fresh, [(n, t, t) for n, t in fresh_items]),
-              ("held-out checkered", _HeldOut(), [("checkered", None, held_out_pixels("checkered", 4))] * a.n)]
+    groups = [("trained", trained, list(trained.tiles.items())), ("fresh", fresh, fresh_items),
+              ("held-out checkered", _HeldOut(), [("checkered", held_out_pixels("checkered", 4))] * a.n)]
     tmp = Path(tempfile.mkdtemp())
     if a.vae:
         from diffusers import AutoencoderKL
@@ -104,14 +103,14 @@ def main() -> None:
         eng = Engine(Settings(data_dir=str(tmp / "data"), ip_adapter=str(a.adapter.resolve()),
                               model=str(a.base.resolve()) if a.base else ""))
     rng = random.Random(4321)
+    ref_shapes = ("square",) if a.vae else REF_SHAPES  # --vae scores the references themselves: centre filled
     for label, family, items in groups:
         own, other = [], []
-        for i, (name, _, pattern) in enumerate(items):
+        for i, (name, pattern) in enumerate(items):
             colours = W.random_scene(rng, REF_SHAPES)
             paths = []
             for k in range(2):
-                shapes = ("square",) if a.vae else REF_SHAPES  # --vae scores the references: their centre filled
-                scene = W.Scene(**{**W.random_scene(rng, shapes).__dict__, "fg": colours.fg, "bg": colours.bg})
+                scene = W.Scene(**{**W.random_scene(rng, ref_shapes).__dict__, "fg": colours.fg, "bg": colours.bg})
                 paths.append(tmp / f"{label[:5]}{i}_{k}.png")
                 family.draw(scene, name, rng).save(paths[-1])
             if a.vae:
@@ -124,9 +123,9 @@ def main() -> None:
                     instant_style=sid, instant_style_only=True)).images]
             for image in images:
                 own.append(score(image, pattern))
-                j = rng.randrange(len(groups[0][2]))
-                if groups[0][2][j][0] != name:
-                    other.append(score(image, groups[0][2][j][2]))
+                other_name, other_pattern = rng.choice(groups[0][2])
+                if other_name != name:
+                    other.append(score(image, other_pattern))
         who = a.adapter.name if a.adapter else "demo VAE"
         print(f"{who} {label}: own pattern r {np.mean(own):.3f}, another trained pattern r {np.mean(other):.3f} "
               f"(n={len(own)})", flush=True)
